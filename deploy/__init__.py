@@ -1,0 +1,1 @@
+"""Deployment tooling: the lab and the configuration of real components."""

@@ -1,0 +1,1 @@
+"""The lab: real PostgreSQL, service nodes and proxies on one machine."""

@@ -1,0 +1,61 @@
+"""The app factory: `create_app(settings)` builds one node's ASGI application."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+import service
+from service.config import Settings
+from service.lifespan import lifespan
+from service.middleware import EdgeMiddleware
+from service.notes.router import router as notes_router
+from service.problems import Problem, install, problem_response
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="cattle",
+        version=service.__version__,
+        summary="A stateless notes API built to run as many identical, disposable nodes.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install(app)
+    _install_database_errors(app)
+    app.include_router(notes_router)
+    app.add_middleware(
+        EdgeMiddleware, node_id=settings.node_id, max_body_bytes=settings.max_body_bytes
+    )
+    return app
+
+
+def _install_database_errors(app: FastAPI) -> None:
+    """A database that cannot be reached is the node's problem, not the client's.
+
+    503 tells proxies and clients the work was not done and may be retried
+    elsewhere; a broken query remains a 500 (handled at the edge).
+    """
+
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DBAPIError) and not (
+            exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+        ):
+            raise exc
+        return problem_response(
+            Problem(
+                503,
+                "the database is unavailable right now; the request was not carried out, "
+                "retry shortly",
+                slug="database-unavailable",
+                headers={"Retry-After": "1"},
+            ),
+            request,
+        )
+
+    app.add_exception_handler(DBAPIError, unavailable)
+    app.add_exception_handler(PoolTimeout, unavailable)
+    app.add_exception_handler(ConnectionError, unavailable)

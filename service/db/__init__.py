@@ -1,0 +1,1 @@
+"""Database access: engines, the declarative base, column types and migrations."""

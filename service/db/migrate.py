@@ -1,0 +1,147 @@
+"""Schema migrations as one explicit, locked step, and the check nodes make at start."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# pg_advisory_lock key shared by every `migrate` run against one database
+# ("cattle" in ASCII), so N replicas starting a migration Job at once queue.
+MIGRATION_LOCK_ID = 0x636174746C65
+
+
+class MigrationLockTimeout(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    current: str | None
+    head: str
+
+    @property
+    def is_current(self) -> bool:
+        return self.current == self.head
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "no migrations found"
+    return head
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def schema_state(engine: AsyncEngine) -> SchemaState:
+    async with engine.connect() as connection:
+        current = await connection.run_sync(_current_revision)
+    return SchemaState(current=current, head=head_revision())
+
+
+@asynccontextmanager
+async def _postgres_lock(connection: AsyncConnection, timeout_s: float) -> AsyncIterator[None]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = await connection.scalar(
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_ID}
+        )
+        await connection.commit()  # the lock is session level and outlives this transaction
+        if got:
+            break
+        if time.monotonic() > deadline:
+            raise MigrationLockTimeout(
+                f"another migration has held the lock for over {timeout_s:.0f} s; "
+                "wait for it to finish, or find it in pg_locks (objid "
+                f"{MIGRATION_LOCK_ID & 0xFFFFFFFF})"
+            )
+        await asyncio.sleep(0.2)
+    try:
+        yield
+    finally:
+        await connection.execute(
+            text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_ID}
+        )
+        await connection.commit()
+
+
+@asynccontextmanager
+async def _file_lock(database: str, timeout_s: float) -> AsyncIterator[None]:
+    # SQLite has no advisory locks; a lock file beside the database plays the part.
+    path = Path(database).with_name(Path(database).name + ".migrate.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise MigrationLockTimeout(
+                        f"{path} has been locked by another migration for over {timeout_s:.0f} s"
+                    ) from None
+                await asyncio.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def migrate(
+    url: str, *, revision: str = "head", downgrade: bool = False, lock_timeout_s: float = 120
+) -> tuple[str | None, str | None]:
+    """Upgrade (or downgrade) the schema at `url` to `revision` under the lock.
+
+    Returns the revision before and after. Safe to run concurrently: later
+    runs wait for the lock, then find nothing left to do.
+    """
+    config = alembic_config()
+
+    def _apply(connection: Connection) -> tuple[str | None, str | None]:
+        before = _current_revision(connection)
+        config.attributes["connection"] = connection
+        if downgrade:
+            command.downgrade(config, revision)
+        else:
+            command.upgrade(config, revision)
+        return before, _current_revision(connection)
+
+    sa_url = make_url(url)
+    if sa_url.get_backend_name() == "sqlite" and sa_url.database:
+        Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            if sa_url.get_backend_name() == "sqlite":
+                lock = _file_lock(sa_url.database or "cattle.db", lock_timeout_s)
+            else:
+                lock = _postgres_lock(connection, lock_timeout_s)
+            async with lock:
+                result = await connection.run_sync(_apply)
+                await connection.commit()
+    finally:
+        await engine.dispose()
+    return result

@@ -1,0 +1,58 @@
+"""Request dependencies, declared once as Annotated aliases for short route signatures."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service.config import Settings
+from service.db.engines import Database
+from service.pagination import CursorCodec
+from service.problems import Problem
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.state.settings
+    return settings
+
+
+def get_database(request: Request) -> Database:
+    database: Database = request.state.database
+    return database
+
+
+def get_cursors(request: Request) -> CursorCodec:
+    cursors: CursorCodec = request.state.cursors
+    return cursors
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
+CursorsDep = Annotated[CursorCodec, Depends(get_cursors)]
+
+JSON_TYPES = ("application/json", "application/merge-patch+json")
+
+
+def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
+    """415 unless the body is declared JSON: never guess at a body's format."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type not in JSON_TYPES:
+        shown = repr(content_type) if content_type else "none"
+        raise Problem(
+            415,
+            f"send the body as application/json (Content-Type was {shown})",
+            slug="unsupported-media-type",
+        )
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes a retried create safe: printable ASCII, up to 255 characters.",
+    ),
+]

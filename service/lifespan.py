@@ -1,0 +1,79 @@
+"""What a node holds for its lifetime, opened at start and closed at stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+
+from service.config import Environment, Settings
+from service.db import migrate
+from service.db.engines import Database
+from service.idempotency import service as idempotency
+from service.pagination import CursorCodec
+
+log = logging.getLogger("service.lifespan")
+
+
+class SchemaNotCurrent(RuntimeError):
+    pass
+
+
+async def ensure_schema(settings: Settings, database: Database) -> None:
+    """Production nodes refuse an unmigrated schema; development migrates it.
+
+    Migrating at every node start lets N replicas race on the schema, so in
+    production the migration is one explicit step (`python -m service migrate`).
+    """
+    state = await migrate.schema_state(database.writer)
+    if state.is_current:
+        return
+    if settings.environment is Environment.production:
+        raise SchemaNotCurrent(
+            f"database schema is at {state.current or 'nothing (empty database)'}, "
+            f"this build needs {state.head}; run `python -m service migrate` first"
+        )
+    log.info("development mode: migrating %s to %s", state.current, state.head)
+    await migrate.migrate(database.url)
+
+
+async def _purge_idempotency_keys(database: Database, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            purged = await idempotency.purge_expired(database)
+        except Exception:  # the next round tries again; serving goes on
+            log.warning("purging expired idempotency keys failed", exc_info=True)
+        else:
+            if purged:
+                log.info("purged %d expired idempotency keys", purged)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    settings: Settings = app.state.settings
+    database = Database(settings)
+    try:
+        await ensure_schema(settings, database)
+        purger = asyncio.create_task(
+            _purge_idempotency_keys(database, settings.idempotency_purge_interval_s),
+            name="idempotency-purge",
+        )
+        try:
+            yield {
+                "settings": settings,
+                "database": database,
+                "cursors": CursorCodec(
+                    settings.cursor_secret.get_secret_value().encode(), purpose="notes"
+                ),
+            }
+        finally:
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
+    finally:
+        await database.dispose()

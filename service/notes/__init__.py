@@ -1,0 +1,1 @@
+"""The example domain: notes. Replace this folder with your own domain."""
