@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")
     direction = migrate.add_mutually_exclusive_group()
     direction.add_argument("--revision", default="head", help="upgrade to REVISION (default head)")
-    direction.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION (base: empty)")
+    direction.add_argument(
+        "--downgrade", metavar="REVISION", help="downgrade to REVISION (base: empty)"
+    )
     commands.add_parser("check", help="exit 0 if the schema is current, 1 if not")
     return parser
 
@@ -96,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cattle: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"cattle: cannot reach the database at {settings.effective_database_url}: {exc}",
-              file=sys.stderr)
+        print(
+            f"cattle: cannot reach the database at {settings.effective_database_url}: {exc}",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Shipped so `make run` works with no configuration; refused in production.
-DEV_CURSOR_SECRET = "cattle-development-cursor-secret"
+DEV_CURSOR_SECRET = "cattle-development-cursor-secret"  # noqa: S105
 
 
 class Environment(StrEnum):

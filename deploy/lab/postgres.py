@@ -18,18 +18,17 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 SERVER_OS_USER = "postgres"
 SUPERUSER = "postgres"
-# Unix socket paths are limited to 107 bytes; fail early with a clear message instead.
-_MAX_SOCKET_PATH = 100
+_MAX_SOCKET_PATH = 100  # the kernel allows 107 bytes; fail early with a clear message
 
 
 class PostgresNotInstalled(RuntimeError):
-    """No PostgreSQL server binaries on this machine."""
+    """No PostgreSQL server binaries (or, as root, no postgres OS user) on this machine."""
 
 
 class PostgresError(RuntimeError):
@@ -63,35 +62,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _alive(pid: int) -> bool:
-    # A killed postmaster may stay a zombie if PID 1 does not reap: count that as dead.
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state first), None if gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(stat.parent.name))
-    return kids
+def _alive(pid: int) -> bool:
+    # A dead postmaster stays a zombie until PID 1 reaps it, which in a container may be
+    # late or never; it holds no port or memory any more, so it counts as dead.
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
+    with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+    return "(no log)"
 
 
 @dataclass
@@ -100,7 +89,7 @@ class Member:
     port: int
     data_dir: Path
     role: str  # "primary" | "replica"
-    pid: int | None = None  # postmaster PID, read from postmaster.pid after start
+    pid: int | None = None  # postmaster PID, read from postmaster.pid
 
     @property
     def dir(self) -> Path:
@@ -112,7 +101,11 @@ class Member:
 
 
 class PostgresCluster:
-    """One primary plus ``replicas`` streaming hot standbys, all on ``host``."""
+    """One primary plus ``replicas`` streaming hot standbys, all on ``host``.
+
+    A new object given the same ``base_dir`` and ``ports`` can stop (and ``remove``) a
+    cluster that an earlier process started: PIDs come from each ``postmaster.pid``.
+    """
 
     def __init__(
         self,
@@ -125,22 +118,31 @@ class PostgresCluster:
     ) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"host must be a loopback address (trust auth is used): {host}")
-        if ports is not None and len(ports) != replicas + 1:
-            raise ValueError(f"need {replicas + 1} ports, got {len(ports)}")
+        if ports is not None and len(set(ports)) != replicas + 1:
+            raise ValueError(f"need {replicas + 1} distinct ports, got {ports}")
         self.base_dir = Path(base_dir).absolute()
         self.host = host
         self.durable = durable
         self.bindir = find_bindir()
-        self._as_root = os.geteuid() == 0
-        ports = ports or self._pick_ports(replicas + 1)
+        self._server_user: pwd.struct_passwd | None = None  # set when we must drop root
+        if os.geteuid() == 0:
+            try:
+                self._server_user = pwd.getpwnam(SERVER_OS_USER)
+            except KeyError:
+                raise PostgresNotInstalled(
+                    f"running as root needs the unprivileged {SERVER_OS_USER!r} OS user, "
+                    "created by `apt-get install postgresql-15`"
+                ) from None
+        picked: set[int] = set(ports or [])
+        while len(picked) < replicas + 1:
+            picked.add(free_port(host))
+        ports = ports or sorted(picked)
         names = ["primary", *(f"replica{i}" for i in range(1, replicas + 1))]
         self._members = [
-            Member(n, p, self.base_dir / n / "data", "primary" if i == 0 else "replica")
-            for i, (n, p) in enumerate(zip(names, ports, strict=True))
+            Member(n, p, self.base_dir / n / "data", "primary" if n == "primary" else "replica")
+            for n, p in zip(names, ports, strict=True)
         ]
-        self._created: list[Path] = []  # directories we made, removed by remove()
-
-    # -- addresses ---------------------------------------------------------------------------
+        self._created: list[Path] = []  # base_dir and parents we made, removed if empty
 
     @property
     def members(self) -> list[Member]:
@@ -175,25 +177,22 @@ class PostgresCluster:
         return {
             "primary": self.primary_dsn(),
             "replicas": self.replica_dsns(),
-            "members": [
-                {"name": m.name, "port": m.port, "data_dir": str(m.data_dir), "role": m.role,
-                 "pid": m.pid}
-                for m in self._members
-            ],
-        }  # fmt: skip
-
-    # -- lifecycle ---------------------------------------------------------------------------
+            "members": [{**asdict(m), "data_dir": str(m.data_dir)} for m in self._members],
+        }
 
     def start(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
+        # Checked before anything runs, so a refused start never touches a live cluster.
+        for m in self._members:
+            if m.dir.exists():
+                raise PostgresError(f"{m.dir} already exists; remove() that cluster first")
+            if len(str(m.dir / f".s.PGSQL.{m.port}")) > _MAX_SOCKET_PATH:
+                raise PostgresError(f"{m.dir} is too long for a unix socket path")
         self._prepare_base_dir()
         try:
-            primary = self.primary
-            self._make_member_dir(primary)
-            self._initdb(primary)
-            self._start(primary, deadline)
+            self._initdb(self.primary)
+            self._start(self.primary, deadline)
             for replica in self.replicas:
-                self._make_member_dir(replica)
                 self._basebackup(replica, deadline)
                 self._start(replica, deadline)
             for replica in self.replicas:
@@ -210,7 +209,7 @@ class PostgresCluster:
         for m in [*self.replicas, self.primary]:
             try:
                 self.stop_member(m.name, timeout_s=timeout_s)
-            except PostgresError as e:  # keep going: the other members must stop too
+            except PostgresError as e:  # the other members must still stop
                 errors.append(str(e))
         if errors:
             raise PostgresError("\n".join(errors))
@@ -219,27 +218,23 @@ class PostgresCluster:
         if mode not in ("fast", "immediate", "kill"):
             raise ValueError(f"mode must be fast, immediate or kill, not {mode!r}")
         m = self.member(name)
-        pid = m.pid
-        if pid is None or not _alive(pid):
-            m.pid = None
+        m.pid = self._postmaster_pid(m)
+        if m.pid is None:
             return
         if mode != "kill":
-            # pg_ctl finds the postmaster through postmaster.pid; if it hangs we fall back
-            # to SIGKILL of the PID we recorded at start, and nothing else.
-            with contextlib.suppress(PostgresError, subprocess.TimeoutExpired):
-                self._server_cmd(
+            with contextlib.suppress(PostgresError):
+                self._run(
                     "pg_ctl", "stop", "-D", str(m.data_dir), "-m", mode, "-w",
                     "-t", str(max(1, int(timeout_s))), timeout_s=timeout_s + 5,
                 )  # fmt: skip
-        if _alive(pid):
-            children = _children(pid)
+        if _alive(pid := m.pid):
+            # Only the postmaster we recorded gets a signal. Its backends exit by themselves
+            # once it is gone; a restart refuses shared memory they still hold, so wait.
+            children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == pid]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            # Backends exit on their own once the postmaster is gone; a restart would
-            # refuse to reuse shared memory they still hold, so wait for them (no signals).
-            self._wait(lambda: not any(_alive(p) for p in [pid, *children]), m, 10, "exit")
-            # The server's stale-lock checks count a not-yet-reaped zombie as a live
-            # postmaster (PID 1 in a container may reap late); the owner is gone for sure.
+            self._wait(lambda: not any(map(_alive, [pid, *children])), m, 10, "exit")
+            # The server's stale-lock checks take an unreaped zombie for a live postmaster.
             for lock in (m.data_dir / "postmaster.pid", m.dir / f".s.PGSQL.{m.port}.lock"):
                 lock.unlink(missing_ok=True)
         m.pid = None
@@ -247,19 +242,19 @@ class PostgresCluster:
     def start_member(self, name: str, timeout_s: float = 30) -> None:
         m = self.member(name)
         deadline = time.monotonic() + timeout_s
-        if m.pid is None or not _alive(m.pid):
+        if self._postmaster_pid(m) is None:
             self._start(m, deadline)
         if m.role == "replica":
             self._wait_streaming(m, deadline)
 
     def remove(self) -> None:
+        """Stop, delete every member directory, and base_dir (and parents) if we made it."""
         self.stop()
+        for m in self._members:
+            shutil.rmtree(m.dir, ignore_errors=True)
         for path in reversed(self._created):
-            if path == self.base_dir or path in self.base_dir.parents:
-                with contextlib.suppress(OSError):
-                    path.rmdir()  # only if empty: the caller may keep other things there
-            else:
-                shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty: the caller may keep other things there
         self._created.clear()
 
     def __enter__(self) -> PostgresCluster:
@@ -269,13 +264,10 @@ class PostgresCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- SQL ---------------------------------------------------------------------------------
-
     def psql(self, sql: str, *, member: str | None = None, dbname: str = "postgres") -> str:
-        m = self.member(member) if member else self.primary
-        args = [str(self.bindir / "psql"), "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"]
-        out = self._run([*args, "-d", self.dsn(m, dbname), "-c", sql], as_server=False)
-        return out.strip()
+        dsn = self.dsn(member or self.primary, dbname)
+        args = ("-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-c", sql)
+        return self._run("psql", *args, as_server=False).strip()
 
     def create_database(self, name: str, template: str | None = None) -> None:
         sql = f"CREATE DATABASE {_ident(name)}"
@@ -284,71 +276,63 @@ class PostgresCluster:
     def drop_database(self, name: str) -> None:
         self.psql(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
 
-    # -- internals ---------------------------------------------------------------------------
-
-    def _pick_ports(self, count: int) -> list[int]:
-        ports: set[int] = set()
-        while len(ports) < count:
-            ports.add(free_port(self.host))
-        return sorted(ports)
+    def _postmaster_pid(self, m: Member) -> int | None:
+        """The member's running postmaster, from postmaster.pid; a reused PID does not count."""
+        try:
+            pid = int((m.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) and os.fsencode(m.data_dir) in cmdline else None
 
     def _prepare_base_dir(self) -> None:
-        missing = [p for p in [self.base_dir, *self.base_dir.parents] if not p.exists()]
-        for path in reversed(missing):
-            path.mkdir(mode=0o755)
-            path.chmod(0o755)  # mkdir's mode is filtered by the umask
+        paths = [self.base_dir, *self.base_dir.parents]
+        if user := self._server_user:
+            # Refuse before creating anything; base_dir itself is made 0755 below.
+            groups = {user.pw_gid, *os.getgrouplist(user.pw_name, user.pw_gid)}
+            for path in filter(Path.exists, paths[1:]):
+                st = path.stat()
+                owner, group = st.st_uid == user.pw_uid, st.st_gid in groups
+                if not st.st_mode & (0o100 if owner else 0o010 if group else 0o001):
+                    raise PostgresError(
+                        f"the {SERVER_OS_USER!r} OS user cannot enter {path} (mode "
+                        f"{oct(st.st_mode & 0o777)}), so the server cannot use {self.base_dir}; "
+                        "use a base dir under /tmp or /var/tmp"
+                    )
+        for path in reversed([p for p in paths if not p.exists()]):
+            path.mkdir()
+            path.chmod(0o755)  # whatever the umask: the server user must get through
             self._created.append(path)
-        if not self._as_root:
-            return
-        self.base_dir.chmod(0o755)
-        user = pwd.getpwnam(SERVER_OS_USER)
-        groups = {user.pw_gid, *os.getgrouplist(user.pw_name, user.pw_gid)}
-        for path in [self.base_dir, *self.base_dir.parents]:
-            st = path.stat()
-            bit = 0o100 if st.st_uid == user.pw_uid else 0o010 if st.st_gid in groups else 0o001
-            if not st.st_mode & bit:
-                raise PostgresError(
-                    f"the {SERVER_OS_USER!r} OS user cannot enter {path} (mode "
-                    f"{oct(st.st_mode & 0o777)}), so the server cannot reach {self.base_dir}; "
-                    "use a base dir under /tmp or /var/tmp"
-                )
-
-    def _make_member_dir(self, m: Member) -> None:
-        if m.data_dir.exists():
-            raise PostgresError(f"{m.data_dir} already exists; remove() the old cluster first")
-        if len(str(m.dir / f".s.PGSQL.{m.port}")) > _MAX_SOCKET_PATH:
-            raise PostgresError(f"{m.dir} is too long for a unix socket path; use a shorter one")
-        m.dir.mkdir(mode=0o755, exist_ok=True)
-        self._created.append(m.dir)
-        if self._as_root:
-            shutil.chown(m.dir, SERVER_OS_USER, SERVER_OS_USER)
+        if user:
+            self.base_dir.chmod(0o755)
+        for m in self._members:
+            m.dir.mkdir(mode=0o755)
+            if user:
+                shutil.chown(m.dir, user.pw_uid, user.pw_gid)
 
     def _initdb(self, m: Member) -> None:
         sync = [] if self.durable else ["--no-sync"]
-        self._server_cmd(
+        self._run(
             "initdb", "-D", str(m.data_dir), "-U", SUPERUSER, "--auth=trust",
             "--encoding=UTF8", "--locale=C", *sync, timeout_s=120,
         )  # fmt: skip
         # Trust is safe only because the server listens on loopback and nothing else.
-        hba = "".join(
+        self._write(m.data_dir / "pg_hba.conf", "".join(
             f"{kind}\t{db}\tall\t{addr}\ttrust\n"
             for kind, addr in (("local", ""), ("host", "127.0.0.0/8"), ("host", "::1/128"))
             for db in ("all", "replication")
-        )
-        self._write(m.data_dir / "pg_hba.conf", hba)
+        ))  # fmt: skip
         settings = {
             "listen_addresses": f"'{self.host}'",
             "wal_level": "replica",
-            "max_wal_senders": str(len(self._members) + 5),
-            "max_replication_slots": str(len(self._members) + 5),
+            "max_wal_senders": len(self._members) + 5,  # each pg_basebackup takes two
+            "max_replication_slots": len(self._members) + 5,
             "hot_standby": "on",
-            # Keeps replica queries from being cancelled by vacuum on the primary.
-            "hot_standby_feedback": "on",
-            # Replay positions reach pg_stat_replication within a second (lag checks).
-            "wal_receiver_status_interval": "1s",
-            "max_connections": "200",
+            "hot_standby_feedback": "on",  # replica reads are not cancelled by vacuum
+            "wal_receiver_status_interval": "1s",  # fresh replay positions for lag checks
+            "max_connections": 200,
             "shared_buffers": "32MB",
-            "logging_collector": "off",
+            "logging_collector": "off",  # pg_ctl -l writes the log
         }
         if not self.durable:
             # Test speed: a crash may lose or corrupt data, which a throwaway cluster accepts.
@@ -361,35 +345,41 @@ class PostgresCluster:
         # -R writes standby.signal and primary_conninfo; -C/-S give each standby a slot so
         # the primary keeps the WAL it needs while that standby is stopped.
         sync = [] if self.durable else ["--no-sync"]
-        self._server_cmd(
+        self._run(
             "pg_basebackup", "-D", str(m.data_dir), "-h", self.host,
             "-p", str(self.primary.port), "-U", SUPERUSER, "-X", "stream", "-c", "fast",
-            "-R", "-C", "-S", m.name, *sync, timeout_s=max(1, deadline - time.monotonic()),
+            "-R", "-C", "-S", m.name, *sync, timeout_s=deadline - time.monotonic(),
         )  # fmt: skip
 
     def _start(self, m: Member, deadline: float) -> None:
-        # Per-member settings; cluster_name also becomes the standby's application_name.
+        # The copied postgresql.conf includes this per-member file; cluster_name also
+        # becomes a standby's application_name in pg_stat_replication.
         self._write(
             m.data_dir / "cattle_member.conf",
             f"port = {m.port}\nunix_socket_directories = '{m.dir}'\ncluster_name = '{m.name}'\n",
         )
         wait_s = max(1, int(deadline - time.monotonic()))
         try:
-            self._server_cmd(
+            self._run(
                 "pg_ctl", "start", "-D", str(m.data_dir), "-l", str(m.log_file), "-w",
                 "-t", str(wait_s), timeout_s=wait_s + 5,
             )  # fmt: skip
-        except (PostgresError, subprocess.TimeoutExpired) as e:
+        except PostgresError as e:
             raise PostgresError(f"{m.name} did not start: {e}\n{_log_tail(m.log_file)}") from e
-        m.pid = int((m.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        m.pid = self._postmaster_pid(m)
 
     def _wait_streaming(self, m: Member, deadline: float) -> None:
         sql = "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'"
-        self._wait(lambda: self.psql(sql, member=m.name) == "1", m, deadline - time.monotonic(),
-                   "stream from the primary")  # fmt: skip
+
+        def streaming() -> bool:
+            with contextlib.suppress(PostgresError):
+                return self.psql(sql, member=m.name) == "1"
+            return False
+
+        self._wait(streaming, m, deadline - time.monotonic(), "stream from the primary")
 
     def _wait(self, ready: Callable[[], bool], m: Member, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + max(timeout_s, 0.5)
+        deadline = time.monotonic() + max(timeout_s, 1)
         while not ready():
             if time.monotonic() > deadline:
                 raise PostgresError(f"{m.name} did not {what} in time\n{_log_tail(m.log_file)}")
@@ -397,27 +387,35 @@ class PostgresCluster:
 
     def _write(self, path: Path, text: str) -> None:
         path.write_text(text)
-        if self._as_root:
-            shutil.chown(path, SERVER_OS_USER, SERVER_OS_USER)
+        if self._server_user:
+            shutil.chown(path, self._server_user.pw_uid, self._server_user.pw_gid)
 
-    def _server_cmd(self, tool: str, *args: str, timeout_s: float) -> str:
-        return self._run([str(self.bindir / tool), *args], as_server=True, timeout_s=timeout_s)
-
-    def _run(self, argv: list[str], *, as_server: bool, timeout_s: float = 60) -> str:
+    def _run(self, tool: str, *args: str, as_server: bool = True, timeout_s: float = 60) -> str:
+        """Run a PostgreSQL tool; server-side tools run as the server user when we are root."""
         # Inherited PG* variables (PGHOST, PGDATA, ...) would silently redirect the tools.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env |= {"PGCONNECT_TIMEOUT": "5", "LC_ALL": "C"}
         drop_root: dict[str, Any] = {}
-        if as_server and self._as_root:
+        if as_server and (user := self._server_user):
+            # Its own HOME and cwd: the server user cannot read root's (warnings, .pgpass).
             env["HOME"] = str(self.base_dir)
-            drop_root = {"user": SERVER_OS_USER, "group": SERVER_OS_USER, "extra_groups": []}
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, env=env, timeout=timeout_s,
-            cwd=self.base_dir, stdin=subprocess.DEVNULL, **drop_root,
-        )  # fmt: skip
+            drop_root = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+            drop_root["cwd"] = self.base_dir
+        try:
+            proc = subprocess.run(
+                [self.bindir / tool, *args], capture_output=True, text=True, env=env,
+                timeout=max(1, timeout_s), stdin=subprocess.DEVNULL, **drop_root,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as e:
+            raise PostgresError(f"{tool} timed out after {e.timeout:.0f}s") from e
         if proc.returncode != 0:
-            raise PostgresError(f"{Path(argv[0]).name} failed: {proc.stderr.strip()}")
+            raise PostgresError(f"{tool} failed: {proc.stderr.strip()}")
         return str(proc.stdout)
+
+
+def _ppid(pid: int) -> int | None:
+    stat = _proc_stat(pid)
+    return int(stat[1]) if stat else None
 
 
 def _ident(name: str) -> str:

@@ -17,9 +17,9 @@ import json
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, update
+from sqlalchemy import CursorResult, Executable, delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -113,9 +113,15 @@ async def claim(
     raise KeyInFlight(1.0)
 
 
+async def _execute_dml(session: AsyncSession, statement: Executable) -> CursorResult[Any]:
+    # UPDATE/DELETE results are cursor results, which carry rowcount.
+    return cast(CursorResult[Any], await session.execute(statement))
+
+
 async def complete(session: AsyncSession, lease: Lease, response: StoredResponse) -> None:
     """Store the response in the caller's transaction; fails if the lease was lost."""
-    result = await session.execute(
+    result = await _execute_dml(
+        session,
         update(IdempotencyRecord)
         .where(IdempotencyRecord.key == lease.key, IdempotencyRecord.lease_token == lease.token)
         .values(
@@ -124,7 +130,7 @@ async def complete(session: AsyncSession, lease: Lease, response: StoredResponse
             response_body=response.body,
             lease_token=None,
             lease_expires_at=None,
-        )
+        ),
     )
     if result.rowcount != 1:
         raise LeaseLost(lease.key)
@@ -145,7 +151,7 @@ async def release(db: Database, lease: Lease) -> None:
 async def purge_expired(db: Database) -> int:
     """Delete records past retention; returns how many went."""
     async with db.write() as session:
-        result = await session.execute(
-            delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= utcnow())
+        result = await _execute_dml(
+            session, delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= utcnow())
         )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return result.rowcount

@@ -159,7 +159,9 @@ async def list_notes(
     db: DatabaseDep,
     settings: SettingsDep,
     cursors: CursorsDep,
-    limit: Annotated[int | None, Query(ge=1, description="Page size; capped at the maximum")] = None,
+    limit: Annotated[
+        int | None, Query(ge=1, description="Page size; capped at the maximum")
+    ] = None,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
 ) -> Response:
     """List notes oldest first, one page at a time."""

@@ -44,10 +44,12 @@ def _eventually(check: Callable[[], bool], timeout_s: float = 10, what: str = ""
         time.sleep(0.1)
 
 
-def _answer(cluster: PostgresCluster, sql: str, member: str) -> str | None:
+def _answer(
+    cluster: PostgresCluster, sql: str, member: str, dbname: str = "postgres"
+) -> str | None:
     # While a replica is still starting or replaying, "no such table" means "not yet".
     try:
-        return cluster.psql(sql, member=member)
+        return cluster.psql(sql, member=member, dbname=dbname)
     except PostgresError:
         return None
 
@@ -108,6 +110,18 @@ def test_row_written_on_primary_arrives_on_every_replica(cluster: PostgresCluste
         cluster.psql("INSERT INTO arrivals VALUES (2, 'no')", member=cluster.replicas[0].name)
 
 
+def test_created_database_is_usable_on_replicas_and_dropped(cluster: PostgresCluster) -> None:
+    cluster.create_database("cattle_scratch")
+    cluster.psql("CREATE TABLE t (id int)", dbname="cattle_scratch")
+    replica = cluster.replicas[0].name
+    _eventually(
+        lambda: _answer(cluster, "SELECT count(*) FROM t", replica, "cattle_scratch") == "0",
+        what="database on the replica",
+    )
+    cluster.drop_database("cattle_scratch")
+    assert cluster.psql("SELECT count(*) FROM pg_database WHERE datname = 'cattle_scratch'") == "0"
+
+
 @pytest.mark.parametrize(("name", "mode"), [("replica1", "fast"), ("replica2", "kill")])
 def test_stopped_replica_catches_up_after_restart(
     cluster: PostgresCluster, name: str, mode: str
@@ -143,6 +157,15 @@ def test_stop_leaves_no_postmaster_and_frees_ports(
             # The recorded PID really is this member's postmaster.
             assert str(m.data_dir) in Path(f"/proc/{m.pid}/cmdline").read_text()
 
+        doc = pg.to_json()
+        assert doc["primary"] == f"postgresql://postgres@127.0.0.1:{pg.primary.port}/postgres"
+        assert doc["replicas"] == pg.replica_dsns()
+        assert [m["pid"] for m in doc["members"]] == list(started.values())
+
+        # Another process (the lab CLI's `down`) stops it knowing only dir and ports.
+        ports = [m.port for m in pg.members]
+        PostgresCluster(base, replicas=2, ports=ports).stop_member("replica2")
+        assert not _alive(started["replica2"] or 0)
         pg.stop()
         pg.stop()  # idempotent
 

@@ -39,7 +39,9 @@ async def _run_standalone() -> None:
 
 
 if context.is_offline_mode():
-    raise SystemExit("offline (--sql) migrations are not supported; run `python -m service migrate`")
+    raise SystemExit(
+        "offline (--sql) migrations are not supported; run `python -m service migrate`"
+    )
 
 connection = config.attributes.get("connection")
 if connection is not None:

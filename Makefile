@@ -1,0 +1,64 @@
+# cattle: `make run` serves the API on embedded SQLite; `make test` installs
+# what the suite needs (system packages too, via apt when root) and runs it.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Debian packages the test suite starts for real.
+SYSTEM_PACKAGES := postgresql
+
+export UV_PYTHON_DOWNLOADS := never
+UV := $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV := $(HOME)/.local/bin/uv
+endif
+PY := .venv/bin/python
+VENV_STAMP := .venv/.synced
+
+.PHONY: help run test lint fmt sysdeps venv clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "uv not found: installing it for this user with pip"
+	python3 -m pip install --user --quiet uv || python3 -m pip install --user --quiet --break-system-packages uv
+
+$(VENV_STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+venv: $(VENV_STAMP) ## create .venv from uv.lock
+
+sysdeps: ## install the Debian packages the suite needs (apt, when root)
+	@missing=""; \
+	for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	else \
+	  echo "missing system packages:$$missing (install them: sudo apt-get install$$missing)" >&2; \
+	  if [ "$$CI" = true ]; then exit 1; fi; \
+	  echo "tests that need them will be skipped" >&2; \
+	fi
+
+run: $(VENV_STAMP) ## serve the API on http://127.0.0.1:8000 (embedded SQLite under ./var)
+	$(PY) -m service migrate
+	exec $(PY) -m service serve
+
+lint: $(VENV_STAMP) ## ruff (lint + format check) and mypy
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy service
+	.venv/bin/mypy deploy loadtests
+
+fmt: $(VENV_STAMP) ## format and fix what ruff can
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+test: sysdeps $(VENV_STAMP) lint ## everything: lint, unit, API, integration and cluster tests
+	$(PY) -m pytest
+
+clean: ## remove the environment and local data
+	rm -rf .venv var run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Load tests and experiments: locust scenarios, scale-out and node-loss runs."""

@@ -1,0 +1,115 @@
+"""Shared fixtures: real databases (SQLite files, a PostgreSQL server the suite
+starts itself) migrated by the project's own migrations, and an API client.
+
+Under CI=true a missing dependency fails the test; elsewhere it skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deploy.lab.postgres import PostgresCluster, PostgresNotInstalled, find_bindir
+from service.app import create_app
+from service.config import Settings
+from service.db import migrate
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+TEMPLATE_DB = "cattle_template"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a dependency is missing, but fail under CI: CI must run everything."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"missing dependency under CI: {reason}")
+        pytest.skip(reason)
+
+
+def scratch_dir(prefix: str) -> Path:
+    # Under /tmp, never under /root: PostgreSQL runs as an unprivileged user
+    # and must be able to reach its directories.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One real PostgreSQL server for the session, with a migrated template database."""
+    try:
+        find_bindir()
+    except PostgresNotInstalled as exc:
+        require(False, str(exc))
+    base = scratch_dir("cattle-pg-")
+    cluster = PostgresCluster(base)
+    try:
+        cluster.start()
+        cluster.create_database(TEMPLATE_DB)
+        asyncio.run(migrate.migrate(_asyncpg(cluster.primary_dsn(TEMPLATE_DB))))
+        yield cluster
+    finally:
+        cluster.remove()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _asyncpg(dsn: str) -> str:
+    return dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "cattle.db"
+    asyncio.run(migrate.migrate(f"sqlite+aiosqlite:///{path}"))
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database per test, on each backend."""
+    if request.param == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "cattle.db"
+        shutil.copyfile(template, path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    cluster.create_database(name, template=TEMPLATE_DB)
+    try:
+        yield _asyncpg(cluster.primary_dsn(name))
+    finally:
+        cluster.drop_database(name)
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path,
+        node_id="test-node",
+        environment="production",
+        cursor_secret="test-cursor-secret-0123456789",
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client speaking ASGI to a node whose lifespan has run."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app) as state:
+        # What uvicorn does per request: hand each one a copy of the lifespan state.
+        async def with_state(scope, receive, send):  # type: ignore[no-untyped-def]
+            if scope["type"] == "http":
+                scope["state"] = dict(state)
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
+            yield http
