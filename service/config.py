@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -38,15 +39,31 @@ def normalize_database_url(url: str) -> str:
     base, _, driver = scheme.partition("+")
     if base in ("postgresql", "postgres"):
         if driver in ("", "asyncpg"):
-            return f"postgresql+asyncpg://{rest}"
+            return f"postgresql+asyncpg://{_multi_host_as_query(rest)}"
         if driver == "psycopg":
-            return f"postgresql+psycopg://{rest}"
+            return f"postgresql+psycopg://{_multi_host_as_query(rest)}"
     elif base == "sqlite" and driver in ("", "aiosqlite"):
         return f"sqlite+aiosqlite://{rest}"
     raise UnsupportedDatabase(
         f"unsupported database URL scheme {scheme!r}; use sqlite+aiosqlite:///path "
         "or postgresql:// (asyncpg) / postgresql+psycopg://"
     )
+
+
+def _multi_host_as_query(rest: str) -> str:
+    """`u@h1:5432,h2:5432/db?x=y` (libpq style) -> `u@/db?x=y&host=h1:5432&host=h2:5432`.
+
+    SQLAlchemy takes several hosts (for failover with target_session_attrs)
+    only as repeated `host` query parameters.
+    """
+    userinfo, at, hostpart = rest.rpartition("@")
+    hosts, slash, tail = hostpart.partition("/")
+    if "," not in hosts:
+        return rest
+    database, question, query = tail.partition("?")
+    params = [query] if query else []
+    params += [f"host={host}" for host in hosts.split(",") if host]
+    return f"{userinfo}{at}/{database}?{'&'.join(params)}"
 
 
 def _default_node_id() -> str:
@@ -67,6 +84,11 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=200)
     db_pool_timeout_s: float = Field(default=5.0, gt=0)
     db_statement_timeout_s: float = Field(default=10.0, gt=0)
+    # Streaming replicas for reads, comma separated; writes always go to database_url.
+    # NoDecode: a plain comma separated string, not JSON.
+    read_database_urls: Annotated[list[str], NoDecode] = []
+    replica_max_lag_s: float = Field(default=2.0, gt=0)
+    replica_check_interval_s: float = Field(default=0.5, gt=0)
 
     max_body_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
     page_limit_default: int = Field(default=20, ge=1)
@@ -77,20 +99,54 @@ class Settings(BaseSettings):
     idempotency_lease_s: float = Field(default=10.0, gt=0)
     idempotency_purge_interval_s: float = Field(default=300.0, gt=0)
 
-    # Comma separated; NoDecode keeps pydantic-settings from expecting JSON.
-    cors_origins: Annotated[list[str], NoDecode] = []
+    # Health, lifecycle and drain (docs/operations.md has the timings).
+    agent_port: int = Field(default=0, ge=0, le=65535)  # HAProxy agent-check; 0 = off
+    drain_file: Path | None = None  # drained while this file exists
+    admin_token: SecretStr | None = None  # enables POST /admin/drain, /admin/undrain
+    drain_delay_s: float = Field(default=5.0, ge=0, le=3600)
+    shutdown_timeout_s: float = Field(default=20.0, gt=0, le=3600)
+    close_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    health_interval_s: float = Field(default=1.0, ge=0.05, le=60)
+    health_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    health_db_latency_warn_ms: float = Field(default=250.0, gt=0)
+    health_loop_lag_warn_ms: float = Field(default=250.0, gt=0)
+    max_in_flight: int = Field(default=100, ge=1, le=100_000)  # in-flight for agent weight 1 %
 
-    @field_validator("cors_origins", mode="before")
+    # Traces and metrics (OTel SDK). Exporters, sampling and resource follow the
+    # standard OTEL_* variables; these only switch and bound what cattle owns.
+    telemetry_enabled: bool = True
+    telemetry_shutdown_timeout_s: float = Field(default=2.0, gt=0, le=30)
+    access_log: bool = True
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _split_commas(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    def _lower_log_level(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("drain_file", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # CATTLE_ADMIN_TOKEN= (empty) in an env file means "off", not "the empty token".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
         return None if value in (None, "") else normalize_database_url(value)
+
+    @field_validator("read_database_urls", mode="before")
+    @classmethod
+    def _check_read_database_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            # Split only at commas that start a new URL: a multi-host URL
+            # (host1:5432,host2:5432) keeps its own commas.
+            value = [
+                p.strip() for p in re.split(r",\s*(?=[a-z][a-z0-9+.-]*://)", value) if p.strip()
+            ]
+        if isinstance(value, list):
+            return [normalize_database_url(str(url)) for url in value]
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
@@ -101,9 +157,32 @@ class Settings(BaseSettings):
                     "CATTLE_CURSOR_SECRET must be set to a private value of at least "
                     "16 characters in production (the same on every node)"
                 )
+        if self.read_database_urls and not self.effective_database_url.startswith("postgresql"):
+            raise ValueError(
+                "CATTLE_READ_DATABASE_URLS needs a PostgreSQL CATTLE_DATABASE_URL: replicas "
+                "are PostgreSQL streaming standbys of that primary"
+            )
         if self.page_limit_default > self.page_limit_max:
             raise ValueError("CATTLE_PAGE_LIMIT_DEFAULT must not exceed CATTLE_PAGE_LIMIT_MAX")
+        self._check_health_settings()
         return self
+
+    def _check_health_settings(self) -> None:
+        token = self.admin_token.get_secret_value() if self.admin_token else None
+        if token is not None and self.environment is Environment.production and len(token) < 16:
+            raise ValueError(
+                "CATTLE_ADMIN_TOKEN must be at least 16 characters in production "
+                "(or unset, which removes the admin endpoints)"
+            )
+        if token is not None and any(c.isspace() for c in token):
+            raise ValueError("CATTLE_ADMIN_TOKEN must not contain whitespace (a bearer token)")
+        if self.agent_port and self.agent_port == self.port:
+            raise ValueError("CATTLE_AGENT_PORT must differ from CATTLE_PORT")
+        if self.health_timeout_s > self.health_interval_s * 5:
+            raise ValueError(
+                "CATTLE_HEALTH_TIMEOUT_S must not exceed 5 x CATTLE_HEALTH_INTERVAL_S: "
+                "a check that may run that long leaves readiness stale"
+            )
 
     @property
     def effective_database_url(self) -> str:

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from service.config import Settings
+from service.db import consistency
 from service.db.engines import Database
 from service.pagination import CursorCodec
 from service.problems import Problem
@@ -56,3 +57,23 @@ IdempotencyKey = Annotated[
         description="Makes a retried create safe: printable ASCII, up to 255 characters.",
     ),
 ]
+
+
+def min_lsn(
+    token: Annotated[
+        str | None,
+        Header(
+            alias=consistency.HEADER,
+            description="From a write response: read at least what that write left behind.",
+        ),
+    ] = None,
+) -> int | None:
+    if token is None:
+        return None
+    try:
+        return consistency.decode(token)
+    except consistency.InvalidToken as exc:
+        raise Problem(400, str(exc), slug="invalid-consistency-token") from None
+
+
+MinLsnDep = Annotated[int | None, Depends(min_lsn)]

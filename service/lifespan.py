@@ -13,8 +13,11 @@ from fastapi import FastAPI
 from service.config import Environment, Settings
 from service.db import migrate
 from service.db.engines import Database
+from service.health import runtime as health
+from service.health.lifecycle import State
 from service.idempotency import service as idempotency
 from service.pagination import CursorCodec
+from service.telemetry import Telemetry
 
 log = logging.getLogger("service.lifespan")
 
@@ -56,24 +59,45 @@ async def _purge_idempotency_keys(database: Database, interval_s: float) -> None
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     settings: Settings = app.state.settings
+    telemetry: Telemetry = app.state.telemetry
+    # First in, last out: exporters see the whole life of the node.
+    telemetry.start()
     database = Database(settings)
+    telemetry.instrument_database(database)
     try:
         await ensure_schema(settings, database)
-        purger = asyncio.create_task(
-            _purge_idempotency_keys(database, settings.idempotency_purge_interval_s),
-            name="idempotency-purge",
-        )
+        background = [
+            asyncio.create_task(
+                _purge_idempotency_keys(database, settings.idempotency_purge_interval_s),
+                name="idempotency-purge",
+            )
+        ]
+        if database.replicas.replicas:
+            # Know every replica's lag before the first read is routed.
+            await database.replicas.check()
+            background.append(
+                asyncio.create_task(
+                    database.replicas.run(settings.replica_check_interval_s),
+                    name="replica-monitor",
+                )
+            )
         try:
-            yield {
-                "settings": settings,
-                "database": database,
-                "cursors": CursorCodec(
-                    settings.cursor_secret.get_secret_value().encode(), purpose="notes"
-                ),
-            }
+            async with health.running(app, database) as checker:
+                yield {
+                    "settings": settings,
+                    "database": database,
+                    "cursors": CursorCodec(
+                        settings.cursor_secret.get_secret_value().encode(), purpose="notes"
+                    ),
+                    "lifecycle": app.state.lifecycle,
+                    "health": checker,
+                    "telemetry": telemetry,
+                }
         finally:
-            purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purger
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
     finally:
-        await database.dispose()
+        await health.close_within(database.dispose(), settings.close_timeout_s, "database pools")
+        app.state.lifecycle.move(State.stopped)
+        await telemetry.shutdown()  # bounded by CATTLE_TELEMETRY_SHUTDOWN_TIMEOUT_S

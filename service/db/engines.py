@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -17,6 +19,10 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from service.config import Settings
+from service.db import consistency
+from service.db.replicas import Replica, ReplicaSet, replica_name
+
+log = logging.getLogger("service.db")
 
 
 def create_engine(url: str, settings: Settings, *, role: str) -> AsyncEngine:
@@ -91,22 +97,30 @@ class Database:
 
     Route handlers own the transaction: `async with db.write() as session:`
     commits when the block ends and rolls back if it raises, so a response is
-    only produced after its data is durable.
+    only produced after its data is durable. Reads go through `db.read(...)`,
+    which picks a replica fresh enough for the caller, else the primary.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.url = settings.effective_database_url
         self.writer = create_engine(self.url, settings, role="writer")
+        self.is_postgres = self.writer.dialect.name == "postgresql"
         # SQLite needs a second engine whose BEGIN takes no write lock; on a
-        # server database reads share the writer's pool until replicas are set.
+        # server database, primary reads share the writer's pool.
         self.reader = (
-            create_engine(self.url, settings, role="reader")
-            if self.writer.dialect.name == "sqlite"
-            else self.writer
+            self.writer if self.is_postgres else create_engine(self.url, settings, role="reader")
         )
         self._writer_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         self._reader_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
+        self.replicas = ReplicaSet(
+            self.writer,
+            [
+                (replica_name(url, i), create_engine(url, settings, role="reader"))
+                for i, url in enumerate(settings.read_database_urls)
+            ],
+            max_lag_s=settings.replica_max_lag_s,
+        )
 
     @property
     def dialect(self) -> str:
@@ -114,17 +128,97 @@ class Database:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
-        """A session in a transaction on the primary, committed on success."""
-        async with self._writer_sessions() as session, session.begin():
-            yield session
+        """A session in a transaction on the primary, committed on success.
+
+        After the commit, `consistency_token(session)` gives the token that
+        lets any node read this write back.
+        """
+        async with self._writer_sessions() as session:
+            async with session.begin():
+                yield session
+            session.info[_TOKEN_KEY] = await self.current_token()
+
+    async def current_token(self) -> str | None:
+        """A token covering everything committed so far on the primary."""
+        if not self.is_postgres:
+            return consistency.encode(0)  # one database: every read sees every write
+        try:
+            # Any connection to the primary will do: the WAL position is global.
+            # The insert position, read after our commit, is at or past the end
+            # of our commit record even with synchronous_commit=off, where the
+            # write position (pg_current_wal_lsn) may not have reached it yet.
+            async with self.writer.connect() as conn:
+                position = await conn.scalar(text("SELECT pg_current_wal_insert_lsn()::text"))
+        except Exception:
+            # The write is committed; failing it now would invite a duplicate.
+            log.warning("no consistency token: WAL position unavailable", exc_info=True)
+            return None
+        return consistency.encode(consistency.parse_lsn(str(position)))
 
     @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncSession]:
-        """A session for reads; never commits anything."""
+    async def read(self, *, min_lsn: int | None = None) -> AsyncIterator[AsyncSession]:
+        """A read-only session on a replica that has replayed `min_lsn`, else the primary.
+
+        `read_source(session)` names the source, for attribution. A replica
+        that fails to connect is taken out of rotation and the primary used.
+        """
+        replica = self.replicas.pick(min_lsn)
+        if replica is None and min_lsn is not None:
+            replica = await self._replica_caught_up_now(min_lsn)
+        if replica is not None:
+            session = replica.sessions()
+            try:
+                await session.connection()
+            except _UNREACHABLE as exc:
+                replica.mark_unreachable(exc)
+                await session.close()
+            else:
+                session.info[_SOURCE_KEY] = replica.name
+                async with session:
+                    try:
+                        yield session
+                    except _UNREACHABLE as exc:
+                        replica.mark_unreachable(exc)
+                        raise
+                return
         async with self._reader_sessions() as session:
+            session.info[_SOURCE_KEY] = "primary"
             yield session
 
+    async def _replica_caught_up_now(self, min_lsn: int) -> Replica | None:
+        """Ask one usable replica for its live position: the cached one may be
+        a check interval old, and the primary is the last resort, not the first."""
+        replica = self.replicas.pick()
+        if replica is None:
+            return None
+        try:
+            async with replica.engine.connect() as conn:
+                position = await conn.scalar(text("SELECT pg_last_wal_replay_lsn()::text"))
+        except _UNREACHABLE as exc:
+            replica.mark_unreachable(exc)
+            return None
+        if position is None:
+            return None
+        replica.replay_lsn = max(replica.replay_lsn or 0, consistency.parse_lsn(str(position)))
+        return replica if replica.replay_lsn >= min_lsn else None
+
     async def dispose(self) -> None:
+        await self.replicas.dispose()
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
+
+
+_TOKEN_KEY = "consistency_token"  # noqa: S105 (a dict key, not a secret)
+_SOURCE_KEY = "read_source"
+_UNREACHABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
+
+
+def consistency_token(session: AsyncSession) -> str | None:
+    token: str | None = session.info.get(_TOKEN_KEY)
+    return token
+
+
+def read_source(session: AsyncSession) -> str:
+    source: str = session.info.get(_SOURCE_KEY, "primary")
+    return source

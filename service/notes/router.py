@@ -9,7 +9,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from service import conditional
-from service.deps import CursorsDep, DatabaseDep, IdempotencyKey, SettingsDep, require_json
+from service.db import consistency
+from service.db.engines import consistency_token, read_source
+from service.deps import (
+    CursorsDep,
+    DatabaseDep,
+    IdempotencyKey,
+    MinLsnDep,
+    SettingsDep,
+    require_json,
+)
 from service.idempotency import service as idempotency
 from service.notes import service
 from service.notes.models import Note
@@ -22,8 +31,8 @@ router = APIRouter(prefix="/v1/notes", tags=["notes"])
 JSON = "application/json"
 
 
-def _not_found(note_id: uuid.UUID) -> Problem:
-    return Problem(404, f"note {note_id} does not exist", slug="not-found")
+def _not_found(note_id: uuid.UUID, headers: dict[str, str] | None = None) -> Problem:
+    return Problem(404, f"note {note_id} does not exist", slug="not-found", headers=headers)
 
 
 def _precondition_failed(current_version: int) -> Problem:
@@ -35,24 +44,22 @@ def _precondition_failed(current_version: int) -> Problem:
     )
 
 
-def _note_response(note: Note, status_code: int = 200, **headers: str) -> Response:
+def _note_response(
+    note: Note, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     return Response(
         NoteOut.model_validate(note).model_dump_json(),
         status_code=status_code,
         media_type=JSON,
-        headers={"ETag": conditional.etag(note.version), **headers},
+        headers={"ETag": conditional.etag(note.version), **(headers or {})},
     )
 
 
-async def load_note(note_id: uuid.UUID, db: DatabaseDep) -> Note:
-    async with db.read() as session:
-        try:
-            return await service.get_note(session, note_id=note_id)
-        except service.NoteNotFound:
-            raise _not_found(note_id) from None
+def _token_headers(token: str | None) -> dict[str, str]:
+    return {consistency.HEADER: token} if token else {}
 
 
-NoteDep = Annotated[Note, Depends(load_note)]
+READ_SOURCE = "X-Read-Source"
 
 
 @router.post(
@@ -73,15 +80,20 @@ async def create_note(
     if idempotency_key is None:
         async with db.write() as session:
             note = await service.create_note(session, **payload.model_dump())
-        return _created(request, note)
+        return _created(request, note, consistency_token(session))
 
     claimed = await _claim(db, settings, idempotency_key, request, payload.model_dump())
     if isinstance(claimed, idempotency.StoredResponse):
+        # The first response's write is committed, so a token for "now" covers it.
         return Response(
             claimed.body,
             status_code=claimed.status_code,
             media_type=JSON,
-            headers={**claimed.headers, "Idempotent-Replayed": "true"},
+            headers={
+                **claimed.headers,
+                **_token_headers(await db.current_token()),
+                "Idempotent-Replayed": "true",
+            },
         )
     try:
         async with db.write() as session:
@@ -102,6 +114,7 @@ async def create_note(
         # Shielded so a cancelled request still gives its key back.
         await asyncio.shield(idempotency.release(db, claimed))
         raise
+    response.headers.update(_token_headers(consistency_token(session)))
     return response
 
 
@@ -138,20 +151,32 @@ def _in_flight(retry_after_s: float) -> Problem:
     )
 
 
-def _created(request: Request, note: Note) -> Response:
+def _created(request: Request, note: Note, token: str | None = None) -> Response:
     # A relative reference stays right behind any proxy, whatever Host it rewrote.
     location = request.app.url_path_for("get_note", note_id=str(note.id))
-    return _note_response(note, 201, Location=str(location))
+    return _note_response(note, 201, {"Location": str(location), **_token_headers(token)})
 
 
 @router.get("/{note_id}", response_model=NoteOut, responses={304: {"description": "Not Modified"}})
 async def get_note(
-    note: NoteDep, if_none_match: Annotated[str | None, Header()] = None
+    note_id: uuid.UUID,
+    db: DatabaseDep,
+    min_lsn: MinLsnDep,
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """Read a note. Send its ETag in `If-None-Match` to get 304 when unchanged."""
+    """Read a note. Send its ETag in `If-None-Match` to get 304 when unchanged,
+    and a write's `Consistency-Token` to be sure to see that write."""
+    async with db.read(min_lsn=min_lsn) as session:
+        source = read_source(session)
+        try:
+            note = await service.get_note(session, note_id=note_id)
+        except service.NoteNotFound:
+            raise _not_found(note_id, {READ_SOURCE: source}) from None
     if if_none_match is not None and conditional.none_match(if_none_match, note.version):
-        return Response(status_code=304, headers={"ETag": conditional.etag(note.version)})
-    return _note_response(note)
+        return Response(
+            status_code=304, headers={"ETag": conditional.etag(note.version), READ_SOURCE: source}
+        )
+    return _note_response(note, headers={READ_SOURCE: source})
 
 
 @router.get("", response_model=NotePage)
@@ -159,6 +184,7 @@ async def list_notes(
     db: DatabaseDep,
     settings: SettingsDep,
     cursors: CursorsDep,
+    min_lsn: MinLsnDep,
     limit: Annotated[
         int | None, Query(ge=1, description="Page size; capped at the maximum")
     ] = None,
@@ -177,11 +203,13 @@ async def list_notes(
                 f"{reason}; pass a next_cursor exactly as a previous page returned it",
                 slug="invalid-cursor",
             ) from None
-    async with db.read() as session:
+    async with db.read(min_lsn=min_lsn) as session:
         notes, more = await service.list_notes(session, after=after, limit=page_size)
     next_cursor = cursors.encode({"after": str(notes[-1].id)}) if more else None
     page = NotePage(items=[NoteOut.model_validate(n) for n in notes], next_cursor=next_cursor)
-    return Response(page.model_dump_json(), media_type=JSON)
+    return Response(
+        page.model_dump_json(), media_type=JSON, headers={READ_SOURCE: read_source(session)}
+    )
 
 
 @router.patch(
@@ -215,7 +243,7 @@ async def update_note(
         raise _not_found(note_id) from None
     except service.NoteVersionMismatch as exc:
         raise _precondition_failed(exc.current_version) from None
-    return _note_response(note)
+    return _note_response(note, headers=_token_headers(consistency_token(session)))
 
 
 @router.delete("/{note_id}", status_code=204, responses={412: {"description": "ETag mismatch"}})
@@ -233,4 +261,4 @@ async def delete_note(
         raise _not_found(note_id) from None
     except service.NoteVersionMismatch as exc:
         raise _precondition_failed(exc.current_version) from None
-    return Response(status_code=204)
+    return Response(status_code=204, headers=_token_headers(consistency_token(session)))

@@ -1,0 +1,38 @@
+"""Consistency tokens: read-your-writes across nodes without sticky sessions.
+
+A write answers with `Consistency-Token`, the primary's WAL position after
+its commit. A read that sends the token back is served only by a source that
+has replayed at least that position. The token is opaque to clients; inside
+it is `w1.<LSN as hex>`, versioned so its format can change.
+"""
+
+from __future__ import annotations
+
+import re
+
+HEADER = "Consistency-Token"
+_TOKEN = re.compile(r"^w1\.([0-9a-f]{1,16})$")
+
+
+class InvalidToken(ValueError):
+    pass
+
+
+def parse_lsn(text: str) -> int:
+    """PostgreSQL's `X/Y` LSN notation as one integer."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def encode(lsn: int) -> str:
+    return f"w1.{lsn:x}"
+
+
+def decode(token: str) -> int:
+    match = _TOKEN.match(token.strip())
+    if match is None:
+        raise InvalidToken(
+            f"{HEADER} {token[:40]!r} was not issued by this service; send back the value "
+            "of a write response's Consistency-Token header unchanged"
+        )
+    return int(match.group(1), 16)
