@@ -1,27 +1,35 @@
 """Claim, complete and release idempotency keys.
 
 The flow for a keyed request:
+0. on PostgreSQL, `key_lock` takes an advisory lock on the key that dies
+   with the node, so an orphaned key is known to be orphaned at once;
 1. `claim` commits an in-flight record in its own short transaction, so every
    other node sees the key is taken (and answers 409) while work goes on;
 2. the caller does its work and calls `complete` in the same transaction as
    that work, so the stored response and its effects commit together;
 3. on failure the caller calls `release`, so a retry can start afresh.
-A node that dies between 1 and 2 leaves a lease that expires; a retry after
-that takes the key over. No step can make the work happen twice.
+A node that dies between 1 and 2 leaves an in-flight record. On PostgreSQL its
+lock died with it, so a retry takes the key over at once; on SQLite the lease
+must run out first. No step can make the work happen twice: `complete` only
+succeeds for the current lease holder, in the same transaction as the work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import Enum
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Executable, delete, update
+from sqlalchemy import CursorResult, Executable, delete, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db.engines import Database
 from service.db.types import utcnow
@@ -61,8 +69,61 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class Holder(Enum):
+    """What is known of whoever else may be working on a key."""
+
+    NONE_ALIVE = "none-alive"  # we hold the key's lock: an in-flight record is orphaned
+    ALIVE = "alive"  # a live request holds the key's lock
+    UNKNOWN = "unknown"  # no lock available (SQLite): the lease decides
+
+
+# pg_advisory_lock(int4, int4) namespace for key locks ("ik").
+_LOCK_NAMESPACE = 0x696B
+
+
+@asynccontextmanager
+async def key_lock(db: Database, key: str) -> AsyncIterator[Holder]:
+    """Hold a PostgreSQL advisory lock on `key` while the request works on it.
+
+    The lock lives on a connection of this node: if the node dies (kill -9,
+    lost network), PostgreSQL drops the connection and the lock with it, so a
+    retry on another node can take an orphaned key over at once instead of
+    answering 409 until the lease runs out.
+    """
+    if not db.is_postgres:
+        yield Holder.UNKNOWN
+        return
+    args = {"ns": _LOCK_NAMESPACE, "key": key}
+    async with db.writer.connect() as conn:
+        got = bool(
+            await conn.scalar(text("SELECT pg_try_advisory_lock(:ns, hashtext(:key))"), args)
+        )
+        await conn.commit()
+        try:
+            yield Holder.NONE_ALIVE if got else Holder.ALIVE
+        finally:
+            if got:
+                await asyncio.shield(_unlock(conn, args))
+
+
+async def _unlock(conn: AsyncConnection, args: dict[str, Any]) -> None:
+    try:
+        await conn.execute(text("SELECT pg_advisory_unlock(:ns, hashtext(:key))"), args)
+        await conn.commit()
+    except Exception:
+        # Session locks outlive rollback: a connection that may still hold
+        # one must never go back to the pool.
+        await conn.invalidate()
+
+
 async def claim(
-    db: Database, *, key: str, fingerprint: str, lease_s: float, ttl_s: float
+    db: Database,
+    *,
+    key: str,
+    fingerprint: str,
+    lease_s: float,
+    ttl_s: float,
+    holder: Holder = Holder.UNKNOWN,
 ) -> Lease | StoredResponse:
     """Take `key` for this request, or return the response it already produced.
 
@@ -71,25 +132,27 @@ async def claim(
     for _ in range(3):  # a record may vanish (purged) between insert and read
         now = utcnow()
         lease = Lease(key=key, token=secrets.token_hex(16))
-        try:
-            async with db.write() as session:
-                session.add(
-                    IdempotencyRecord(
-                        key=key,
-                        fingerprint=fingerprint,
-                        lease_token=lease.token,
-                        lease_expires_at=now + timedelta(seconds=lease_s),
-                        created_at=now,
-                        expires_at=now + timedelta(seconds=ttl_s),
-                    )
-                )
+        # With a live holder the key is not ours to create: only read its state.
+        if holder is not Holder.ALIVE and await _insert(
+            db,
+            IdempotencyRecord(
+                key=key,
+                fingerprint=fingerprint,
+                lease_token=lease.token,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                created_at=now,
+                expires_at=now + timedelta(seconds=ttl_s),
+            ),
+        ):
             return lease
-        except IntegrityError:
-            pass  # the key exists: find out in what state
         async with db.write() as session:
             record = await session.get(IdempotencyRecord, key, with_for_update=True)
             if record is None:
+                if holder is Holder.ALIVE:
+                    raise KeyInFlight(1.0)
                 continue
+            if holder is Holder.ALIVE and (record.status_code is None or record.expires_at <= now):
+                raise KeyInFlight(1.0)
             if record.expires_at <= now:
                 # Past retention but not yet purged: the key is free again.
                 record.fingerprint = fingerprint
@@ -104,13 +167,27 @@ async def claim(
                     headers=dict(record.response_headers or {}),
                     body=record.response_body or "",
                 )
-            elif record.lease_expires_at is not None and record.lease_expires_at > now:
+            elif (
+                holder is Holder.UNKNOWN
+                and record.lease_expires_at is not None
+                and record.lease_expires_at > now
+            ):
                 raise KeyInFlight((record.lease_expires_at - now).total_seconds())
-            # Free, or the holder's lease ran out (it died or gave up): take it.
+            # The holder died (its lock is gone) or its lease ran out: take it over.
             record.lease_token = lease.token
             record.lease_expires_at = now + timedelta(seconds=lease_s)
         return lease
     raise KeyInFlight(1.0)
+
+
+async def _insert(db: Database, record: IdempotencyRecord) -> bool:
+    """Insert a new key; False if it already exists."""
+    try:
+        async with db.write() as session:
+            session.add(record)
+    except IntegrityError:
+        return False
+    return True
 
 
 async def _execute_dml(session: AsyncSession, statement: Executable) -> CursorResult[Any]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from service import conditional
+from service.config import Settings
 from service.db import consistency
-from service.db.engines import consistency_token, read_source
+from service.db.engines import Database, consistency_token, read_source
 from service.deps import (
     CursorsDep,
     DatabaseDep,
@@ -82,52 +83,59 @@ async def create_note(
             note = await service.create_note(session, **payload.model_dump())
         return _created(request, note, consistency_token(session))
 
-    claimed = await _claim(db, settings, idempotency_key, request, payload.model_dump())
-    if isinstance(claimed, idempotency.StoredResponse):
-        # The first response's write is committed, so a token for "now" covers it.
-        return Response(
-            claimed.body,
-            status_code=claimed.status_code,
-            media_type=JSON,
-            headers={
-                **claimed.headers,
-                **_token_headers(await db.current_token()),
-                "Idempotent-Replayed": "true",
-            },
-        )
-    try:
-        async with db.write() as session:
-            note = await service.create_note(session, **payload.model_dump())
-            response = _created(request, note)
-            await idempotency.complete(
-                session,
-                claimed,
-                idempotency.StoredResponse(
-                    status_code=response.status_code,
-                    headers={k: response.headers[k] for k in ("location", "etag")},
-                    body=bytes(response.body).decode(),
-                ),
+    async with idempotency.key_lock(db, idempotency_key) as holder:
+        claimed = await _claim(db, settings, idempotency_key, holder, request, payload)
+        if isinstance(claimed, idempotency.StoredResponse):
+            # The first response's write is committed: a token for "now" covers it.
+            return Response(
+                claimed.body,
+                status_code=claimed.status_code,
+                media_type=JSON,
+                headers={
+                    **claimed.headers,
+                    **_token_headers(await db.current_token()),
+                    "Idempotent-Replayed": "true",
+                },
             )
-    except idempotency.LeaseLost:
-        raise _in_flight(settings.idempotency_lease_s) from None
-    except BaseException:
-        # Shielded so a cancelled request still gives its key back.
-        await asyncio.shield(idempotency.release(db, claimed))
-        raise
+        try:
+            async with db.write() as session:
+                note = await service.create_note(session, **payload.model_dump())
+                response = _created(request, note)
+                await idempotency.complete(
+                    session,
+                    claimed,
+                    idempotency.StoredResponse(
+                        status_code=response.status_code,
+                        headers={k: response.headers[k] for k in ("location", "etag")},
+                        body=bytes(response.body).decode(),
+                    ),
+                )
+        except idempotency.LeaseLost:
+            raise _in_flight(settings.idempotency_lease_s) from None
+        except BaseException:
+            # Shielded so a cancelled request still gives its key back.
+            await asyncio.shield(idempotency.release(db, claimed))
+            raise
     response.headers.update(_token_headers(consistency_token(session)))
     return response
 
 
 async def _claim(
-    db: DatabaseDep, settings: SettingsDep, key: str, request: Request, payload: Any
+    db: Database,
+    settings: Settings,
+    key: str,
+    holder: idempotency.Holder,
+    request: Request,
+    payload: NoteCreate,
 ) -> idempotency.Lease | idempotency.StoredResponse:
     try:
         return await idempotency.claim(
             db,
             key=key,
-            fingerprint=idempotency.fingerprint("POST", request.url.path, payload),
+            fingerprint=idempotency.fingerprint("POST", request.url.path, payload.model_dump()),
             lease_s=settings.idempotency_lease_s,
             ttl_s=settings.idempotency_ttl_s,
+            holder=holder,
         )
     except idempotency.KeyReused:
         raise Problem(

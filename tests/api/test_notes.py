@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
@@ -94,45 +95,59 @@ async def test_same_key_other_body_is_422(client):
     assert_problem(response, 422, "different request body")
 
 
-async def test_same_key_in_flight_is_409_with_retry_after(client, settings):
+async def _claim_elsewhere(settings, key: str, *, lease_s: float, hold: bool):
+    """Claim `key` as another node would; with `hold`, that node is still alive."""
     from service.db.engines import Database
     from service.idempotency import service as idempotency
 
-    # Another node holds the key: it has claimed it and not finished yet.
     database = Database(settings)
-    try:
-        payload = {"title": "a", "body": "b"}
-        await idempotency.claim(
-            database,
-            key="k-3",
-            fingerprint=idempotency.fingerprint("POST", "/v1/notes", payload),
-            lease_s=30,
-            ttl_s=3600,
-        )
-    finally:
+    stack = contextlib.AsyncExitStack()
+    holder = idempotency.Holder.UNKNOWN
+    if hold:
+        holder = await stack.enter_async_context(idempotency.key_lock(database, key))
+    payload = {"title": "a", "body": "b"}
+    await idempotency.claim(
+        database,
+        key=key,
+        fingerprint=idempotency.fingerprint("POST", "/v1/notes", payload),
+        lease_s=lease_s,
+        ttl_s=3600,
+        holder=holder,
+    )
+
+    async def release():
+        await stack.aclose()
         await database.dispose()
-    response = await create(client, "a", "b", **{"Idempotency-Key": "k-3"})
+
+    return release
+
+
+async def test_same_key_in_flight_is_409_with_retry_after(client, settings):
+    release = await _claim_elsewhere(settings, "k-3", lease_s=30, hold=True)
+    try:
+        response = await create(client, "a", "b", **{"Idempotency-Key": "k-3"})
+    finally:
+        await release()
     assert_problem(response, 409, "still being processed")
     assert int(response.headers["retry-after"]) >= 1
 
 
-async def test_expired_lease_is_taken_over(client, settings):
-    from service.db.engines import Database
-    from service.idempotency import service as idempotency
-
-    database = Database(settings)
-    try:
-        payload = {"title": "a", "body": "b"}
-        await idempotency.claim(
-            database,
-            key="k-dead",
-            fingerprint=idempotency.fingerprint("POST", "/v1/notes", payload),
-            lease_s=0.001,  # the node that claimed it died at once
-            ttl_s=3600,
-        )
-    finally:
-        await database.dispose()
+async def test_key_of_a_dead_node_is_taken_over(client, settings):
+    """The node that claimed the key died mid-request (its connections closed)."""
+    release = await _claim_elsewhere(settings, "k-dead", lease_s=30, hold=True)
+    await release()  # what the death of its process does to its lock
     response = await create(client, "a", "b", **{"Idempotency-Key": "k-dead"})
+    if settings.is_sqlite:
+        # No lock outlives a node on SQLite: the lease must run out first.
+        assert_problem(response, 409)
+    else:
+        assert response.status_code == 201, response.text
+
+
+async def test_expired_lease_is_taken_over(client, settings):
+    release = await _claim_elsewhere(settings, "k-old", lease_s=0.001, hold=False)
+    await release()
+    response = await create(client, "a", "b", **{"Idempotency-Key": "k-old"})
     assert response.status_code == 201
 
 
