@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_check(settings))
         from service.lifespan import SchemaNotCurrent
         from service.server import serve
+        from service.telemetry.logs import configure_logging
 
+        # JSON logs from the first line on: the preflight logs too.
+        configure_logging(settings)
         try:
             asyncio.run(_preflight(settings))
         except SchemaNotCurrent as exc:

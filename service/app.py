@@ -9,10 +9,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 import service
 from service.config import Settings
+from service.health import runtime as health
 from service.lifespan import lifespan
 from service.middleware import EdgeMiddleware
 from service.notes.router import router as notes_router
 from service.problems import Problem, install, problem_response
+from service.telemetry import Telemetry
+from service.telemetry import install as install_telemetry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,12 +27,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # Lifecycle, in-flight counter, drain controller, probe and admin routes.
+    health.install(app, settings)
     install(app)
     _install_database_errors(app)
     app.include_router(notes_router)
     app.add_middleware(
-        EdgeMiddleware, node_id=settings.node_id, max_body_bytes=settings.max_body_bytes
+        EdgeMiddleware,
+        node_id=settings.node_id,
+        max_body_bytes=settings.max_body_bytes,
+        close_connections=health.leaving(app),
     )
+    # Last, so outermost: spans, metrics and access log see every final status.
+    install_telemetry(app, Telemetry(settings))
     return app
 
 

@@ -57,10 +57,10 @@ def _multi_host_as_query(rest: str) -> str:
     only as repeated `host` query parameters.
     """
     userinfo, at, hostpart = rest.rpartition("@")
-    hosts, slash, tail = hostpart.partition("/")
+    hosts, _, tail = hostpart.partition("/")
     if "," not in hosts:
         return rest
-    database, question, query = tail.partition("?")
+    database, _, query = tail.partition("?")
     params = [query] if query else []
     params += [f"host={host}" for host in hosts.split(",") if host]
     return f"{userinfo}{at}/{database}?{'&'.join(params)}"

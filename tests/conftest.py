@@ -38,7 +38,9 @@ def require(condition: bool, reason: str) -> None:
 def scratch_dir(prefix: str) -> Path:
     # Under /tmp, never under /root: PostgreSQL runs as an unprivileged user
     # and must be able to reach its directories.
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,53 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def server_user() -> pwd.struct_passwd | None:
+    """The OS user server processes must run as: None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(SERVER_OS_USER)
+    except KeyError:
+        raise PostgresNotInstalled(
+            f"running as root needs the unprivileged {SERVER_OS_USER!r} OS user, "
+            "created by `apt-get install postgresql-15`"
+        ) from None
+
+
+def prepare_base_dir(base_dir: Path, user: pwd.struct_passwd | None) -> list[Path]:
+    """Create base_dir (0755) so ``user`` can reach it; returns the directories made."""
+    paths, created = [base_dir, *base_dir.parents], []
+    if user:
+        # Refuse before creating anything; base_dir itself is made 0755 below.
+        groups = {user.pw_gid, *os.getgrouplist(user.pw_name, user.pw_gid)}
+        for path in filter(Path.exists, paths[1:]):
+            st = path.stat()
+            owner, group = st.st_uid == user.pw_uid, st.st_gid in groups
+            if not st.st_mode & (0o100 if owner else 0o010 if group else 0o001):
+                raise PostgresError(
+                    f"the {SERVER_OS_USER!r} OS user cannot enter {path} (mode "
+                    f"{oct(st.st_mode & 0o777)}), so the server cannot use {base_dir}; "
+                    "use a base dir under /tmp or /var/tmp"
+                )
+    for path in reversed([p for p in paths if not p.exists()]):
+        path.mkdir()
+        path.chmod(0o755)  # whatever the umask: the server user must get through
+        created.append(path)
+    if user:
+        base_dir.chmod(0o755)
+    return created
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    """The running postmaster of data_dir, from postmaster.pid; a reused PID does not count."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) and os.fsencode(data_dir) in cmdline else None
+
+
 def _proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (state first), None if gone."""
     try:
@@ -124,15 +171,7 @@ class PostgresCluster:
         self.host = host
         self.durable = durable
         self.bindir = find_bindir()
-        self._server_user: pwd.struct_passwd | None = None  # set when we must drop root
-        if os.geteuid() == 0:
-            try:
-                self._server_user = pwd.getpwnam(SERVER_OS_USER)
-            except KeyError:
-                raise PostgresNotInstalled(
-                    f"running as root needs the unprivileged {SERVER_OS_USER!r} OS user, "
-                    "created by `apt-get install postgresql-15`"
-                ) from None
+        self._server_user = server_user()  # set when we must drop root
         picked: set[int] = set(ports or [])
         while len(picked) < replicas + 1:
             picked.add(free_port(host))
@@ -277,34 +316,11 @@ class PostgresCluster:
         self.psql(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
 
     def _postmaster_pid(self, m: Member) -> int | None:
-        """The member's running postmaster, from postmaster.pid; a reused PID does not count."""
-        try:
-            pid = int((m.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) and os.fsencode(m.data_dir) in cmdline else None
+        return postmaster_pid(m.data_dir)
 
     def _prepare_base_dir(self) -> None:
-        paths = [self.base_dir, *self.base_dir.parents]
-        if user := self._server_user:
-            # Refuse before creating anything; base_dir itself is made 0755 below.
-            groups = {user.pw_gid, *os.getgrouplist(user.pw_name, user.pw_gid)}
-            for path in filter(Path.exists, paths[1:]):
-                st = path.stat()
-                owner, group = st.st_uid == user.pw_uid, st.st_gid in groups
-                if not st.st_mode & (0o100 if owner else 0o010 if group else 0o001):
-                    raise PostgresError(
-                        f"the {SERVER_OS_USER!r} OS user cannot enter {path} (mode "
-                        f"{oct(st.st_mode & 0o777)}), so the server cannot use {self.base_dir}; "
-                        "use a base dir under /tmp or /var/tmp"
-                    )
-        for path in reversed([p for p in paths if not p.exists()]):
-            path.mkdir()
-            path.chmod(0o755)  # whatever the umask: the server user must get through
-            self._created.append(path)
-        if user:
-            self.base_dir.chmod(0o755)
+        self._created += prepare_base_dir(self.base_dir, self._server_user)
+        user = self._server_user
         for m in self._members:
             m.dir.mkdir(mode=0o755)
             if user:

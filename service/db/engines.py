@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
@@ -23,6 +23,7 @@ from service.db import consistency
 from service.db.replicas import Replica, ReplicaSet, replica_name
 
 log = logging.getLogger("service.db")
+T = TypeVar("T")
 
 
 def create_engine(url: str, settings: Settings, *, role: str) -> AsyncEngine:
@@ -155,15 +156,37 @@ class Database:
             return None
         return consistency.encode(consistency.parse_lsn(str(position)))
 
+    async def run_read(
+        self, read: Callable[[AsyncSession], Awaitable[T]], *, min_lsn: int | None = None
+    ) -> tuple[T, str]:
+        """Run `read` on a replica that has replayed `min_lsn`, else on the primary.
+
+        Returns its result and the source's name. A replica that fails during
+        the read is taken out of rotation and the read runs again on the
+        primary, so losing a replica costs no request.
+        """
+        try:
+            async with self.read(min_lsn=min_lsn) as session:
+                return await read(session), read_source(session)
+        except _UNREACHABLE:
+            if not self.replicas.replicas:
+                raise
+            log.info("read failed on a replica; running it on the primary", exc_info=True)
+        async with self.read(primary=True) as session:
+            return await read(session), read_source(session)
+
     @asynccontextmanager
-    async def read(self, *, min_lsn: int | None = None) -> AsyncIterator[AsyncSession]:
+    async def read(
+        self, *, min_lsn: int | None = None, primary: bool = False
+    ) -> AsyncIterator[AsyncSession]:
         """A read-only session on a replica that has replayed `min_lsn`, else the primary.
 
         `read_source(session)` names the source, for attribution. A replica
-        that fails to connect is taken out of rotation and the primary used.
+        that fails is taken out of rotation (and the error raised: use
+        `run_read` to have the read retried on the primary).
         """
-        replica = self.replicas.pick(min_lsn)
-        if replica is None and min_lsn is not None:
+        replica = None if primary else self.replicas.pick(min_lsn)
+        if replica is None and min_lsn is not None and not primary:
             replica = await self._replica_caught_up_now(min_lsn)
         if replica is not None:
             session = replica.sessions()

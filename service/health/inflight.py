@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# Probes are not work: counting them would make an idle node report load
-# (every /healthz would see itself) and make the agent weight jitter with the
-# probe rate of the proxies.
-PROBE_PATHS = frozenset({"/livez", "/startupz", "/readyz", "/healthz"})
+# Probes and scrapes are not work: counting them would make an idle node
+# report load (every /healthz would see itself) and make the agent weight
+# jitter with the probe rate of the proxies.
+PROBE_PATHS = frozenset({"/livez", "/startupz", "/readyz", "/healthz", "/metrics"})
 PROBE_PREFIX = "/readyz/"
 
 

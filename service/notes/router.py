@@ -7,11 +7,12 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import conditional
 from service.config import Settings
 from service.db import consistency
-from service.db.engines import Database, consistency_token, read_source
+from service.db.engines import Database, consistency_token
 from service.deps import (
     CursorsDep,
     DatabaseDep,
@@ -174,12 +175,17 @@ async def get_note(
 ) -> Response:
     """Read a note. Send its ETag in `If-None-Match` to get 304 when unchanged,
     and a write's `Consistency-Token` to be sure to see that write."""
-    async with db.read(min_lsn=min_lsn) as session:
-        source = read_source(session)
+
+    async def find(session: AsyncSession) -> Note | None:
         try:
-            note = await service.get_note(session, note_id=note_id)
+            return await service.get_note(session, note_id=note_id)
         except service.NoteNotFound:
-            raise _not_found(note_id, {READ_SOURCE: source}) from None
+            return None
+
+    found, source = await db.run_read(find, min_lsn=min_lsn)
+    if found is None:
+        raise _not_found(note_id, {READ_SOURCE: source})
+    note = found
     if if_none_match is not None and conditional.none_match(if_none_match, note.version):
         return Response(
             status_code=304, headers={"ETag": conditional.etag(note.version), READ_SOURCE: source}
@@ -211,13 +217,13 @@ async def list_notes(
                 f"{reason}; pass a next_cursor exactly as a previous page returned it",
                 slug="invalid-cursor",
             ) from None
-    async with db.read(min_lsn=min_lsn) as session:
-        notes, more = await service.list_notes(session, after=after, limit=page_size)
+    (notes, more), source = await db.run_read(
+        lambda session: service.list_notes(session, after=after, limit=page_size),
+        min_lsn=min_lsn,
+    )
     next_cursor = cursors.encode({"after": str(notes[-1].id)}) if more else None
     page = NotePage(items=[NoteOut.model_validate(n) for n in notes], next_cursor=next_cursor)
-    return Response(
-        page.model_dump_json(), media_type=JSON, headers={READ_SOURCE: read_source(session)}
-    )
+    return Response(page.model_dump_json(), media_type=JSON, headers={READ_SOURCE: source})
 
 
 @router.patch(

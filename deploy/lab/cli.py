@@ -1,0 +1,143 @@
+"""Verbs of the lab: up, status, watch, drain, undrain, kill, restart, down."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from deploy.lab.cluster import BACKENDS, DEFAULT_RUN_DIR, Lab, LabError, LabOptions
+from deploy.lab.postgres import PostgresError, PostgresNotInstalled
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; e.g. --cpu 0.5") from None
+    if not 0.01 <= value <= 64:
+        raise argparse.ArgumentTypeError("give a fraction of a core between 0.01 and 64")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--run-dir",
+        type=Path,
+        default=DEFAULT_RUN_DIR,
+        help=f"lab state (default {DEFAULT_RUN_DIR})",
+    )
+    top = argparse.ArgumentParser(
+        prog="python -m deploy.lab", description="A real cattle cluster on this machine."
+    )
+    verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    up = verbs.add_parser("up", parents=[common], help="start database, nodes and proxy")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--backend", choices=BACKENDS, default="sqlite")
+    up.add_argument("--replicas", type=int, default=0, help="streaming replicas (postgres)")
+    up.add_argument("--front", choices=("haproxy", "none"), default="haproxy")
+    up.add_argument("--cpu", type=_fraction, help="cap each node at this fraction of a core")
+    up.add_argument("--drain-delay", type=float, default=2.0, help="seconds (default 2)")
+    up.add_argument(
+        "--no-retries", action="store_true", help="HAProxy without retries (to show what they buy)"
+    )
+
+    verbs.add_parser("status", parents=[common], help="show the lab").add_argument(
+        "--json", action="store_true", help="lab.json plus live health, as JSON"
+    )
+    watch = verbs.add_parser("watch", parents=[common], help="live view of the fleet")
+    watch.add_argument("--interval", type=float, default=1.0)
+    watch.add_argument(
+        "--count", type=int, default=0, help="refreshes before exiting (0: until Ctrl+C)"
+    )
+    for verb, text in (
+        ("drain", "take NODE out gracefully (SIGTERM: drain, then exit 0)"),
+        ("undrain", "remove NODE's drain file"),
+        ("kill", "SIGKILL NODE"),
+        ("restart", "stop NODE if running, start it again"),
+    ):
+        sub = verbs.add_parser(verb, parents=[common], help=text)
+        sub.add_argument("node", metavar="NODE", help="a node id from lab.json, e.g. n1")
+        if verb == "drain":
+            sub.add_argument(
+                "--keep", action="store_true", help="only create the drain file; the node stays up"
+            )
+    verbs.add_parser("down", parents=[common], help="stop everything the lab started")
+    return top
+
+
+def _print_status(state: dict[str, Any]) -> None:
+    print(f"lab {state['run_dir']}  backend={state['options']['backend']}  front={state['front']}")
+    if state.get("haproxy"):
+        print(f"haproxy stats: {state['haproxy']['stats_url']}")
+    database = state.get("database") or {}
+    print(f"database: {database.get('primary')}")
+    for replica in database.get("replicas", []):
+        print(f"  replica: {replica}")
+    print(f"{'node':6} {'pid':>8} {'url':24} {'state':10} {'haproxy':12} cgroup")
+    for node in state["nodes"]:
+        health = node.get("health") or {}
+        lifecycle = (
+            health.get("lifecycle")
+            or health.get("state")
+            or ("down" if not node["running"] else "?")
+        )
+        proxy = (node.get("haproxy") or {}).get("status", "-")
+        print(
+            f"{node['id']:6} {node['pid'] or '-':>8} {node['url']:24} {lifecycle!s:10} "
+            f"{proxy!s:12} {node.get('cgroup') or '-'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    lab = Lab(args.run_dir)
+    try:
+        if args.verb == "up":
+            lab.up(
+                LabOptions(
+                    nodes=args.nodes,
+                    backend=args.backend,
+                    replicas=args.replicas,
+                    front=args.front,
+                    cpu=args.cpu,
+                    drain_delay_s=args.drain_delay,
+                    retries=not args.no_retries,
+                )
+            )
+            _print_status(lab.status())
+        elif args.verb == "status":
+            state = lab.status()
+            if args.json:
+                print(json.dumps(state, indent=2))
+            else:
+                _print_status(state)
+        elif args.verb == "watch":
+            from deploy.lab.watch import watch
+
+            watch(lab, interval_s=args.interval, count=args.count)
+        elif args.verb == "drain":
+            lab.drain(args.node, keep=args.keep)
+            print(f"{args.node}: {'drain file created' if args.keep else 'drained and stopped'}")
+        elif args.verb == "undrain":
+            lab.undrain(args.node)
+            print(f"{args.node}: drain file removed")
+        elif args.verb == "kill":
+            lab.kill(args.node)
+            print(f"{args.node}: killed (SIGKILL)")
+        elif args.verb == "restart":
+            node = lab.restart(args.node)
+            print(f"{args.node}: running again, pid {node['pid']}")
+        elif args.verb == "down":
+            stopped = lab.down()
+            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    except (LabError, PostgresNotInstalled, PostgresError) as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

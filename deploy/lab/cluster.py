@@ -1,0 +1,477 @@
+"""The lab: N real cattle nodes, a real database and HAProxy, in one run directory.
+
+Everything the lab starts is written to `lab.json` in the run directory, the
+one contract the tests, the load tests and the docs read the lab through.
+Later commands (`kill`, `restart`, `down`) act on what that file names, by
+PID checked against a marker, so nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploy.lab import cgroups, haproxy, procs
+from deploy.lab.postgres import PostgresCluster, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_RUN_DIR = REPO_ROOT / "run" / "lab"
+STATE_FILE = "lab.json"
+BACKENDS = ("sqlite", "postgres", "patroni")
+
+
+class LabError(RuntimeError):
+    """Something the operator must act on; the message says what."""
+
+
+@dataclass
+class LabOptions:
+    nodes: int = 3
+    backend: str = "sqlite"
+    replicas: int = 0
+    front: str = "haproxy"
+    cpu: float | None = None
+    drain_delay_s: float = 2.0
+    shutdown_timeout_s: float = 10.0
+    retries: bool = True
+    node_env: dict[str, str] = field(default_factory=dict)
+
+
+def _http_status(url: str, timeout_s: float = 1.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (loopback)
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def _http_json(url: str, timeout_s: float = 1.0) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (loopback)
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(ValueError):
+            return json.load(exc)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class Lab:
+    def __init__(self, run_dir: Path = DEFAULT_RUN_DIR) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.state_path = self.run_dir / STATE_FILE
+
+    # -- state ---------------------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            raise LabError(f"no lab in {self.run_dir}: start one with `up`") from None
+        return state
+
+    def _save(self, state: dict[str, Any]) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.state_path)  # readers never see half a file
+
+    def node(self, state: dict[str, Any], node_id: str) -> dict[str, Any]:
+        for node in state["nodes"]:
+            if node["id"] == node_id:
+                return dict(node)
+        names = ", ".join(n["id"] for n in state["nodes"])
+        raise LabError(f"no node {node_id!r} in this lab; its nodes are: {names}")
+
+    def _marker(self, state: dict[str, Any], node_id: str) -> str:
+        return f"CATTLE_LAB_MARK={state['lab_id']}:{node_id}"
+
+    def live_processes(self, state: dict[str, Any]) -> list[str]:
+        """Human-readable names of the processes this lab started that still run."""
+        live = [
+            f"node {n['id']} (pid {n['pid']})"
+            for n in state.get("nodes", [])
+            if procs.is_ours(n.get("pid"), self._marker(state, n["id"]))
+        ]
+        proxy = state.get("haproxy") or {}
+        if procs.is_ours(proxy.get("pid"), proxy.get("config", "-")):
+            live.append(f"haproxy (pid {proxy['pid']})")
+        database = state.get("database") or {}
+        for member in database.get("members", []):
+            pid = member.get("pid")
+            if pid and procs.is_ours(pid, str(member.get("data_dir", "-"))):
+                live.append(f"postgres {member['name']} (pid {pid})")
+        return live
+
+    # -- up ------------------------------------------------------------------
+
+    def up(self, options: LabOptions) -> dict[str, Any]:
+        if options.backend not in BACKENDS:
+            raise LabError(f"--backend {options.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if options.nodes < 1:
+            raise LabError("--nodes must be at least 1")
+        if options.cpu is not None:
+            try:
+                cgroups.check_available()
+            except cgroups.CgroupsUnavailable as exc:
+                raise LabError(str(exc)) from None
+        if options.front == "haproxy":
+            try:
+                haproxy.find_haproxy()
+            except haproxy.HAProxyError as exc:
+                raise LabError(str(exc)) from None
+        self._prepare_run_dir()
+        state: dict[str, Any] = {
+            "lab_id": secrets.token_hex(4),
+            "run_dir": str(self.run_dir),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "options": {
+                "nodes": options.nodes,
+                "backend": options.backend,
+                "replicas": options.replicas,
+                "front": options.front,
+                "cpu": options.cpu,
+                "retries": options.retries,
+            },
+            "front": None,
+            "nodes": [],
+            "database": None,
+            "haproxy": None,
+            "cursor_secret": secrets.token_urlsafe(24),
+            "admin_token": secrets.token_urlsafe(24),
+        }
+        self._save(state)
+        try:
+            state["database"] = self._start_database(options)
+            self._save(state)
+            self._migrate(state)
+            for index in range(1, options.nodes + 1):
+                state["nodes"].append(self._new_node(state, f"n{index}", options))
+                self._save(state)
+            self._wait_nodes(state)
+            if options.front == "haproxy":
+                state["haproxy"] = self._start_haproxy(state, options)
+                state["front"] = state["haproxy"]["front_url"]
+            self._save(state)
+        except BaseException:
+            self.down()
+            raise
+        return state
+
+    def _prepare_run_dir(self) -> None:
+        live: list[str] = []
+        if self.state_path.exists():
+            try:
+                live = self.live_processes(self.load())
+            except ValueError:
+                raise LabError(
+                    f"{self.state_path} is unreadable, so whether its lab still runs is "
+                    "unknown; stop its processes by hand, then remove the directory"
+                ) from None
+        if live:
+            raise LabError(
+                f"{self.run_dir} still has a running lab: {', '.join(live)}; "
+                "run `down` first (or pick another --run-dir)"
+            )
+        if self.run_dir.exists():
+            shutil.rmtree(self.run_dir)  # only leftovers of a lab that is down
+        self.run_dir.mkdir(parents=True)
+
+    def _start_database(self, options: LabOptions) -> dict[str, Any]:
+        if options.backend == "sqlite":
+            if options.replicas:
+                raise LabError("--replicas needs --backend postgres (SQLite has no replicas)")
+            path = self.run_dir / "cattle.db"
+            return {"kind": "sqlite", "primary": f"sqlite+aiosqlite:///{path}", "replicas": []}
+        if options.backend == "postgres":
+            cluster = PostgresCluster(self.run_dir / "postgres", replicas=options.replicas)
+            try:
+                cluster.start()
+                cluster.create_database("cattle")
+            except BaseException:
+                cluster.stop()
+                raise
+            info = cluster.to_json()
+            info |= {
+                "kind": "postgres",
+                "base_dir": str(cluster.base_dir),
+                "ports": [m.port for m in cluster.members],
+                "primary": cluster.primary_dsn("cattle"),
+                "replicas": cluster.replica_dsns("cattle"),
+            }
+            return info
+        return self._start_patroni(options)
+
+    def _start_patroni(self, options: LabOptions) -> dict[str, Any]:
+        from deploy.lab.patroni import PatroniCluster
+
+        cluster = PatroniCluster(self.run_dir / "patroni", members=max(3, options.replicas + 1))
+        try:
+            cluster.start()
+            cluster.create_database("cattle")
+        except BaseException:
+            cluster.stop()
+            raise
+        info: dict[str, Any] = cluster.to_json()
+        info |= {
+            "kind": "patroni",
+            "base_dir": str(self.run_dir / "patroni"),
+            "primary": cluster.primary_dsn("cattle"),
+            "replicas": [],
+        }
+        return info
+
+    def _migrate(self, state: dict[str, Any]) -> None:
+        env = self._base_env(state)
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "migrate"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LabError(f"migration failed:\n{result.stdout}{result.stderr}")
+
+    def _base_env(self, state: dict[str, Any]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CATTLE_")}
+        database = state["database"]
+        env |= {
+            "CATTLE_DATABASE_URL": database["primary"],
+            "CATTLE_ENVIRONMENT": "production",
+            "CATTLE_CURSOR_SECRET": state["cursor_secret"],
+            "PYTHONUNBUFFERED": "1",
+        }
+        if database.get("replicas"):
+            env["CATTLE_READ_DATABASE_URLS"] = ",".join(database["replicas"])
+        return env
+
+    def _new_node(self, state: dict[str, Any], node_id: str, options: LabOptions) -> dict[str, Any]:
+        port, agent_port = free_port(), free_port()
+        node: dict[str, Any] = {
+            "id": node_id,
+            "host": "127.0.0.1",
+            "port": port,
+            "url": f"http://127.0.0.1:{port}",
+            "agent_port": agent_port,
+            "drain_file": str(self.run_dir / f"{node_id}.drain"),
+            "log": str(self.run_dir / f"{node_id}.log"),
+            "cgroup": None,
+            "pid": None,
+            "env": {
+                "CATTLE_NODE_ID": node_id,
+                "CATTLE_HOST": "127.0.0.1",
+                "CATTLE_PORT": str(port),
+                "CATTLE_AGENT_PORT": str(agent_port),
+                "CATTLE_DRAIN_FILE": str(self.run_dir / f"{node_id}.drain"),
+                "CATTLE_DRAIN_DELAY_S": str(options.drain_delay_s),
+                "CATTLE_SHUTDOWN_TIMEOUT_S": str(options.shutdown_timeout_s),
+                "CATTLE_ADMIN_TOKEN": state["admin_token"],
+                "CATTLE_ACCESS_LOG": "false",
+                **options.node_env,
+            },
+        }
+        if options.cpu is not None:
+            group = cgroups.CpuGroup.create(f"cattle-{state['lab_id']}-{node_id}", options.cpu)
+            node["cgroup"] = str(group.path)
+        self._spawn_node(state, node)
+        return node
+
+    def _spawn_node(self, state: dict[str, Any], node: dict[str, Any]) -> None:
+        env = self._base_env(state) | node["env"]
+        env["CATTLE_LAB_MARK"] = f"{state['lab_id']}:{node['id']}"
+        argv = [sys.executable, "-m", "service", "serve"]
+        if node["cgroup"]:
+            # Join the cgroup before exec, so not one instruction runs uncapped.
+            argv = [
+                "/bin/sh",
+                "-c",
+                f'echo $$ > "{node["cgroup"]}/cgroup.procs" && exec "$@"',
+                "sh",
+                *argv,
+            ]
+        with contextlib.suppress(FileNotFoundError):
+            Path(node["drain_file"]).unlink()
+        node["pid"] = procs.spawn(argv, log=Path(node["log"]), env=env, cwd=REPO_ROOT)
+
+    def _wait_nodes(self, state: dict[str, Any], timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        for node in state["nodes"]:
+            self._wait_node(state, node, deadline)
+
+    def _wait_node(self, state: dict[str, Any], node: dict[str, Any], deadline: float) -> None:
+        marker = self._marker(state, node["id"])
+        while time.monotonic() < deadline:
+            if not procs.is_ours(node["pid"], marker):
+                tail = Path(node["log"]).read_text(errors="replace").splitlines()[-15:]
+                raise LabError(f"node {node['id']} exited while starting:\n" + "\n".join(tail))
+            if _http_status(node["url"] + "/readyz") == 200:
+                return
+            time.sleep(0.05)
+        raise LabError(f"node {node['id']} not ready in time; see {node['log']}")
+
+    def _start_haproxy(self, state: dict[str, Any], options: LabOptions) -> dict[str, Any]:
+        front_port, stats_port = free_port(), free_port()
+        servers = [
+            haproxy.Server(n["id"], n["host"], n["port"], n["agent_port"]) for n in state["nodes"]
+        ]
+        config = haproxy.write_config(
+            self.run_dir,
+            servers,
+            front_port=front_port,
+            stats_port=stats_port,
+            retries=options.retries,
+        )
+        pid = haproxy.start(config, self.run_dir / "haproxy.log", front=("127.0.0.1", front_port))
+        info = {
+            "pid": pid,
+            "config": str(config),
+            "socket": str(self.run_dir / "haproxy.sock"),
+            "front_url": f"http://127.0.0.1:{front_port}",
+            "stats_url": f"http://127.0.0.1:{stats_port}/stats",
+            "retries": options.retries,
+        }
+        haproxy.wait_servers(Path(info["socket"]), [s.name for s in servers], "UP", timeout_s=20)
+        return info
+
+    # -- verbs on nodes --------------------------------------------------------
+
+    def drain(self, node_id: str, *, keep: bool = False, timeout_s: float = 60) -> dict[str, Any]:
+        """Take a node out gracefully: SIGTERM runs its drain sequence to exit 0.
+
+        With `keep`, only create its drain file: it stays up, out of rotation,
+        until `undrain`.
+        """
+        state = self.load()
+        node = self.node(state, node_id)
+        if keep:
+            Path(node["drain_file"]).touch()
+            return node
+        marker = self._marker(state, node_id)
+        if not procs.signal_pid(node["pid"], marker, signal.SIGTERM):
+            raise LabError(f"node {node_id} is not running")
+        if not procs.wait_gone(node["pid"], marker, timeout_s):
+            raise LabError(f"node {node_id} still running {timeout_s:.0f} s after SIGTERM")
+        return node
+
+    def undrain(self, node_id: str) -> dict[str, Any]:
+        node = self.node(self.load(), node_id)
+        with contextlib.suppress(FileNotFoundError):
+            Path(node["drain_file"]).unlink()
+        return node
+
+    def kill(self, node_id: str) -> dict[str, Any]:
+        state = self.load()
+        node = self.node(state, node_id)
+        marker = self._marker(state, node_id)
+        if not procs.signal_pid(node["pid"], marker, signal.SIGKILL):
+            raise LabError(f"node {node_id} is not running")
+        procs.wait_gone(node["pid"], marker, 5)
+        return node
+
+    def restart(self, node_id: str, timeout_s: float = 60) -> dict[str, Any]:
+        state = self.load()
+        node = self.node(state, node_id)
+        marker = self._marker(state, node_id)
+        procs.stop(node["pid"], marker, timeout_s=timeout_s)
+        self._spawn_node(state, node)
+        for i, existing in enumerate(state["nodes"]):
+            if existing["id"] == node_id:
+                state["nodes"][i] = node
+        self._save(state)
+        self._wait_node(state, node, time.monotonic() + timeout_s)
+        return node
+
+    # -- down ----------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        """Stop everything this lab started; safe to run twice. Returns what it stopped."""
+        try:
+            state = self.load()
+        except (LabError, ValueError):
+            return []
+        stopped = []
+        proxy = state.get("haproxy") or {}
+        if proxy.get("pid") and procs.is_ours(proxy["pid"], proxy["config"]):
+            procs.stop(proxy["pid"], proxy["config"], timeout_s=5)
+            stopped.append("haproxy")
+        # SIGTERM every node at once, so their drain delays run side by side.
+        running = [
+            node
+            for node in state.get("nodes", [])
+            if procs.signal_pid(node.get("pid"), self._marker(state, node["id"]), signal.SIGTERM)
+        ]
+        deadline = time.monotonic() + 30
+        for node in running:
+            marker = self._marker(state, node["id"])
+            # No second SIGTERM: to a draining node it means "exit at once".
+            if not procs.wait_gone(node["pid"], marker, max(0.0, deadline - time.monotonic())):
+                procs.signal_pid(node["pid"], marker, signal.SIGKILL)
+                procs.wait_gone(node["pid"], marker, 5)
+            stopped.append(f"node {node['id']}")
+        for node in state.get("nodes", []):
+            if node.get("cgroup"):
+                with contextlib.suppress(OSError):
+                    cgroups.CpuGroup(Path(node["cgroup"])).remove()
+        database: dict[str, Any] = state.get("database") or {}
+        database_live = any(name.startswith("postgres") for name in self.live_processes(state))
+        if database.get("kind") == "postgres" and database_live:
+            cluster = PostgresCluster(
+                Path(database["base_dir"]),
+                replicas=len(database.get("replicas", [])),
+                ports=database["ports"],
+            )
+            cluster.stop()
+            stopped.append("postgres")
+        elif database.get("kind") == "patroni":
+            from deploy.lab.patroni import PatroniCluster
+
+            PatroniCluster.from_json(database).stop()
+            stopped.append("patroni")
+        state["stopped_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._save(state)
+        return stopped
+
+    # -- status ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """lab.json plus each node's live health and HAProxy's view."""
+        state = self.load()
+        proxy_view: dict[str, dict[str, str]] = {}
+        proxy = state.get("haproxy")
+        if proxy and procs.is_ours(proxy["pid"], proxy["config"]):
+            with contextlib.suppress(OSError):
+                proxy_view = haproxy.server_states(Path(proxy["socket"]))
+        for node in state["nodes"]:
+            running = procs.is_ours(node["pid"], self._marker(state, node["id"]))
+            health = _http_json(node["url"] + "/healthz") if running else None
+            node["running"] = running
+            node["health"] = health
+            if node["id"] in proxy_view:
+                row = proxy_view[node["id"]]
+                node["haproxy"] = {
+                    "status": row.get("status"),
+                    "weight": row.get("weight"),
+                    "sessions": row.get("scur"),
+                    "agent": row.get("agent_status"),
+                }
+        state.pop("cursor_secret", None)
+        state.pop("admin_token", None)
+        for node in state["nodes"]:
+            node.pop("env", None)
+        return state

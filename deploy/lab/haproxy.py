@@ -1,0 +1,135 @@
+"""HAProxy for the lab: render the config, run it, read its view of the servers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.lab import procs
+from deploy.lab.render import render
+
+
+class HAProxyError(RuntimeError):
+    pass
+
+
+def find_haproxy() -> str:
+    binary = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
+    if binary is None:
+        raise HAProxyError(
+            "haproxy is not installed: apt-get install haproxy (or use --front none)"
+        )
+    return binary
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    host: str
+    port: int
+    agent_port: int
+
+
+def server_lines(servers: list[Server], *, agent: bool = True) -> str:
+    lines = []
+    for s in servers:
+        line = f"    server {s.name} {s.host}:{s.port} check weight 100"
+        if agent and s.agent_port:
+            line += f" agent-check agent-port {s.agent_port}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_config(
+    run_dir: Path,
+    servers: list[Server],
+    *,
+    front_port: int,
+    stats_port: int,
+    front_host: str = "127.0.0.1",
+    retries: bool = True,
+    balance: str = "roundrobin",
+) -> Path:
+    text = render(
+        "haproxy/haproxy.cfg.tmpl",
+        run_dir=run_dir,
+        front_host=front_host,
+        front_port=front_port,
+        stats_port=stats_port,
+        balance=balance,
+        servers=server_lines(servers),
+    )
+    if not retries:
+        # The unprotected case, for experiments that show what retries buy.
+        text = text.replace("    retries 3\n", "    retries 0\n").replace(
+            "    retry-on conn-failure empty-response response-timeout 503\n",
+            "    retry-on none\n",
+        )
+    path = run_dir / "haproxy.cfg"
+    path.write_text(text)
+    check = subprocess.run(
+        [find_haproxy(), "-c", "-q", "-f", str(path)], capture_output=True, text=True, check=False
+    )
+    if check.returncode != 0:
+        raise HAProxyError(f"HAProxy rejected {path}:\n{check.stdout}{check.stderr}")
+    return path
+
+
+def start(config: Path, log: Path, *, front: tuple[str, int], timeout_s: float = 10) -> int:
+    pid = procs.spawn([find_haproxy(), "-db", "-f", str(config)], log=log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not procs.is_ours(pid, str(config)):
+            raise HAProxyError(f"haproxy exited at start; see {log}")
+        try:
+            with socket.create_connection(front, timeout=0.2):
+                return pid
+        except OSError:
+            time.sleep(0.05)
+    procs.stop(pid, str(config), timeout_s=2)
+    raise HAProxyError(f"haproxy did not listen on {front[0]}:{front[1]} in {timeout_s:.0f} s")
+
+
+def admin(socket_path: Path, command: str, timeout_s: float = 2.0) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(socket_path))
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def server_states(socket_path: Path) -> dict[str, dict[str, str]]:
+    """HAProxy's view of each server of the `nodes` backend: status, weight, sessions..."""
+    raw = admin(socket_path, "show stat")
+    rows = csv.DictReader(io.StringIO(raw.lstrip("# ")))
+    return {
+        row["svname"]: row
+        for row in rows
+        if row.get("pxname") == "nodes" and row.get("svname") not in ("FRONTEND", "BACKEND")
+    }
+
+
+def wait_servers(socket_path: Path, names: list[str], status: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        try:
+            states = server_states(socket_path)
+        except OSError:
+            states = {}
+        seen = {n: states.get(n, {}).get("status", "?") for n in names}
+        if all(s.startswith(status) for s in seen.values()):
+            return
+        time.sleep(0.1)
+    raise HAProxyError(f"servers not {status} after {timeout_s:.0f} s: {seen}")

@@ -1,0 +1,129 @@
+"""Probe routes: /livez, /startupz, /readyz[/<check>], /healthz.
+
+Every probe answers from memory (lifecycle state and the checker's cached
+results); none touches the database, so proxies may probe as often as they
+like. Responses carry `Cache-Control: no-store`: a cached "ready" is a lie.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+import service
+from service.health.checks import HealthChecker, Status
+from service.health.lifecycle import Lifecycle, State
+from service.problems import Problem
+
+router = APIRouter(tags=["health"])
+
+HEALTH_JSON = "application/health+json"
+NO_STORE = {"Cache-Control": "no-store"}
+PROBE_METHODS = ["GET", "HEAD"]  # HAProxy and curl -I probe with HEAD
+
+
+def get_checker(request: Request) -> HealthChecker:
+    checker: HealthChecker = request.state.health
+    return checker
+
+
+def get_lifecycle(request: Request) -> Lifecycle:
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    return lifecycle
+
+
+CheckerDep = Annotated[HealthChecker, Depends(get_checker)]
+LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
+
+
+def _text(body: str, status_code: int) -> PlainTextResponse:
+    return PlainTextResponse(body + "\n", status_code=status_code, headers=NO_STORE)
+
+
+@router.api_route("/livez", methods=PROBE_METHODS, summary="Liveness: is the process alive?")
+async def livez(request: Request, lifecycle: LifecycleDep) -> Response:
+    """200 while the event loop answers; no dependency is checked, and draining is alive.
+
+    503 only when the node cannot watch itself any more (its health checker
+    died), which a restart cures. A database outage never fails liveness:
+    restarting every node because the database is down helps nobody.
+    """
+    checker: HealthChecker | None = getattr(request.state, "health", None)
+    stopping = lifecycle.state in (State.stopping, State.stopped)  # the checker stops first
+    if checker is not None and not checker.alive and not stopping:
+        return _text("health checker stopped", 503)
+    return _text("ok", 200)
+
+
+@router.api_route("/startupz", methods=PROBE_METHODS, summary="Startup: has start-up finished?")
+async def startupz(lifecycle: LifecycleDep) -> Response:
+    if lifecycle.state is State.starting:
+        return _text("starting", 503)
+    return _text("ok", 200)
+
+
+@router.api_route("/readyz", methods=PROBE_METHODS, summary="Readiness: send work here?")
+async def readyz(
+    checker: CheckerDep,
+    verbose: Annotated[str | None, Query(description="any value: one line per check")] = None,
+) -> Response:
+    """200 when READY or DEGRADED and the primary answered its last check; else 503.
+
+    `?verbose` lists every check, `[+]` passing or warning, `[-]` failing.
+    """
+    ready, failing = checker.readiness()
+    status_code = 200 if ready else 503
+    if verbose is None:
+        if ready:
+            return _text("ok", 200)
+        return _text("; ".join(f"{r.name}: {r.output}" for r in failing), 503)
+    lines = [r.line() for r in checker.snapshot().values() if r.name != "uptime"]
+    lines.append("readyz check passed" if ready else "readyz check failed")
+    return _text("\n".join(lines), status_code)
+
+
+@router.api_route("/readyz/{check}", methods=PROBE_METHODS, summary="One readiness check by name")
+async def readyz_check(check: str, checker: CheckerDep) -> Response:
+    """200 when the check passes or warns, 503 when it fails; 404 for an unknown name."""
+    snapshot = checker.snapshot()
+    result = snapshot.get(check)
+    if result is None:
+        raise Problem(
+            404,
+            f"no check named {check!r}; checks: {', '.join(snapshot)}",
+            slug="not-found",
+        )
+    return _text(result.line(), 503 if result.status is Status.fail else 200)
+
+
+@router.api_route(
+    "/healthz",
+    methods=PROBE_METHODS,
+    summary="Every check with observed values (application/health+json)",
+    response_class=JSONResponse,
+)
+async def healthz(request: Request, checker: CheckerDep, lifecycle: LifecycleDep) -> Response:
+    """The draft-inadarei-api-health-check document; status codes as /readyz."""
+    ready, _ = checker.readiness()
+    snapshot = checker.snapshot()
+    if not ready:
+        status = Status.fail
+    elif any(r.status is not Status.ok for r in snapshot.values()):
+        status = Status.warn
+    else:
+        status = Status.ok
+    node_id = request.app.state.settings.node_id
+    body: dict[str, Any] = {
+        "status": str(status),
+        "version": service.__version__,
+        "serviceId": node_id,
+        "nodeId": node_id,
+        "description": f"cattle node {node_id}",
+        "lifecycle": str(lifecycle.state),
+        "checks": {r.key: [r.to_health_json()] for r in snapshot.values()},
+    }
+    return JSONResponse(
+        body, status_code=200 if ready else 503, media_type=HEALTH_JSON, headers=NO_STORE
+    )

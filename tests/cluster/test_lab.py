@@ -1,0 +1,206 @@
+"""The lab for real: 3 nodes on PostgreSQL behind HAProxy, under load, losing nodes.
+
+Every "zero failures" claim here has its unprotected twin: the same kill with
+HAProxy's retries switched off does fail requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deploy.lab import cgroups, haproxy, procs
+from deploy.lab.cluster import Lab, LabOptions
+from deploy.lab.postgres import PostgresNotInstalled, find_bindir
+from loadtests.driver import audit, drive
+from tests.conftest import require, scratch_dir
+
+pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
+
+
+def _require_lab_parts() -> None:
+    try:
+        find_bindir()
+    except PostgresNotInstalled as exc:
+        require(False, str(exc))
+    require(
+        shutil.which("haproxy") is not None or os.path.exists("/usr/sbin/haproxy"),
+        "haproxy is not installed",
+    )
+
+
+def _start_lab(options: LabOptions) -> tuple[Lab, Path]:
+    _require_lab_parts()
+    base = scratch_dir("cattle-lab-")
+    lab = Lab(base / "run")
+    lab.up(options)
+    return lab, base
+
+
+def _assert_nothing_left(lab: Lab, state: dict) -> None:
+    assert lab.live_processes(state) == []
+    for node in state["nodes"]:
+        if node.get("cgroup"):
+            assert not Path(node["cgroup"]).exists()
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", node["port"])) != 0, f"{node['id']} still listens"
+    if state.get("front"):
+        port = int(state["front"].rsplit(":", 1)[1])
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, "haproxy still listens"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab, base = _start_lab(LabOptions(nodes=3, backend="postgres", drain_delay_s=2.0))
+    try:
+        yield lab
+    finally:
+        state = lab.load()
+        lab.down()
+        _assert_nothing_left(lab, state)
+        assert lab.down() == []  # safe to run twice
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_in_rotation(lab: Lab, node_id: str, timeout_s: float = 20) -> None:
+    state = lab.load()
+    haproxy.wait_servers(Path(state["haproxy"]["socket"]), [node_id], "UP", timeout_s)
+
+
+def test_lab_json_is_the_contract(lab):
+    state = lab.load()
+    assert state["front"].startswith("http://127.0.0.1:")
+    assert state["haproxy"]["stats_url"].startswith("http://127.0.0.1:")
+    assert state["database"]["primary"].startswith("postgresql://")
+    assert [n["id"] for n in state["nodes"]] == ["n1", "n2", "n3"]
+    for node in state["nodes"]:
+        assert {"id", "url", "pid", "drain_file", "agent_port", "cgroup"} <= set(node)
+    status = lab.status()
+    assert all(n["running"] and n["health"]["status"] == "pass" for n in status["nodes"])
+
+
+def test_up_refuses_a_run_dir_with_a_live_lab(lab):
+    from deploy.lab.cluster import LabError
+
+    with pytest.raises(LabError, match="still has a running lab: node n1"):
+        Lab(lab.run_dir).up(LabOptions(nodes=1))
+
+
+def test_requests_are_spread_over_all_nodes(lab):
+    front = lab.load()["front"]
+    served: dict[str, int] = {}
+    with httpx.Client(base_url=front, timeout=5) as client:
+        for _ in range(600):
+            response = client.get("/v1/notes?limit=1")
+            assert response.status_code == 200
+            node = response.headers["x-served-by"]
+            served[node] = served.get(node, 0) + 1
+    assert set(served) == {"n1", "n2", "n3"}
+    assert min(served.values()) >= 0.2 * 600, served
+
+
+async def _load_with_event(lab: Lab, event, at_s: float, duration_s: float):
+    front = lab.load()["front"]
+    load = asyncio.create_task(drive(front, duration_s=duration_s, concurrency=6, post_ratio=0.3))
+    await asyncio.sleep(at_s)
+    event_started = time.monotonic()
+    await asyncio.to_thread(event)
+    event_ended = time.monotonic()
+    run = await load
+    return run, event_started, event_ended
+
+
+async def test_drain_under_load_fails_nothing_and_proxy_stops_first(lab):
+    run, drain_started, exited = await _load_with_event(
+        lab, lambda: lab.drain("n2"), at_s=1.5, duration_s=6.0
+    )
+    assert run.failures() == [], run.summary()
+    assert len(run.outcomes) > 200
+    to_n2 = [o for o in run.outcomes if o.node == "n2"]
+    assert any(o.ended < drain_started for o in to_n2), "n2 served nothing before the drain"
+    # The node kept serving for its drain delay (2 s); HAProxy had stopped
+    # sending it new requests long before it exited.
+    assert exited - drain_started >= 2.0
+    late = [o for o in to_n2 if o.started > drain_started + 1.0]
+    assert late == [], f"{len(late)} requests reached n2 after the proxy should have stopped"
+    assert not procs.is_ours(lab.node(lab.load(), "n2")["pid"], "CATTLE_LAB_MARK")
+
+
+async def test_restart_brings_the_node_back(lab):
+    lab.restart("n2")
+    _wait_in_rotation(lab, "n2")
+    run = await drive(lab.load()["front"], duration_s=1.5, concurrency=4, post_ratio=0.0)
+    assert run.failures() == []
+    assert run.served_by()["n2"] > 0.15 * len(run.outcomes), run.served_by()
+
+
+async def test_kill_under_load_fails_nothing_with_retries(lab):
+    run, _, _ = await _load_with_event(lab, lambda: lab.kill("n3"), at_s=1.5, duration_s=6.0)
+    summary = run.summary()
+    assert summary["failed_get"] == 0, summary
+    assert summary["failed_post"] == 0, summary
+    assert run.served_by()["n3"] > 0  # it was in the mix until it died
+    result = await audit(lab.load()["front"], run.acknowledged(), prefix=run.prefix)
+    assert result["acknowledged"] > 50
+    assert (result["lost"], result["duplicated"], result["unexpected"]) == (0, 0, 0), result
+    lab.restart("n3")
+    _wait_in_rotation(lab, "n3")
+
+
+async def test_kill_without_retries_does_fail_requests():
+    """The unprotected case: the same kill, HAProxy with retries off."""
+    lab, base = _start_lab(LabOptions(nodes=3, backend="postgres", retries=False))
+    try:
+        run, _, _ = await _load_with_event(lab, lambda: lab.kill("n3"), at_s=1.5, duration_s=5.0)
+        assert len(run.failures()) > 0, run.summary()
+    finally:
+        state = lab.load()
+        lab.down()
+        _assert_nothing_left(lab, state)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_cpu_cap_holds_a_node_near_its_share():
+    try:
+        cgroups.check_available()
+    except cgroups.CgroupsUnavailable as exc:
+        require(False, str(exc))
+    _require_lab_parts()
+    base = scratch_dir("cattle-lab-cpu-")
+    lab = Lab(base / "run")
+    lab.up(LabOptions(nodes=1, backend="sqlite", front="none", cpu=0.2))
+    try:
+        node = lab.load()["nodes"][0]
+        group = cgroups.CpuGroup(Path(node["cgroup"]))
+        assert node["pid"] in group.pids() or any(Path(f"/proc/{p}").exists() for p in group.pids())
+        load = asyncio.create_task(
+            drive(node["url"], duration_s=5.0, concurrency=16, post_ratio=0.0, seed_notes=5)
+        )
+        await asyncio.sleep(1.5)  # past start-up of the load
+        before, t0 = _cpu_seconds(node["pid"]), time.monotonic()
+        throttled_before = group.throttling().get("nr_throttled", 0)
+        await asyncio.sleep(3.0)
+        used = (_cpu_seconds(node["pid"]) - before) / (time.monotonic() - t0)
+        throttled = group.throttling().get("nr_throttled", 0) - throttled_before
+        await load
+        assert 0.12 <= used <= 0.25, f"node used {used:.2f} of a core under a 0.2 cap"
+        assert throttled > 0, "the node was never throttled: it was not saturated"
+    finally:
+        state = lab.load()
+        lab.down()
+        _assert_nothing_left(lab, state)
+        shutil.rmtree(base, ignore_errors=True)
