@@ -97,6 +97,8 @@ class Settings(BaseSettings):
 
     idempotency_ttl_s: float = Field(default=24 * 3600, gt=0)
     idempotency_lease_s: float = Field(default=10.0, gt=0)
+    # How long a request waits for a key another request holds before 409.
+    idempotency_wait_s: float = Field(default=1.0, ge=0, le=30)
     idempotency_purge_interval_s: float = Field(default=300.0, gt=0)
 
     # Health, lifecycle and drain (docs/operations.md has the timings).

@@ -28,7 +28,7 @@ from enum import Enum
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Executable, delete, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db.engines import Database
@@ -79,31 +79,38 @@ class Holder(Enum):
 
 # pg_advisory_lock(int4, int4) namespace for key locks ("ik").
 _LOCK_NAMESPACE = 0x696B
+_LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
 
 
 @asynccontextmanager
-async def key_lock(db: Database, key: str) -> AsyncIterator[Holder]:
+async def key_lock(db: Database, key: str, *, wait_s: float = 1.0) -> AsyncIterator[Holder]:
     """Hold a PostgreSQL advisory lock on `key` while the request works on it.
 
     The lock lives on a connection of this node: if the node dies (kill -9,
     lost network), PostgreSQL drops the connection and the lock with it, so a
     retry on another node can take an orphaned key over at once instead of
-    answering 409 until the lease runs out.
+    answering 409 until the lease runs out. Waiting up to `wait_s` for the
+    lock covers both a holder about to finish (we then replay its response)
+    and the moment PostgreSQL takes to notice a dead node's connection.
     """
     if not db.is_postgres:
         yield Holder.UNKNOWN
         return
     args = {"ns": _LOCK_NAMESPACE, "key": key}
     async with db.writer.connect() as conn:
-        got = bool(
-            await conn.scalar(text("SELECT pg_try_advisory_lock(:ns, hashtext(:key))"), args)
-        )
-        await conn.commit()
         try:
-            yield Holder.NONE_ALIVE if got else Holder.ALIVE
+            async with conn.begin():
+                await conn.execute(text(f"SET LOCAL lock_timeout = {max(1, int(wait_s * 1000))}"))
+                await conn.execute(text("SELECT pg_advisory_lock(:ns, hashtext(:key))"), args)
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            yield Holder.ALIVE
+            return
+        try:
+            yield Holder.NONE_ALIVE
         finally:
-            if got:
-                await asyncio.shield(_unlock(conn, args))
+            await asyncio.shield(_unlock(conn, args))
 
 
 async def _unlock(conn: AsyncConnection, args: dict[str, Any]) -> None:

@@ -84,7 +84,9 @@ async def create_note(
             note = await service.create_note(session, **payload.model_dump())
         return _created(request, note, consistency_token(session))
 
-    async with idempotency.key_lock(db, idempotency_key) as holder:
+    async with idempotency.key_lock(
+        db, idempotency_key, wait_s=settings.idempotency_wait_s
+    ) as holder:
         claimed = await _claim(db, settings, idempotency_key, holder, request, payload)
         if isinstance(claimed, idempotency.StoredResponse):
             # The first response's write is committed: a token for "now" covers it.
