@@ -4,8 +4,10 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-# Debian packages the test suite starts for real.
-SYSTEM_PACKAGES := postgresql
+# Debian packages the test suite starts for real: PostgreSQL (primary and
+# streaming replicas), Patroni + etcd (HA mode), HAProxy (the lab's front),
+# wrk (benchmarks).
+SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk
 
 export UV_PYTHON_DOWNLOADS := never
 UV := $(shell command -v uv 2>/dev/null)
@@ -15,7 +17,7 @@ endif
 PY := .venv/bin/python
 VENV_STAMP := .venv/.synced
 
-.PHONY: help run test lint fmt sysdeps venv clean
+.PHONY: help run test lint fmt sysdeps venv clean lab lab-down bench-telemetry failover
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -59,6 +61,18 @@ fmt: $(VENV_STAMP) ## format and fix what ruff can
 
 test: sysdeps $(VENV_STAMP) lint ## everything: lint, unit, API, integration and cluster tests
 	$(PY) -m pytest
+
+lab: sysdeps $(VENV_STAMP) ## a local cluster: 3 nodes, PostgreSQL + 1 replica, HAProxy
+	$(PY) -m deploy.lab up --nodes 3 --backend postgres --replicas 1
+
+lab-down: $(VENV_STAMP) ## stop the local cluster
+	$(PY) -m deploy.lab down
+
+bench-telemetry: sysdeps $(VENV_STAMP) ## telemetry overhead benchmark -> docs/results/telemetry-overhead.*
+	$(PY) -m loadtests.bench_telemetry
+
+failover: sysdeps $(VENV_STAMP) ## Patroni failover under write load -> docs/results/failover.*
+	$(PY) -m loadtests.failover
 
 clean: ## remove the environment and local data
 	rm -rf .venv var run .pytest_cache .mypy_cache .ruff_cache
