@@ -31,6 +31,7 @@ from service.config import Settings
 from service.db.replicas import ReplicaSet
 from service.health.inflight import InFlight
 from service.health.lifecycle import Lifecycle, State
+from service.telemetry.exporting import ExportStatus
 
 log = logging.getLogger("service.health")
 
@@ -101,8 +102,11 @@ class HealthChecker:
         in_flight: InFlight,
         primary: AsyncEngine,
         replicas: ReplicaSet | None = None,
+        telemetry_status: Callable[[], ExportStatus] | None = None,
     ) -> None:
         self.lifecycle = lifecycle
+        # Read from memory: the exporter threads record their own outcomes.
+        self.telemetry_status = telemetry_status
         self.in_flight = in_flight
         self.primary = primary
         # Checked by the replica monitor (service/db/replicas.py); read here from memory.
@@ -324,10 +328,22 @@ class HealthChecker:
         uptime = self._result(
             "uptime", Status.ok, round(time.monotonic() - self.started_at, 3), "s"
         )
+        extra = {}
+        if self.telemetry_status is not None:
+            # A collector that is down is worth a warning, never a reason to stop serving.
+            export = self.telemetry_status()
+            extra["telemetry"] = self._result(
+                "telemetry",
+                Status.ok if export.ok else Status.warn,
+                export.status,
+                None,
+                output=export.last_error or "" if not export.ok else "",
+            )
         return {
             "lifecycle": lifecycle,
             **fresh,
             "in_flight": in_flight,
+            **extra,
             "uptime": uptime,
         }
 
@@ -354,6 +370,7 @@ _KINDS: dict[str, tuple[str, str, bool]] = {
     "replicas": ("replicas:lag", "datastore", False),
     "in_flight": ("http:inFlight", "system", False),
     "uptime": ("uptime", "system", False),
+    "telemetry": ("telemetry:export", "component", False),
 }
 
 

@@ -25,6 +25,7 @@ from service.health.checks import HealthChecker
 from service.health.drain import DrainController, DrainFileWatcher
 from service.health.inflight import InFlight, InFlightMiddleware
 from service.health.lifecycle import Lifecycle, State
+from service.telemetry.exporting import ExportStatus
 
 log = logging.getLogger("service.health")
 
@@ -66,6 +67,7 @@ async def running(app: FastAPI, database: Database) -> AsyncIterator[HealthCheck
         in_flight=app.state.in_flight,
         primary=engine,
         replicas=database.replicas,
+        telemetry_status=_telemetry_status(app),
     )
     watcher = DrainFileWatcher(settings.drain_file, drain) if settings.drain_file else None
     agent = AgentServer(lifecycle, checker) if settings.agent_port else None
@@ -103,3 +105,8 @@ async def close_within(closing: Awaitable[None], timeout_s: float, what: str) ->
         log.warning("closing %s took longer than %.1f s; moving on", what, timeout_s)
     except Exception:
         log.warning("closing %s failed", what, exc_info=True)
+
+
+def _telemetry_status(app: FastAPI) -> Callable[[], ExportStatus] | None:
+    telemetry = getattr(app.state, "telemetry", None)
+    return None if telemetry is None else telemetry.export_status

@@ -115,7 +115,13 @@ async def test_an_unresponsive_collector_costs_requests_nothing_and_is_reported(
         assert status.last_error is not None and black_hole in status.last_error
         failing = [s for s in status.signals if not s.ok]
         assert failing and all(s.consecutive_failures >= 1 for s in failing)
-        # Still serving, still answering /metrics.
+        # /healthz warns, readiness does not care: still serving, still answering /metrics.
+        health = (await node.http.get("/healthz")).json()
+        assert health["status"] == "warn"
+        export = health["checks"]["telemetry:export"][0]
+        assert export["status"] == "warn" and export["observedValue"] == "failing"
+        assert black_hole in export["output"]
+        assert (await node.http.get("/readyz")).status_code == 200
         assert (await node.http.get("/metrics")).status_code == 200
         stopping = time.monotonic()
     # Shutdown gives up on the black hole at its bound instead of the SDK's 30 s.

@@ -1,0 +1,189 @@
+"""Locust users for cattle: readers, writers and listers, mixable by weight.
+
+Usable as a plain locustfile (`locust -f loadtests/locustfile.py --host URL`)
+and as a library (loadtests/locust_run.py). Every request is attributed to
+the node that served it (X-Served-By) by the Recorder, which also keeps the
+id of every acknowledged create for the audit after a run.
+
+Clients here never retry: a failure is what a real client would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from locust import FastHttpUser, events, task
+from locust.env import Environment
+
+
+@dataclass
+class NotePool:
+    """Notes known to the load: (id, the consistency token of their last write)."""
+
+    notes: list[tuple[str, str | None]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cap: int = 5000
+
+    def add(self, note_id: str, token: str | None) -> None:
+        with self.lock:
+            if len(self.notes) >= self.cap:
+                self.notes[random.randrange(self.cap)] = (note_id, token)
+            else:
+                self.notes.append((note_id, token))
+
+    def pick(self) -> tuple[str, str | None] | None:
+        with self.lock:
+            return random.choice(self.notes) if self.notes else None
+
+
+POOL = NotePool()
+
+
+@dataclass
+class Recorder:
+    """One row per request: when, what, which node, outcome, latency, write id."""
+
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    prefix: str = field(default_factory=lambda: f"load-{uuid.uuid4().hex[:8]}-")
+
+    COLUMNS = ("t", "name", "status", "node", "latency_ms", "ok", "key", "note_id", "error")
+
+    def on_request(
+        self,
+        request_type: str,
+        name: str,
+        response_time: float,
+        response: Any,
+        exception: BaseException | None,
+        context: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        status = getattr(response, "status_code", None) or None
+        headers = getattr(response, "headers", None) or {}
+        context = context or {}
+        note_id = None
+        if name == "create" and status == 201:
+            note_id = context.get("note_id")
+        self.rows.append(
+            (
+                round(time.time() - response_time / 1000, 4),
+                name,
+                status,
+                headers.get("x-served-by"),
+                round(response_time, 2),
+                exception is None,
+                context.get("key"),
+                note_id,
+                None if exception is None else f"{type(exception).__name__}: {exception}"[:200],
+            )
+        )
+
+
+RECORDER = Recorder()
+
+
+@events.init.add_listener
+def _attach_recorder(environment: Environment, **_: Any) -> None:
+    environment.events.request.add_listener(RECORDER.on_request)
+
+
+class CattleUser(FastHttpUser):
+    abstract = True
+    # Closed loop, no think time: the experiments size load by user count.
+    connection_timeout = 5.0
+    network_timeout = 10.0
+
+
+class ReaderUser(CattleUser):
+    """Reads notes others wrote, sending back their consistency tokens."""
+
+    weight = 90
+
+    @task
+    def read(self) -> None:
+        picked = POOL.pick()
+        if picked is None:
+            return
+        note_id, token = picked
+        headers = {"Consistency-Token": token} if token else {}
+        self.client.get(f"/v1/notes/{note_id}", headers=headers, name="read")
+
+
+class WriterUser(CattleUser):
+    """Creates notes with an Idempotency-Key, then edits them with If-Match."""
+
+    weight = 5
+
+    def on_start(self) -> None:
+        self.mine: list[tuple[str, str]] = []  # (id, etag) of notes this user owns
+
+    @task(3)
+    def create(self) -> None:
+        key = f"{RECORDER.prefix}{uuid.uuid4().hex}"
+        context: dict[str, Any] = {"key": key}
+        with self.client.post(
+            "/v1/notes",
+            json={"title": key, "body": "written under load"},
+            headers={"Idempotency-Key": key},
+            name="create",
+            context=context,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 201:
+                response.failure(f"create answered {response.status_code}")
+                return
+            note_id = response.json()["id"]
+            context["note_id"] = note_id
+            POOL.add(note_id, response.headers.get("consistency-token"))
+            self.mine.append((note_id, response.headers.get("etag", '"1"')))
+            del self.mine[:-50]
+
+    @task(1)
+    def update(self) -> None:
+        if not self.mine:
+            return
+        index = random.randrange(len(self.mine))
+        note_id, etag = self.mine[index]
+        with self.client.patch(
+            f"/v1/notes/{note_id}",
+            json={"body": f"edited at {time.time():.3f}"},
+            headers={"If-Match": etag},
+            name="update",
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"update answered {response.status_code}")
+                return
+            self.mine[index] = (note_id, response.headers.get("etag", etag))
+            POOL.add(note_id, response.headers.get("consistency-token"))
+
+
+class ListerUser(CattleUser):
+    """Pages through the notes, following the cursor a few pages deep."""
+
+    weight = 5
+
+    @task
+    def list_pages(self) -> None:
+        cursor = None
+        for _ in range(random.randint(1, 3)):
+            path = "/v1/notes?limit=20" + (f"&cursor={cursor}" if cursor else "")
+            with self.client.get(path, name="list", catch_response=True) as response:
+                if response.status_code != 200:
+                    response.failure(f"list answered {response.status_code}")
+                    return
+                cursor = response.json().get("next_cursor")
+            if not cursor:
+                return
+
+
+MIXES: dict[str, dict[type[CattleUser], int]] = {
+    "read-mostly": {ReaderUser: 90, WriterUser: 5, ListerUser: 5},
+    "read-only": {ReaderUser: 1},
+    "write-heavy": {ReaderUser: 50, WriterUser: 40, ListerUser: 10},
+}
