@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 import service
 from service.config import Settings
+from service.db.errors import is_unavailable
 from service.health import runtime as health
 from service.lifespan import lifespan
 from service.middleware import EdgeMiddleware
@@ -51,15 +52,14 @@ def _install_database_errors(app: FastAPI) -> None:
     """
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, DBAPIError) and not (
-            exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
-        ):
+        if not is_unavailable(exc):
             raise exc
         return problem_response(
             Problem(
                 503,
-                "the database is unavailable right now; the request was not carried out, "
-                "retry shortly",
+                "the database is unavailable right now; the request was not completed "
+                "(a write may or may not have been applied: retry with the same "
+                "Idempotency-Key to be safe)",
                 slug="database-unavailable",
                 headers={"Retry-After": "1"},
             ),

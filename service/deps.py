@@ -13,17 +13,17 @@ from service.pagination import CursorCodec
 from service.problems import Problem
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.state.settings
     return settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     database: Database = request.state.database
     return database
 
 
-def get_cursors(request: Request) -> CursorCodec:
+async def get_cursors(request: Request) -> CursorCodec:
     cursors: CursorCodec = request.state.cursors
     return cursors
 
@@ -35,7 +35,7 @@ CursorsDep = Annotated[CursorCodec, Depends(get_cursors)]
 JSON_TYPES = ("application/json", "application/merge-patch+json")
 
 
-def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
+async def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
     """415 unless the body is declared JSON: never guess at a body's format."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     if media_type not in JSON_TYPES:
@@ -59,7 +59,7 @@ IdempotencyKey = Annotated[
 ]
 
 
-def min_lsn(
+async def min_lsn(
     token: Annotated[
         str | None,
         Header(

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -20,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
 
 from service.config import Settings
 from service.db import consistency
+from service.db.errors import is_unavailable
 from service.db.replicas import Replica, ReplicaSet, replica_name
 
 log = logging.getLogger("service.db")
@@ -51,6 +51,8 @@ def create_engine(url: str, settings: Settings, *, role: str) -> AsyncEngine:
             "options": f"-c statement_timeout={int(settings.db_statement_timeout_s * 1000)}",
             "connect_timeout": max(1, int(settings.db_pool_timeout_s)),
         }
+    if role == "reader":
+        kwargs["isolation_level"] = "AUTOCOMMIT"  # single-statement reads need no BEGIN
     return create_async_engine(
         url,
         pool_size=settings.db_pool_size,
@@ -110,7 +112,11 @@ class Database:
         # SQLite needs a second engine whose BEGIN takes no write lock; on a
         # server database, primary reads share the writer's pool.
         self.reader = (
-            self.writer if self.is_postgres else create_engine(self.url, settings, role="reader")
+            # Reads are single statements: autocommit spares each one a
+            # BEGIN and a ROLLBACK round trip (the same pool, no new connections).
+            self.writer.execution_options(isolation_level="AUTOCOMMIT")
+            if self.is_postgres
+            else create_engine(self.url, settings, role="reader")
         )
         self._writer_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         self._reader_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
@@ -168,8 +174,8 @@ class Database:
         try:
             async with self.read(min_lsn=min_lsn) as session:
                 return await read(session), read_source(session)
-        except _UNREACHABLE:
-            if not self.replicas.replicas:
+        except Exception as exc:
+            if not self.replicas.replicas or not is_unavailable(exc):
                 raise
             log.info("read failed on a replica; running it on the primary", exc_info=True)
         async with self.read(primary=True) as session:
@@ -192,7 +198,9 @@ class Database:
             session = replica.sessions()
             try:
                 await session.connection()
-            except _UNREACHABLE as exc:
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
                 replica.mark_unreachable(exc)
                 await session.close()
             else:
@@ -200,8 +208,9 @@ class Database:
                 async with session:
                     try:
                         yield session
-                    except _UNREACHABLE as exc:
-                        replica.mark_unreachable(exc)
+                    except Exception as exc:
+                        if is_unavailable(exc):
+                            replica.mark_unreachable(exc)
                         raise
                 return
         async with self._reader_sessions() as session:
@@ -217,7 +226,9 @@ class Database:
         try:
             async with replica.engine.connect() as conn:
                 position = await conn.scalar(text("SELECT pg_last_wal_replay_lsn()::text"))
-        except _UNREACHABLE as exc:
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
             replica.mark_unreachable(exc)
             return None
         if position is None:
@@ -228,13 +239,12 @@ class Database:
     async def dispose(self) -> None:
         await self.replicas.dispose()
         await self.writer.dispose()
-        if self.reader is not self.writer:
+        if not self.is_postgres:
             await self.reader.dispose()
 
 
 _TOKEN_KEY = "consistency_token"  # noqa: S105 (a dict key, not a secret)
 _SOURCE_KEY = "read_source"
-_UNREACHABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
 def consistency_token(session: AsyncSession) -> str | None:

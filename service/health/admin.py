@@ -19,7 +19,7 @@ from service.problems import Problem
 _bearer = HTTPBearer(auto_error=False, description="CATTLE_ADMIN_TOKEN")
 
 
-def require_admin(
+async def require_admin(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -39,7 +39,7 @@ def require_admin(
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
-def get_drain(request: Request) -> DrainController:
+async def get_drain(request: Request) -> DrainController:
     drain: DrainController = request.app.state.drain
     return drain
 

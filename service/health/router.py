@@ -24,12 +24,12 @@ NO_STORE = {"Cache-Control": "no-store"}
 PROBE_METHODS = ["GET", "HEAD"]  # HAProxy and curl -I probe with HEAD
 
 
-def get_checker(request: Request) -> HealthChecker:
+async def get_checker(request: Request) -> HealthChecker:
     checker: HealthChecker = request.state.health
     return checker
 
 
-def get_lifecycle(request: Request) -> Lifecycle:
+async def get_lifecycle(request: Request) -> Lifecycle:
     lifecycle: Lifecycle = request.app.state.lifecycle
     return lifecycle
 

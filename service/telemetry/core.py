@@ -204,8 +204,10 @@ class Telemetry:
     def instrument_database(self, database: Database) -> None:
         """SQL spans for the node's engines; pool use and replica lag in the metrics."""
         engines = {"writer": database.writer, "reader": database.reader}
-        if database.reader is database.writer:
-            del engines["reader"]  # one pool, reported once
+        if database.reader.pool is database.writer.pool:
+            # A view of the writer (autocommit reads): its events and pool are
+            # the writer's, so traced and reported once.
+            del engines["reader"]
         replicas = database.replicas.replicas
         engines.update((replica.name, replica.engine) for replica in replicas)
         if self.tracer_provider is not None:

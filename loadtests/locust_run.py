@@ -1,0 +1,112 @@
+"""Run the locust users as a library, in this process, and write every request.
+
+Experiments start this as a child process (`python -m loadtests.locust_run`),
+so gevent's monkey-patching stays out of theirs and its CPU use can be
+measured on its own: a load generator that ran out of CPU makes a run invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def _seed(host: str, count: int) -> list[tuple[str, str | None]]:
+    seeded = []
+    for i in range(count):
+        request = urllib.request.Request(  # noqa: S310 (the lab's loopback front)
+            f"{host}/v1/notes",
+            data=json.dumps({"title": f"seed-{i}", "body": "seed"}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            seeded.append((json.load(response)["id"], response.headers.get("consistency-token")))
+    return seeded
+
+
+def run(
+    host: str,
+    *,
+    users: int,
+    duration_s: float,
+    mix: str = "read-mostly",
+    spawn_rate: float = 1000,
+    seed_notes: int = 200,
+    rate_per_user: float | None = None,
+) -> dict[str, Any]:
+    import gevent
+    from locust import constant_throughput, events
+    from locust.env import Environment
+
+    from loadtests import locustfile
+
+    weights = locustfile.MIXES[mix]
+    classes = []
+    for user_class, weight in weights.items():
+        user_class.weight = weight
+        if rate_per_user is not None:
+            # Open-ish loop: each user aims at a fixed rate, so the offered load
+            # is users x rate whatever the latency (for runs below saturation).
+            user_class.wait_time = constant_throughput(rate_per_user)
+        classes.append(user_class)
+    for note_id, token in _seed(host, seed_notes):
+        locustfile.POOL.add(note_id, token)
+
+    env = Environment(user_classes=classes, events=events, host=host)
+    runner = env.create_local_runner()
+    events.init.fire(environment=env, runner=runner, web_ui=None)
+    started = time.time()
+    runner.start(users, spawn_rate=spawn_rate)
+    gevent.sleep(duration_s)
+    runner.quit()
+    ended = time.time()
+    recorder = locustfile.RECORDER
+    return {
+        "host": host,
+        "users": users,
+        "mix": mix,
+        "rate_per_user": rate_per_user,
+        "started": started,
+        "ended": ended,
+        "prefix": recorder.prefix,
+        "columns": list(recorder.COLUMNS),
+        "rows": recorder.rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.locust_run", description=__doc__)
+    parser.add_argument("--host", required=True, help="e.g. the lab's front URL")
+    parser.add_argument("--users", type=int, required=True)
+    parser.add_argument("--duration-s", type=float, required=True)
+    parser.add_argument(
+        "--mix", default="read-mostly", choices=["read-mostly", "read-only", "write-heavy"]
+    )
+    parser.add_argument("--seed-notes", type=int, default=200)
+    parser.add_argument(
+        "--rate-per-user", type=float, help="requests/s per user (default: closed loop)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for every request")
+    args = parser.parse_args(argv)
+    if not 0 < args.duration_s <= 3600:
+        parser.error("--duration-s must be between 0 and 3600")
+    result = run(
+        args.host,
+        users=args.users,
+        duration_s=args.duration_s,
+        mix=args.mix,
+        seed_notes=args.seed_notes,
+        rate_per_user=args.rate_per_user,
+    )
+    args.out.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

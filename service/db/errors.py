@@ -1,0 +1,42 @@
+"""Telling "the database is unreachable" apart from "this query is wrong".
+
+The first is the node's problem and retryable: reads move to another source,
+requests are answered 503 (not done, retry elsewhere). The second is a bug:
+a 500 at the edge, logged.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+# Driver errors that mean "no usable server right now", whatever SQLAlchemy
+# class wraps them: a dropped connection, a server shutting down or starting,
+# no read-write host yet during a failover, a demoted primary refusing writes.
+_ASYNCPG_UNAVAILABLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TargetServerAttributeNotMatched,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InterfaceError,
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | TimeoutError | PoolTimeout):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+        return True
+    cause: BaseException | None = exc.orig
+    for _ in range(3):  # SQLAlchemy's adapter wraps the driver's exception
+        if cause is None:
+            break
+        if isinstance(cause, _ASYNCPG_UNAVAILABLE):
+            return True
+        cause = cause.__cause__
+    return False
