@@ -17,7 +17,7 @@ endif
 PY := .venv/bin/python
 VENV_STAMP := .venv/.synced
 
-.PHONY: help run test lint fmt sysdeps venv clean lab lab-down bench-telemetry failover
+.PHONY: help run test lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -71,8 +71,17 @@ lab-down: $(VENV_STAMP) ## stop the local cluster
 bench-telemetry: sysdeps $(VENV_STAMP) ## telemetry overhead benchmark -> docs/results/telemetry-overhead.*
 	$(PY) -m loadtests.bench_telemetry
 
+bench-efficiency: sysdeps $(VENV_STAMP) ## req/s per core: cattle vs bare FastAPI, Starlette, raw ASGI -> docs/results/efficiency.*
+	$(PY) -m loadtests.bench_efficiency
+
 failover: sysdeps $(VENV_STAMP) ## Patroni failover under write load -> docs/results/failover.*
 	$(PY) -m loadtests.failover
+
+scaleout: sysdeps $(VENV_STAMP) ## throughput vs nodes (1, 2, 4, 8), USL fit -> docs/results/scaleout.*
+	$(PY) -m loadtests.scaleout
+
+nodeloss: sysdeps $(VENV_STAMP) ## drain / kill -9 / restart under load, audit -> docs/results/nodeloss.*
+	$(PY) -m loadtests.nodeloss
 
 clean: ## remove the environment and local data
 	rm -rf .venv var run .pytest_cache .mypy_cache .ruff_cache

@@ -30,6 +30,17 @@ def _seed(host: str, count: int) -> list[tuple[str, str | None]]:
     return seeded
 
 
+def user_counts(weights: dict[Any, int], users: int) -> dict[Any, int]:
+    """Split `users` by weight, every class with a weight getting at least one."""
+    if users < len(weights):
+        raise ValueError(f"{users} users cannot cover the {len(weights)} kinds of user in the mix")
+    total = sum(weights.values())
+    counts = {cls: max(1, round(users * weight / total)) for cls, weight in weights.items()}
+    largest = max(weights, key=lambda cls: weights[cls])
+    counts[largest] += users - sum(counts.values())  # the rounding lands on the biggest class
+    return counts
+
+
 def run(
     host: str,
     *,
@@ -39,6 +50,7 @@ def run(
     spawn_rate: float = 1000,
     seed_notes: int = 200,
     rate_per_user: float | None = None,
+    started_file: Path | None = None,
 ) -> dict[str, Any]:
     import gevent
     from locust import constant_throughput, events
@@ -47,9 +59,12 @@ def run(
     from loadtests import locustfile
 
     weights = locustfile.MIXES[mix]
+    counts = user_counts(weights, users)
     classes = []
     for user_class, weight in weights.items():
         user_class.weight = weight
+        # Fixed counts: locust's weighted rounding gives a small run no writer at all.
+        user_class.fixed_count = counts[user_class]
         if rate_per_user is not None:
             # Open-ish loop: each user aims at a fixed rate, so the offered load
             # is users x rate whatever the latency (for runs below saturation).
@@ -62,6 +77,8 @@ def run(
     runner = env.create_local_runner()
     events.init.fire(environment=env, runner=runner, web_ui=None)
     started = time.time()
+    if started_file is not None:
+        started_file.write_text(str(started))  # the caller's clock for its event schedule
     runner.start(users, spawn_rate=spawn_rate)
     gevent.sleep(duration_s)
     runner.quit()
@@ -93,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rate-per-user", type=float, help="requests/s per user (default: closed loop)"
     )
     parser.add_argument("--out", type=Path, required=True, help="JSON file for every request")
+    parser.add_argument("--started-file", type=Path, help="written when the load starts")
     args = parser.parse_args(argv)
     if not 0 < args.duration_s <= 3600:
         parser.error("--duration-s must be between 0 and 3600")
@@ -103,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         mix=args.mix,
         seed_notes=args.seed_notes,
         rate_per_user=args.rate_per_user,
+        started_file=args.started_file,
     )
     args.out.write_text(json.dumps(result))
     return 0

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CPU_ROOT = Path("/sys/fs/cgroup/cpu")
+# The kernel's default period. Shorter periods would shorten throttling
+# pauses, but quota is handed out in 5 ms slices (sched_cfs_bandwidth_slice_us),
+# so small quotas in short periods are enforced imprecisely.
 PERIOD_US = 100_000
 
 
@@ -35,15 +38,23 @@ class CpuGroup:
     path: Path
 
     @classmethod
-    def create(cls, name: str, cpu_fraction: float) -> CpuGroup:
-        if not 0.01 <= cpu_fraction <= os.cpu_count():  # type: ignore[operator]
-            raise ValueError(f"--cpu {cpu_fraction}: give a fraction of a core, e.g. 0.5")
+    def create(cls, name: str, cpu_fraction: float | None = None) -> CpuGroup:
+        """Make the group, capped at `cpu_fraction` of a core (None: uncapped for now)."""
         check_available()
         group = cls(CPU_ROOT / name)
         group.path.mkdir(exist_ok=True)
         (group.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (group.path / "cpu.cfs_quota_us").write_text(str(int(cpu_fraction * PERIOD_US)))
+        group.cap(cpu_fraction)
         return group
+
+    def cap(self, cpu_fraction: float | None) -> None:
+        """Limit the group to `cpu_fraction` of a core; None lifts the limit."""
+        if cpu_fraction is None:
+            (self.path / "cpu.cfs_quota_us").write_text("-1")
+            return
+        if not 0.01 <= cpu_fraction <= (os.cpu_count() or 1):
+            raise ValueError(f"--cpu {cpu_fraction}: give a fraction of a core, e.g. 0.5")
+        (self.path / "cpu.cfs_quota_us").write_text(str(int(cpu_fraction * PERIOD_US)))
 
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))

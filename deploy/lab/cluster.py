@@ -162,6 +162,9 @@ class Lab:
                 state["nodes"].append(self._new_node(state, f"n{index}", options))
                 self._save(state)
             self._wait_nodes(state)
+            for node in state["nodes"]:
+                if node["cgroup"]:
+                    cgroups.CpuGroup(Path(node["cgroup"])).cap(options.cpu)
             if options.front == "haproxy":
                 state["haproxy"] = self._start_haproxy(state, options)
                 state["front"] = state["haproxy"]["front_url"]
@@ -287,7 +290,9 @@ class Lab:
             },
         }
         if options.cpu is not None:
-            group = cgroups.CpuGroup.create(f"cattle-{state['lab_id']}-{node_id}", options.cpu)
+            # Uncapped while it starts (imports are heavy on a 0.1-core node);
+            # `up` caps every node once all are ready.
+            group = cgroups.CpuGroup.create(f"cattle-{state['lab_id']}-{node_id}")
             node["cgroup"] = str(group.path)
         self._spawn_node(state, node)
         return node
@@ -389,12 +394,19 @@ class Lab:
         node = self.node(state, node_id)
         marker = self._marker(state, node_id)
         procs.stop(node["pid"], marker, timeout_s=timeout_s)
+        group = cgroups.CpuGroup(Path(node["cgroup"])) if node.get("cgroup") else None
+        if group is not None:
+            group.cap(None)  # start at full speed, as `up` does; capped once ready
         self._spawn_node(state, node)
         for i, existing in enumerate(state["nodes"]):
             if existing["id"] == node_id:
                 state["nodes"][i] = node
         self._save(state)
-        self._wait_node(state, node, time.monotonic() + timeout_s)
+        try:
+            self._wait_node(state, node, time.monotonic() + timeout_s)
+        finally:
+            if group is not None:
+                group.cap(state["options"]["cpu"])
         return node
 
     # -- down ----------------------------------------------------------------

@@ -1,0 +1,398 @@
+"""Node-loss experiment: steady load on N nodes while nodes leave and come back.
+
+Two runs on a lab of N=4 CPU-capped nodes behind HAProxy: one at about 70%
+of capacity, one at saturation. During each, on a schedule: drain a node
+(SIGTERM: its drain sequence), restart it, kill -9 another, restart it, and
+(with --backend patroni) kill the database primary. Afterwards every
+acknowledged create is audited against what the service stores.
+
+Writes docs/results/nodeloss.{md,json,png}: a timeline of requests/s stacked
+by node, failures/s and p50/p99 with the events marked; failed requests per
+event; capacity after a loss against (N-1)/N; time to recover; the audit.
+
+    python -m loadtests.nodeloss            # the full run (about 4 minutes)
+    python -m loadtests.nodeloss --smoke    # seconds: checks the code, not the machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from deploy.lab.cluster import Lab, LabOptions
+from loadtests import analysis, machine
+from loadtests.driver import audit
+from loadtests.loadrun import LoadResult, run_load
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "docs" / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    nodes: int = 4
+    cpu: float = 0.15
+    backend: str = "postgres"
+    users: int = 24
+    duration_s: float = 62.0
+    steady_fraction: float = 0.7
+    # (seconds into the load, event, node): the node-loss drill.
+    schedule: tuple[tuple[float, str, str], ...] = (
+        (12.0, "drain", "n1"),
+        (20.0, "restart", "n1"),
+        (30.0, "kill", "n2"),
+        (42.0, "restart", "n2"),
+        (52.0, "kill-primary", "db"),
+    )
+    baseline_s: tuple[float, float] = (4.0, 11.0)
+    drain_delay_s: float = 2.0
+
+
+SMOKE = Plan(
+    nodes=2,
+    cpu=0.3,
+    backend="sqlite",
+    users=6,
+    duration_s=17.0,
+    # With two nodes, the second may only go once the first is back in rotation.
+    schedule=(
+        (3.0, "drain", "n1"),
+        (4.0, "restart", "n1"),
+        (11.0, "kill", "n2"),
+        (13.0, "restart", "n2"),
+    ),
+    baseline_s=(1.0, 3.0),
+    drain_delay_s=0.5,
+)
+
+
+def _action(lab: Lab, nodes: list[dict[str, Any]], event: str, target: str) -> Callable[[], Any]:
+    def refresh() -> None:
+        # The sampler reads these dicts: point them at the restarted process.
+        fresh = {n["id"]: n for n in lab.load()["nodes"]}
+        for node in nodes:
+            node.update(fresh[node["id"]])
+
+    def act() -> None:
+        if event == "drain":
+            lab.drain(target)
+        elif event == "kill":
+            lab.kill(target)
+        elif event == "restart":
+            lab.restart(target)
+            refresh()
+        elif event == "kill-primary":
+            from deploy.lab.patroni import PatroniCluster
+
+            cluster = PatroniCluster.from_json(lab.load()["database"])
+            cluster.kill_postgres(cluster.leader())
+        else:
+            raise ValueError(f"unknown event {event!r}")
+
+    return act
+
+
+def drill(lab: Lab, plan: Plan, *, rate_per_user: float | None) -> LoadResult:
+    state = lab.load()
+    nodes = [dict(n) for n in state["nodes"]]
+    schedule = [
+        (at, f"{event} {target}", _action(lab, nodes, event, target))
+        for at, event, target in plan.schedule
+        if event != "kill-primary" or plan.backend == "patroni"
+    ]
+    return run_load(
+        state["front"],
+        nodes,
+        users=plan.users,
+        duration_s=plan.duration_s,
+        rate_per_user=rate_per_user,
+        schedule=schedule,
+    )
+
+
+def analyse(result: LoadResult, plan: Plan, audit_result: dict[str, int]) -> dict[str, Any]:
+    timeline = analysis.per_second(result)
+    b0, b1 = plan.baseline_s
+    baseline = statistics.fmean(s["ok"] for s in timeline[int(b0) : int(b1)]) if timeline else 0.0
+    events = []
+    marks = [e["t"] - result.started for e in result.events] + [result.ended - result.started]
+    for i, event in enumerate(result.events):
+        start, end = event["t"] - result.started, marks[i + 1]
+        rows = analysis.window(result, start, end)
+        figures = analysis.summarize(result, rows, max(end - start, 1e-9))
+        entry: dict[str, Any] = {
+            "event": event["label"],
+            "at_s": round(start, 2),
+            "took_s": round(event["done_t"] - event["t"], 2),
+            "error": event["error"],
+            "requests": figures["requests"],
+            "failed": figures["failed"],
+            "failed_by_kind": _failed_by_kind(result, rows),
+        }
+        if event["label"].startswith(("kill n", "drain")):
+            # Capacity with a node gone: after detection, until the restart.
+            settled = [s["ok"] for s in timeline[int(start) + 3 : int(end)]]
+            if settled and baseline:
+                entry["capacity_after_loss"] = statistics.fmean(settled) / baseline
+        if event["label"].startswith("restart"):
+            # Back when the restarted node carries its share of the load again.
+            node = event["label"].split()[-1]
+            share = baseline / plan.nodes
+
+            def serving(second: dict[str, Any], node: str = node, share: float = share) -> bool:
+                return bool(second["ok_by_node"].get(node, 0) >= 0.8 * share)
+
+            entry["recovery_s"] = _recovery(timeline, start, serving)
+        elif event["label"] == "kill-primary db":
+
+            def flowing(second: dict[str, Any]) -> bool:
+                return bool(second["ok"] >= 0.9 * baseline)
+
+            entry["recovery_s"] = _recovery(timeline, start, flowing)
+        events.append(entry)
+    ok = result.column("ok")
+    failed = [r for r in result.rows if not r[ok]]
+    fields = ("t", "name", "status", "node", "error")
+    return {
+        "baseline_rps": baseline,
+        "requests": len(result.rows),
+        "failed": len(failed),
+        "failure_samples": [
+            {
+                f: (
+                    round(r[result.column(f)] - result.started, 2)
+                    if f == "t"
+                    else r[result.column(f)]
+                )
+                for f in fields
+            }
+            for r in failed[:10]
+        ],
+        "events": events,
+        "timeline": timeline,
+        "event_marks": [
+            {"t": round(e["t"] - result.started, 2), "label": e["label"]} for e in result.events
+        ],
+        "audit": audit_result,
+    }
+
+
+def _failed_by_kind(result: LoadResult, rows: list[list[Any]]) -> dict[str, int]:
+    ok, name = result.column("ok"), result.column("name")
+    counts: dict[str, int] = {}
+    for row in rows:
+        if not row[ok]:
+            counts[row[name]] = counts.get(row[name], 0) + 1
+    return counts
+
+
+def _recovery(
+    timeline: list[dict[str, Any]], start: float, recovered: Callable[[dict[str, Any]], bool]
+) -> float | None:
+    """Seconds from `start` until `recovered` holds for two whole seconds running."""
+    for second in range(int(start) + 1, len(timeline) - 1):
+        if recovered(timeline[second]) and recovered(timeline[second + 1]):
+            return round(second - start, 1)
+    return None
+
+
+def acknowledged(result: LoadResult) -> dict[str, str]:
+    name, status = result.column("name"), result.column("status")
+    key, note = result.column("key"), result.column("note_id")
+    return {
+        r[key]: r[note] for r in result.rows if r[name] == "create" and r[status] == 201 and r[note]
+    }
+
+
+def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="cattle-nodeloss-", dir="/tmp"))
+    base.chmod(0o755)
+    runs: dict[str, Any] = {}
+    try:
+        lab = Lab(base / "run")
+        lab.up(
+            LabOptions(
+                nodes=plan.nodes,
+                backend=plan.backend,
+                cpu=plan.cpu,
+                drain_delay_s=plan.drain_delay_s,
+            )
+        )
+        try:
+            front = lab.load()["front"]
+            saturated = drill(lab, plan, rate_per_user=None)
+            runs["saturation"] = analyse(
+                saturated,
+                plan,
+                asyncio.run(audit(front, acknowledged(saturated), prefix=saturated.prefix)),
+            )
+            print(
+                f"saturation: baseline {runs['saturation']['baseline_rps']:.0f} req/s", flush=True
+            )
+            _restore(lab, plan)
+            rate = plan.steady_fraction * runs["saturation"]["baseline_rps"] / plan.users
+            steady = drill(lab, plan, rate_per_user=rate)
+            runs["steady"] = analyse(
+                steady, plan, asyncio.run(audit(front, acknowledged(steady), prefix=steady.prefix))
+            )
+            runs["steady"]["offered_rps"] = rate * plan.users
+        finally:
+            lab.down()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    report = {
+        "plan": asdict(plan),
+        "machine": machine.describe(),
+        "expected_capacity_after_loss": (plan.nodes - 1) / plan.nodes,
+        "runs": runs,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "nodeloss.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "nodeloss.md").write_text(markdown(report, command))
+    plot(report, out_dir / "nodeloss.png")
+    return report
+
+
+def _restore(lab: Lab, plan: Plan) -> None:
+    """Every node running again between the two runs (the drill left them up, but be sure)."""
+    for node in lab.status()["nodes"]:
+        if not node["running"]:
+            lab.restart(node["id"])
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name in ("steady", "saturation") if name in report["runs"]]
+    fig, axes = plt.subplots(len(names), 1, figsize=(13, 4.2 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        data = report["runs"][name]
+        timeline = data["timeline"]
+        ts = [s["t"] for s in timeline]
+        nodes = sorted({n for s in timeline for n in s["ok_by_node"]})
+        stacks = [[s["ok_by_node"].get(n, 0) for s in timeline] for n in nodes]
+        ax.stackplot(ts, stacks, labels=nodes, alpha=0.8, step="post")
+        ax.bar(
+            ts,
+            [s["failed"] for s in timeline],
+            color="red",
+            width=0.9,
+            label="failed/s",
+            align="edge",
+        )
+        ax.set(xlabel="seconds", ylabel="requests/s")
+        latency = ax.twinx()
+        latency.plot(ts, [s["p50_ms"] for s in timeline], color="black", linewidth=1, label="p50")
+        latency.plot(ts, [s["p99_ms"] for s in timeline], color="black", linestyle=":", label="p99")
+        latency.set_ylabel("latency ms")
+        for mark in data["event_marks"]:
+            ax.axvline(mark["t"], color="gray", linestyle="--")
+            ax.text(
+                mark["t"],
+                ax.get_ylim()[1] * 0.97,
+                " " + mark["label"],
+                rotation=90,
+                va="top",
+                fontsize=8,
+            )
+        failed = data["failed"]
+        ax.set_title(f"{name}: {data['requests']} requests, {failed} failed; audit {data['audit']}")
+        handles, labels = ax.get_legend_handles_labels()
+        handles2, labels2 = latency.get_legend_handles_labels()
+        ax.legend(handles + handles2, labels + labels2, loc="lower left", fontsize=8, ncol=4)
+    fig.suptitle(
+        f"cattle node loss, {report['plan']['nodes']} nodes x {report['plan']['cpu']} core — "
+        f"{report['machine']['date']}, {report['machine']['cores']} cores"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    plan = report["plan"]
+    lines = [
+        "# Node loss: drain, kill -9 and restart under load",
+        "",
+        f"Measured {report['machine']['date']} on {report['machine']['cores']} cores "
+        f"({report['machine']['cpu']}). Reproduce with `{command}`.",
+        "",
+        f"{plan['nodes']} nodes, each capped at {plan['cpu']} core, behind HAProxy (retries on), "
+        f"{plan['backend']} backend, {plan['users']} locust users on the read-mostly mix "
+        "(readers with consistency tokens, writers with Idempotency-Keys and If-Match, listers). "
+        "Clients never retry: every failure counted here reached a client.",
+        "",
+    ]
+    expected = report["expected_capacity_after_loss"]
+    for name in ("saturation", "steady"):
+        data = report["runs"].get(name)
+        if not data:
+            continue
+        offered = f", offered {data['offered_rps']:.0f} req/s" if "offered_rps" in data else ""
+        lines += [
+            f"## {name} (baseline {data['baseline_rps']:.0f} req/s{offered})",
+            "",
+            f"{data['requests']} requests, **{data['failed']} failed**. Audit of every "
+            f"acknowledged create: {data['audit']}.",
+            "",
+            "| event | at s | took s | requests until next event | failed (by kind) "
+            "| capacity after loss | recovery s |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for e in data["events"]:
+            capacity = e.get("capacity_after_loss")
+            cap = f"{capacity:.2f} (expected {expected:.2f})" if capacity is not None else ""
+            recovery = e.get("recovery_s")
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(e["failed_by_kind"].items()))
+            lines.append(
+                f"| {e['event']} | {e['at_s']:.1f} | {e['took_s']:.1f} | {e['requests']} | "
+                f"{e['failed']}{f' ({kinds})' if kinds else ''} | {cap} | "
+                f"{'' if recovery is None else recovery} |"
+            )
+        lines.append("")
+    lines += ["![node loss timeline](nodeloss.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.nodeloss",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run of the code path")
+    parser.add_argument("--backend", choices=("postgres", "patroni"), help="database mode")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    plan = SMOKE if args.smoke else Plan()
+    if args.backend:
+        plan = Plan(**{**asdict(plan), "backend": args.backend})
+    command = "python -m loadtests.nodeloss" + (" --smoke" if args.smoke else "")
+    if args.backend:
+        command += f" --backend {args.backend}"
+    if args.smoke:
+        report = run(plan, args.out, command)
+    else:
+        with machine.exclusive("nodeloss"):
+            report = run(plan, args.out, command)
+    for name, data in report["runs"].items():
+        print(
+            f"{name}: {data['requests']} requests, {data['failed']} failed, audit {data['audit']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
