@@ -14,9 +14,11 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from deploy.lab.postgres import PostgresCluster, PostgresNotInstalled, find_bindir
 from service.app import create_app
@@ -43,23 +45,36 @@ def scratch_dir(prefix: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresCluster]:
-    """One real PostgreSQL server for the session, with a migrated template database."""
+@contextlib.contextmanager
+def postgres_cluster(prefix: str, *, replicas: int = 0) -> Iterator[PostgresCluster]:
+    """A real PostgreSQL primary (and streaming replicas) in a scratch dir, removed after."""
     try:
         find_bindir()
     except PostgresNotInstalled as exc:
         require(False, str(exc))
-    base = scratch_dir("cattle-pg-")
-    cluster = PostgresCluster(base)
+    base = scratch_dir(prefix)
+    cluster = PostgresCluster(base, replicas=replicas)
     try:
         cluster.start()
-        cluster.create_database(TEMPLATE_DB)
-        asyncio.run(migrate.migrate(_asyncpg(cluster.primary_dsn(TEMPLATE_DB))))
         yield cluster
     finally:
         cluster.remove()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def migrated_template(cluster: PostgresCluster, name: str) -> str:
+    """Create database `name` and bring it to head with the project's migrations."""
+    cluster.create_database(name)
+    asyncio.run(migrate.migrate(_asyncpg(cluster.primary_dsn(name))))
+    return name
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One real PostgreSQL server for the session, with a migrated template database."""
+    with postgres_cluster("cattle-pg-") as cluster:
+        migrated_template(cluster, TEMPLATE_DB)
+        yield cluster
 
 
 def _asyncpg(dsn: str) -> str:
@@ -103,9 +118,8 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def asgi_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client speaking ASGI to a node whose lifespan has run."""
-    app = create_app(settings)
+async def serve_asgi(app: FastAPI) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, Any]]]:
+    """Run `app`'s lifespan and give an httpx client speaking ASGI to it, and the state."""
     async with app.router.lifespan_context(app) as state:
         # What uvicorn does per request: hand each one a copy of the lifespan state.
         async def with_state(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -115,7 +129,14 @@ async def asgi_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
         transport = httpx.ASGITransport(app=with_state, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
-            yield http
+            yield http, dict(state)
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client speaking ASGI to a node whose lifespan has run."""
+    async with serve_asgi(create_app(settings)) as (http, _):
+        yield http
 
 
 @pytest.fixture

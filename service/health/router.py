@@ -7,6 +7,7 @@ like. Responses carry `Cache-Control: no-store`: a cached "ready" is a lie.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -18,10 +19,21 @@ from service.health.lifecycle import Lifecycle, State
 from service.problems import Problem
 
 router = APIRouter(tags=["health"])
+Endpoint = Callable[..., Awaitable[Response]]
 
 HEALTH_JSON = "application/health+json"
 NO_STORE = {"Cache-Control": "no-store"}
-PROBE_METHODS = ["GET", "HEAD"]  # HAProxy and curl -I probe with HEAD
+
+
+def probe(path: str, **kwargs: Any) -> Callable[[Endpoint], Endpoint]:
+    """GET (documented) and HEAD (HAProxy and `curl -I` probe with it) on one endpoint."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **kwargs)
+        router.add_api_route(path, endpoint, methods=["GET"], **kwargs)
+        return endpoint
+
+    return register
 
 
 async def get_checker(request: Request) -> HealthChecker:
@@ -42,7 +54,7 @@ def _text(body: str, status_code: int) -> PlainTextResponse:
     return PlainTextResponse(body + "\n", status_code=status_code, headers=NO_STORE)
 
 
-@router.api_route("/livez", methods=PROBE_METHODS, summary="Liveness: is the process alive?")
+@probe("/livez", summary="Liveness: is the process alive?")
 async def livez(request: Request, lifecycle: LifecycleDep) -> Response:
     """200 while the event loop answers; no dependency is checked, and draining is alive.
 
@@ -57,14 +69,14 @@ async def livez(request: Request, lifecycle: LifecycleDep) -> Response:
     return _text("ok", 200)
 
 
-@router.api_route("/startupz", methods=PROBE_METHODS, summary="Startup: has start-up finished?")
+@probe("/startupz", summary="Startup: has start-up finished?")
 async def startupz(lifecycle: LifecycleDep) -> Response:
     if lifecycle.state is State.starting:
         return _text("starting", 503)
     return _text("ok", 200)
 
 
-@router.api_route("/readyz", methods=PROBE_METHODS, summary="Readiness: send work here?")
+@probe("/readyz", summary="Readiness: send work here?")
 async def readyz(
     checker: CheckerDep,
     verbose: Annotated[str | None, Query(description="any value: one line per check")] = None,
@@ -84,7 +96,7 @@ async def readyz(
     return _text("\n".join(lines), status_code)
 
 
-@router.api_route("/readyz/{check}", methods=PROBE_METHODS, summary="One readiness check by name")
+@probe("/readyz/{check}", summary="One readiness check by name")
 async def readyz_check(check: str, checker: CheckerDep) -> Response:
     """200 when the check passes or warns, 503 when it fails; 404 for an unknown name."""
     snapshot = checker.snapshot()
@@ -98,9 +110,8 @@ async def readyz_check(check: str, checker: CheckerDep) -> Response:
     return _text(result.line(), 503 if result.status is Status.fail else 200)
 
 
-@router.api_route(
+@probe(
     "/healthz",
-    methods=PROBE_METHODS,
     summary="Every check with observed values (application/health+json)",
     response_class=JSONResponse,
 )

@@ -10,17 +10,15 @@ import asyncio
 import collections
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
-from deploy.lab.postgres import PostgresCluster, PostgresNotInstalled, find_bindir
+from deploy.lab.postgres import PostgresCluster
 from service.config import Settings
-from service.db import migrate
-from tests.conftest import asgi_client, require, scratch_dir
+from tests.conftest import asgi_client, migrated_template, postgres_cluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.cluster]
 
@@ -29,24 +27,9 @@ TEMPLATE = "cattle_replicated_template"
 
 @pytest.fixture(scope="module")
 def replicated() -> Iterator[PostgresCluster]:
-    try:
-        find_bindir()
-    except PostgresNotInstalled as exc:
-        require(False, str(exc))
-    base = scratch_dir("cattle-replicas-")
-    cluster = PostgresCluster(base, replicas=2)
-    try:
-        cluster.start()
-        cluster.create_database(TEMPLATE)
-        asyncio.run(migrate.migrate(_asyncpg(cluster.primary_dsn(TEMPLATE))))
+    with postgres_cluster("cattle-replicas-", replicas=2) as cluster:
+        migrated_template(cluster, TEMPLATE)
         yield cluster
-    finally:
-        cluster.remove()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _asyncpg(dsn: str) -> str:
-    return dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
 @pytest.fixture

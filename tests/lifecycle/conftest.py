@@ -7,15 +7,14 @@ test ends, pass or fail, and its log is printed so a failure can be read.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from deploy.lab.node import Node
-from deploy.lab.postgres import PostgresCluster, PostgresNotInstalled, find_bindir
-from tests.conftest import require, scratch_dir
+from deploy.lab.postgres import PostgresCluster
+from tests.conftest import postgres_cluster
 
 StartNode = Callable[..., Node]
 
@@ -45,15 +44,5 @@ def start_node(tmp_path: Path) -> Iterator[StartNode]:
 @pytest.fixture(scope="module")
 def outage_postgres() -> Iterator[PostgresCluster]:
     """A primary and one streaming replica for lifecycle tests alone: tests stop members."""
-    try:
-        find_bindir()
-    except PostgresNotInstalled as exc:
-        require(False, str(exc))
-    base = scratch_dir("cattle-lc-pg-")
-    cluster = PostgresCluster(base, replicas=1)
-    try:
-        cluster.start()
+    with postgres_cluster("cattle-lc-pg-", replicas=1) as cluster:
         yield cluster
-    finally:
-        cluster.remove()
-        shutil.rmtree(base, ignore_errors=True)

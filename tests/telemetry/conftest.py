@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind
 from service.app import create_app
 from service.config import Settings
 from service.telemetry import Telemetry
+from tests.conftest import serve_asgi
 
 
 @dataclass
@@ -61,16 +62,8 @@ async def running_node(
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     if prepare is not None:
         prepare(app)
-    async with app.router.lifespan_context(app) as state:
-        # What uvicorn does per request: hand each one a copy of the lifespan state.
-        async def with_state(scope, receive, send):  # type: ignore[no-untyped-def]
-            if scope["type"] == "http":
-                scope["state"] = dict(state)
-            await app(scope, receive, send)
-
-        transport = httpx.ASGITransport(app=with_state, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
-            yield RunningNode(app, http, exporter, dict(state))
+    async with serve_asgi(app) as (http, state):
+        yield RunningNode(app, http, exporter, state)
 
 
 @pytest.fixture
