@@ -23,29 +23,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
-import platform
-import re
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "docs" / "results" / "telemetry-overhead"
+from loadtests import machine, wrkbench
+from loadtests.wrkbench import request
+
+RESULTS = wrkbench.REPO / "docs" / "results" / "telemetry-overhead"
 BASELINE = "off"
 TARGET_OVERHEAD = 0.15
-CURSOR_SECRET = "bench-cursor-secret-0123456789"  # noqa: S105 (a throwaway database)
 
 
 @dataclass
@@ -53,8 +49,7 @@ class Config:
     name: str
     env: dict[str, str]
     note: str
-    port: int = 0
-    process: subprocess.Popen[bytes] | None = None
+    server: wrkbench.Server | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -75,12 +70,6 @@ def configs(black_hole_url: str) -> list[Config]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def black_hole() -> Iterator[str]:
     """A listener that completes TCP handshakes and never reads: a hung collector."""
@@ -90,109 +79,9 @@ def black_hole() -> Iterator[str]:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        connection.request(method, path, body=body, headers=headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def node_env(config: Config, data_dir: Path) -> dict[str, str]:
-    # The parent's CATTLE_*/OTEL_* variables would leak into the node unseen.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CATTLE_", "OTEL_"))}
-    env |= {
-        "CATTLE_ENVIRONMENT": "production",
-        "CATTLE_CURSOR_SECRET": CURSOR_SECRET,
-        "CATTLE_DATA_DIR": str(data_dir),
-        "CATTLE_HOST": "127.0.0.1",
-        "CATTLE_PORT": str(config.port),
-        "CATTLE_NODE_ID": f"bench-{config.name}",
-        "CATTLE_DRAIN_DELAY_S": "0",
-    }
-    return env | config.env
-
-
-def start(config: Config, data_dir: Path, log_dir: Path, server_core: int) -> None:
-    config.port = free_port()
-    log = (log_dir / f"{config.name}.log").open("wb")
-    config.process = subprocess.Popen(
-        ["taskset", "-c", str(server_core), sys.executable, "-m", "service", "serve"],
-        cwd=REPO,
-        env=node_env(config, data_dir),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if config.process.poll() is not None:
-            raise SystemExit(f"node {config.name} exited; see {log_dir / config.name}.log")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            if request(config.port, "GET", "/startupz")[0] == 200:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"node {config.name} did not start in 60 s")
-
-
-def stop(config: Config) -> None:
-    if config.process is None or config.process.poll() is not None:
-        return
-    config.process.terminate()
-    try:
-        config.process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        config.process.kill()
-        config.process.wait(timeout=5)
-
-
-def migrate(data_dir: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CATTLE_")}
-    env["CATTLE_DATA_DIR"] = str(data_dir)
-    subprocess.run(
-        [sys.executable, "-m", "service", "migrate"],
-        cwd=REPO,
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-
-
-_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
-_TOTAL = re.compile(r"(\d+) requests in")
-_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
-_SOCKET_ERRORS = re.compile(r"Socket errors:.*")
-_PERCENTILE = re.compile(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
-_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-
-
-def wrk(url: str, *, seconds: int, connections: int, client_core: int) -> dict[str, Any]:
-    command = [
-        "taskset", "-c", str(client_core), "wrk", "-t1", f"-c{connections}",
-        f"-d{seconds}s", "--latency", "--timeout", "5s", url,
-    ]  # fmt: skip
-    output = subprocess.run(
-        command, check=True, capture_output=True, text=True, timeout=seconds + 30
-    ).stdout
-    rps = _RPS.search(output)
-    total = _TOTAL.search(output)
-    if rps is None or total is None:
-        raise SystemExit(f"could not read wrk's output:\n{output}")
-    non_2xx = _NON_2XX.search(output)
-    socket_errors = _SOCKET_ERRORS.search(output)
-    return {
-        "rps": float(rps.group(1)),
-        "requests": int(total.group(1)),
-        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
-        "socket_errors": socket_errors.group(0) if socket_errors else None,
-        "latency_ms": {
-            f"p{p}": round(float(v) * _UNIT_MS[unit], 3)
-            for p, v, unit in _PERCENTILE.findall(output)
-        },
-    }
+def server_of(config: Config) -> wrkbench.Server:
+    assert config.server is not None, f"{config.name} was not started"
+    return config.server
 
 
 def counted_requests(port: int, route: str) -> float:
@@ -210,26 +99,6 @@ def counted_requests(port: int, route: str) -> float:
             ):
                 total += sample.value
     return total
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    return None
 
 
 def summarize(all_configs: list[Config]) -> dict[str, Any]:
@@ -352,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render is not None:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
         return 0
-    for tool in ("wrk", "taskset"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed (apt-get install wrk util-linux)")
+    wrkbench.require_tools()
 
     run_dir = Path(tempfile.mkdtemp(prefix="cattle-bench-telemetry-"))
     data_dir = run_dir / "data"
@@ -362,54 +229,66 @@ def main(argv: list[str] | None = None) -> int:
     with black_hole() as hung_collector:
         all_configs = configs(hung_collector)
         try:
-            migrate(data_dir)
+            wrkbench.migrate(data_dir)
             for config in all_configs:
-                start(config, data_dir, run_dir, args.server_core)
+                config.server = wrkbench.start_node(
+                    config.name,
+                    config.env,
+                    data_dir=data_dir,
+                    core=args.server_core,
+                    log_dir=run_dir,
+                )
+            servers = [server_of(config) for config in all_configs]
+            for server in servers:
+                wrkbench.wait_ready(server, "/startupz")
             note = json.dumps({"title": "bench", "body": "x" * 200}).encode()
-            status, body = request(all_configs[0].port, "POST", "/v1/notes", note)
+            status, body = request(servers[0].port, "POST", "/v1/notes", note)
             assert status == 201, body
             path = f"/v1/notes/{json.loads(body)['id']}"
-            for config in all_configs:
-                url = f"http://127.0.0.1:{config.port}{path}"
-                wrk(
-                    url,
+            for server in servers:
+                wrkbench.run_wrk(
+                    server.url + path,
                     seconds=args.warmup,
                     connections=args.connections,
                     client_core=args.client_core,
                 )
-            warm = counted_requests(all_configs[1].port, "/v1/notes/{note_id}")
+            default = all_configs[1]
+            warm = counted_requests(server_of(default).port, wrkbench.NOTE_ROUTE)
             for round_no in range(args.rounds):
                 shift = round_no % len(all_configs)
                 for config in all_configs[shift:] + all_configs[:shift]:
-                    result = wrk(
-                        f"http://127.0.0.1:{config.port}{path}",
+                    server = server_of(config)
+                    result = wrkbench.run_wrk(
+                        server.url + path,
                         seconds=args.seconds,
                         connections=args.connections,
                         client_core=args.client_core,
+                        server_pid=server.pid,
                     )
                     config.rounds.append(result)
                     print(
                         f"round {round_no + 1} {config.name:14s} {result['rps']:8.0f} req/s",
                         flush=True,
                     )
-            default = all_configs[1]
             cross_check = {
-                "counted": counted_requests(default.port, "/v1/notes/{note_id}") - warm,
+                "counted": counted_requests(server_of(default).port, wrkbench.NOTE_ROUTE) - warm,
                 "sent": sum(r["requests"] for r in default.rounds),
             }
         finally:
             for config in all_configs:
-                stop(config)
+                if config.server is not None:
+                    wrkbench.stop(config.server)
 
+    facts = machine.describe()
     report: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": wrkbench.git_commit(),
         "command": " ".join(["python -m loadtests.bench_telemetry", *(argv or sys.argv[1:])]),
         "target_overhead": TARGET_OVERHEAD,
         "setup": {
-            "cpu": cpu_model(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
+            "cpu": facts["cpu"],
+            "cpus": facts["cores"],
+            "python": facts["python"],
             "server_core": args.server_core,
             "client_core": args.client_core,
             "connections": args.connections,

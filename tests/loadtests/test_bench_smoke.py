@@ -1,0 +1,79 @@
+"""The efficiency benchmark shrunk to seconds: its machinery works end to end.
+
+Checks that the servers start, wrk drives each one, CPU is measured and the
+report is complete and well-formed; never how fast this machine is. It does
+not take the machine-wide experiment lock (that is for real measurements), so
+it may run next to an experiment and perturb it a little, briefly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loadtests import bench_efficiency, machine
+from tests.conftest import require
+
+pytestmark = pytest.mark.cluster
+
+NAMES = ["cattle", "cattle-telemetry-off", "fastapi", "starlette", "raw-asgi"]
+
+
+def _cores() -> tuple[int, int]:
+    """Two cores this process may use (the same one twice on a one-core machine)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[0], allowed[-1]
+
+
+def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
+    for tool in ("wrk", "taskset"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed (apt-get install wrk)")
+    server_core, client_core = _cores()
+    out = tmp_path / "efficiency"
+    args = bench_efficiency.parser().parse_args(
+        [
+            "--rounds", "1", "--seconds", "1", "--warmup", "0", "--connections", "4",
+            "--server-core", str(server_core), "--client-core", str(client_core),
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+
+    bench_efficiency.write(bench_efficiency.measure(args), args.out)
+
+    report = json.loads(out.with_suffix(".json").read_text())
+    summary = report["summary"]
+    assert list(summary) == NAMES
+    assert list(report["rounds"]) == NAMES
+    for name, row in summary.items():
+        run = report["rounds"][name][0]
+        assert run["rps"] > 0, name
+        assert run["requests"] > 0, name
+        assert run["non_2xx"] == 0, name
+        assert run["server_cpu_s"] > 0, name
+        assert run["wrk_cpu_s"] > 0, name
+        assert row["rps_per_core"]["median"] > 0, name
+        assert row["ratio_to_raw_asgi"]["rps"]["median"] > 0, name
+        assert row["p50_ms_median"] > 0, name
+        assert row["p99_ms_median"] >= row["p50_ms_median"], name
+        assert isinstance(row["saturated"], bool)
+        assert isinstance(row["client_limited"], bool)
+    assert summary["raw-asgi"]["ratio_to_raw_asgi"]["rps"]["median"] == 1.0
+    assert set(report["pairs"]) == {"cattle/fastapi", "cattle-telemetry-off/fastapi"}
+    for ratio in report["pairs"].values():
+        assert ratio["rps"]["median"] > 0
+        assert ratio["per_core"]["median"] > 0
+    # Every server was checked to serve the same JSON before it was measured.
+    assert len(set(report["setup"]["body_bytes"].values())) == 1
+    assert set(report["machine"]) >= set(machine.describe())
+    assert report["machine"]["cores"] == os.cpu_count()
+    assert report["command"].startswith("python -m loadtests.bench_efficiency --seconds 1")
+
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("# Per-node efficiency")
+    for name in NAMES:
+        assert f"| `{name}` |" in md
+    assert report["command"] in md
