@@ -53,14 +53,14 @@ def run(
     started_file: Path | None = None,
 ) -> dict[str, Any]:
     import gevent
-    from locust import constant_throughput, events
+    from locust import User, constant_throughput, events
     from locust.env import Environment
 
     from loadtests import locustfile
 
     weights = locustfile.MIXES[mix]
     counts = user_counts(weights, users)
-    classes = []
+    classes: list[type[User]] = []
     for user_class, weight in weights.items():
         user_class.weight = weight
         # Fixed counts: locust's weighted rounding gives a small run no writer at all.
@@ -75,7 +75,7 @@ def run(
 
     env = Environment(user_classes=classes, events=events, host=host)
     runner = env.create_local_runner()
-    events.init.fire(environment=env, runner=runner, web_ui=None)
+    events.init.fire(environment=env, runner=runner, web_ui=None)  # type: ignore[no-untyped-call]
     started = time.time()
     if started_file is not None:
         started_file.write_text(str(started))  # the caller's clock for its event schedule

@@ -92,9 +92,11 @@ class Recorder:
 RECORDER = Recorder()
 
 
-@events.init.add_listener
 def _attach_recorder(environment: Environment, **_: Any) -> None:
-    environment.events.request.add_listener(RECORDER.on_request)
+    environment.events.request.add_listener(RECORDER.on_request)  # type: ignore[no-untyped-call]
+
+
+events.init.add_listener(_attach_recorder)  # type: ignore[no-untyped-call]
 
 
 class CattleUser(FastHttpUser):

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-LOCK_PATH = Path("/tmp/cattle-experiments.lock")
+# Machine-wide on purpose: every checkout on this machine must see the same lock.
+LOCK_PATH = Path("/tmp/cattle-experiments.lock")  # noqa: S108
 
 
 @contextlib.contextmanager

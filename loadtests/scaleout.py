@@ -253,7 +253,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
         f"**Verdict: {'valid' if report['valid'] else 'INVALID'}.**"
         + ("" if report["valid"] else " Problems: " + "; ".join(report["problems"])),
         "",
-        "| N | X(N) req/s | runs | E(N) | p50 ms | p95 ms | p99 ms | load generator cores | machine busy |",
+        "| N | X(N) req/s | runs | E(N) | p50 ms | p95 ms | p99 ms "
+        "| load generator cores | machine busy |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:

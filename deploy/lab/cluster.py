@@ -343,7 +343,7 @@ class Lab:
             retries=options.retries,
         )
         pid = haproxy.start(config, self.run_dir / "haproxy.log", front=("127.0.0.1", front_port))
-        info = {
+        info: dict[str, Any] = {
             "pid": pid,
             "config": str(config),
             "socket": str(self.run_dir / "haproxy.sock"),
