@@ -28,6 +28,7 @@ def window(result: LoadResult, start_s: float, end_s: float) -> list[list[Any]]:
 
 def summarize(result: LoadResult, rows: Iterable[list[Any]], seconds: float) -> dict[str, Any]:
     ok_col, latency, node = result.column("ok"), result.column("latency_ms"), result.column("node")
+    name = result.column("name")
     rows = list(rows)
     good = [r for r in rows if r[ok_col]]
     latencies = [r[latency] for r in good]
@@ -39,6 +40,7 @@ def summarize(result: LoadResult, rows: Iterable[list[Any]], seconds: float) -> 
         "p95_ms": percentile(latencies, 95),
         "p99_ms": percentile(latencies, 99),
         "by_node": dict(Counter(r[node] for r in good if r[node])),
+        "by_kind": dict(Counter(r[name] for r in good)),
     }
 
 

@@ -73,7 +73,10 @@ def run(
     for note_id, token in _seed(host, seed_notes):
         locustfile.POOL.add(note_id, token)
 
-    env = Environment(user_classes=classes, events=events, host=host)
+    # stop_timeout: at the end every user finishes the request it has in
+    # flight, so each create the service stored was also seen by the client
+    # (else the audit would count it as unexpected).
+    env = Environment(user_classes=classes, events=events, host=host, stop_timeout=15)
     runner = env.create_local_runner()
     events.init.fire(environment=env, runner=runner, web_ui=None)  # type: ignore[no-untyped-call]
     started = time.time()
@@ -81,6 +84,7 @@ def run(
         started_file.write_text(str(started))  # the caller's clock for its event schedule
     runner.start(users, spawn_rate=spawn_rate)
     gevent.sleep(duration_s)
+    runner.stop()
     runner.quit()
     ended = time.time()
     recorder = locustfile.RECORDER

@@ -10,7 +10,7 @@ Writes docs/results/nodeloss.{md,json,png}: a timeline of requests/s stacked
 by node, failures/s and p50/p99 with the events marked; failed requests per
 event; capacity after a loss against (N-1)/N; time to recover; the audit.
 
-    python -m loadtests.nodeloss            # the full run (about 4 minutes)
+    python -m loadtests.nodeloss            # the full run (about 5 minutes)
     python -m loadtests.nodeloss --smoke    # seconds: checks the code, not the machine
 """
 
@@ -43,17 +43,18 @@ class Plan:
     cpu: float = 0.15
     backend: str = "postgres"
     users: int = 24
-    duration_s: float = 62.0
+    duration_s: float = 90.0
     steady_fraction: float = 0.7
-    # (seconds into the load, event, node): the node-loss drill.
+    # (seconds into the load, event, node): the node-loss drill. Windows are
+    # long (12-15 s) because a loaded 2-core machine swings ±25% second to second.
     schedule: tuple[tuple[float, str, str], ...] = (
-        (12.0, "drain", "n1"),
-        (20.0, "restart", "n1"),
-        (30.0, "kill", "n2"),
-        (42.0, "restart", "n2"),
-        (52.0, "kill-primary", "db"),
+        (20.0, "drain", "n1"),
+        (35.0, "restart", "n1"),
+        (45.0, "kill", "n2"),
+        (60.0, "restart", "n2"),
+        (75.0, "kill-primary", "db"),
     )
-    baseline_s: tuple[float, float] = (4.0, 11.0)
+    baseline_s: tuple[float, float] = (5.0, 20.0)
     drain_delay_s: float = 2.0
 
 
