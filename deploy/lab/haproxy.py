@@ -56,7 +56,7 @@ def write_config(
     stats_port: int,
     front_host: str = "127.0.0.1",
     retries: bool = True,
-    balance: str = "roundrobin",
+    balance: str = "leastconn",
 ) -> Path:
     text = render(
         "haproxy/haproxy.cfg.tmpl",
