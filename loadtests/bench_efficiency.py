@@ -96,21 +96,8 @@ def configs() -> list[Config]:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtests.bench_efficiency",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--seconds", type=int, default=6, help="wrk duration per run")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per server")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--server-core", type=int, default=0)
-    parser.add_argument("--client-core", type=int, default=1)
+    parser = wrkbench.argument_parser("python -m loadtests.bench_efficiency", __doc__, seconds=6)
     parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
-    parser.add_argument(
-        "--render", type=Path, metavar="JSON", help="only write OUT.md again from a saved OUT.json"
-    )
     return parser
 
 

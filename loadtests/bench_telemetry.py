@@ -21,7 +21,6 @@ Configurations:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -202,21 +201,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtests.bench_telemetry",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--seconds", type=int, default=8, help="wrk duration per run")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per node")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--server-core", type=int, default=0)
-    parser.add_argument("--client-core", type=int, default=1)
+    parser = wrkbench.argument_parser("python -m loadtests.bench_telemetry", __doc__, seconds=8)
     parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
-    parser.add_argument(
-        "--render", type=Path, metavar="JSON", help="only write OUT.md again from a saved OUT.json"
-    )
     args = parser.parse_args(argv)
     if args.render is not None:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))

@@ -10,6 +10,7 @@ its CPU use.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import os
@@ -287,6 +288,23 @@ def run_wrk(
             "server_cpu_cores": round(server_cpu_s / wall_s, 3),
         }
     return result
+
+
+def argument_parser(prog: str, doc: str | None, *, seconds: int) -> argparse.ArgumentParser:
+    """The options every wrk benchmark shares: durations, rounds, cores, output."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=seconds, help="wrk duration per run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per server")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--server-core", type=int, default=0)
+    parser.add_argument("--client-core", type=int, default=1)
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only rewrite the .md from a saved .json"
+    )
+    return parser
 
 
 def git_commit() -> str | None:
