@@ -17,6 +17,7 @@ from service.health import runtime as health
 from service.health.lifecycle import State
 from service.idempotency import service as idempotency
 from service.pagination import CursorCodec
+from service.tasks import cancel_within
 from service.telemetry import Telemetry
 
 log = logging.getLogger("service.lifespan")
@@ -95,8 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
                 }
         finally:
             for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+                await cancel_within(task, settings.close_timeout_s)
     finally:
         await health.close_within(database.dispose(), settings.close_timeout_s, "database pools")
         app.state.lifecycle.move(State.stopped)

@@ -15,7 +15,6 @@ is stuck or dead must not keep reporting the last good answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from service.config import Settings
 from service.db.replicas import ReplicaSet
 from service.health.inflight import InFlight
 from service.health.lifecycle import Lifecycle, State
+from service.tasks import cancel_within
 from service.telemetry.exporting import ExportStatus
 
 log = logging.getLogger("service.health")
@@ -138,11 +138,7 @@ class HealthChecker:
         self._task = asyncio.create_task(self._run(), name="health-checks")
 
     async def stop(self, timeout_s: float) -> None:
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(self._task, timeout_s)
+        await cancel_within(self._task, timeout_s)
 
     @property
     def alive(self) -> bool:

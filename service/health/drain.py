@@ -11,13 +11,13 @@ arrived nothing undrains.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from service.health.lifecycle import Lifecycle, State
+from service.tasks import cancel_within
 
 log = logging.getLogger("service.health.drain")
 
@@ -119,11 +119,7 @@ class DrainFileWatcher:
         self._task = asyncio.create_task(self._run(), name="drain-file-watcher")
 
     async def stop(self, timeout_s: float) -> None:
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(self._task, timeout_s)
+        await cancel_within(self._task, timeout_s)
 
     async def _run(self) -> None:
         while True:
