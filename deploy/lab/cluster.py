@@ -20,10 +20,13 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deploy.lab import cgroups, haproxy, procs
 from deploy.lab.postgres import PostgresCluster, free_port
+
+if TYPE_CHECKING:
+    from deploy.lab.patroni import PatroniCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUN_DIR = REPO_ROOT / "run" / "lab"
@@ -68,6 +71,16 @@ def _http_json(url: str, timeout_s: float = 1.0) -> Any:
     except (OSError, ValueError):
         pass
     return None
+
+
+def _start_with_database(cluster: PostgresCluster | PatroniCluster, dbname: str) -> None:
+    """Start a database cluster and create the service's database; stop it if either fails."""
+    try:
+        cluster.start()
+        cluster.create_database(dbname)
+    except BaseException:
+        cluster.stop()
+        raise
 
 
 class Lab:
@@ -201,12 +214,7 @@ class Lab:
             return {"kind": "sqlite", "primary": f"sqlite+aiosqlite:///{path}", "replicas": []}
         if options.backend == "postgres":
             cluster = PostgresCluster(self.run_dir / "postgres", replicas=options.replicas)
-            try:
-                cluster.start()
-                cluster.create_database("cattle")
-            except BaseException:
-                cluster.stop()
-                raise
+            _start_with_database(cluster, "cattle")
             info = cluster.to_json()
             info |= {
                 "kind": "postgres",
@@ -222,12 +230,7 @@ class Lab:
         from deploy.lab.patroni import PatroniCluster
 
         cluster = PatroniCluster(self.run_dir / "patroni", members=max(3, options.replicas + 1))
-        try:
-            cluster.start()
-            cluster.create_database("cattle")
-        except BaseException:
-            cluster.stop()
-            raise
+        _start_with_database(cluster, "cattle")
         info: dict[str, Any] = cluster.to_json()
         info |= {
             "kind": "patroni",

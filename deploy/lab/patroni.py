@@ -28,15 +28,15 @@ from deploy.lab.postgres import (
     SUPERUSER,
     PostgresError,
     PostgresNotInstalled,
-    _alive,
-    _ident,
-    _log_tail,
-    _ppid,
     find_bindir,
     free_port,
+    log_tail,
+    parent_pid,
+    pid_alive,
     postmaster_pid,
     prepare_base_dir,
     server_user,
+    sql_ident,
 )
 from deploy.lab.render import render
 
@@ -177,7 +177,9 @@ class PatroniCluster:
             _end([pid for name in names if name and (pid := self._pid(name))], timeout_s)
         # Patroni stops its server; one left behind (say Patroni was killed) is still ours.
         left = [pid for m in self._members if (pid := postmaster_pid(m.data_dir))]
-        backends = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) in left]
+        backends = [
+            int(p) for p in os.listdir("/proc") if p.isdigit() and parent_pid(int(p)) in left
+        ]
         stuck = _end(left, 5, wait_for=backends)
         _end([pid for pid in [self._pid("etcd")] if pid], timeout_s)
         for proc in self._procs.values():
@@ -268,7 +270,7 @@ class PatroniCluster:
         return proc.stdout.strip()
 
     def create_database(self, name: str) -> None:
-        self.psql(f"CREATE DATABASE {_ident(name)}")
+        self.psql(f"CREATE DATABASE {sql_ident(name)}")
 
     def to_json(self) -> dict[str, Any]:
         roles = {m["name"]: m.get("role") for m in self._cluster_members()}
@@ -334,7 +336,7 @@ class PatroniCluster:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) and os.fsencode(config) in cmdline else None
+        return pid if pid_alive(pid) and os.fsencode(config) in cmdline else None
 
     def _cluster_members(self) -> list[dict[str, Any]]:
         """Patroni's view (GET /cluster) from the first member that answers; [] if none."""
@@ -363,19 +365,19 @@ class PatroniCluster:
 
     def _log_tails(self) -> str:
         logs = [self.etcd_dir / "etcd.log", *(m.log_file for m in self._members)]
-        return "\n".join(f"--- {log}\n{_log_tail(log, 15)}" for log in logs if log.exists())
+        return "\n".join(f"--- {log}\n{log_tail(log, 15)}" for log in logs if log.exists())
 
 
 def _end(pids: list[int], timeout_s: float, *, wait_for: Sequence[int] = ()) -> list[int]:
     """SIGTERM, a bounded wait, SIGKILL, another; the PIDs (or wait_for) still alive."""
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
-        for pid in filter(_alive, pids):
+        for pid in filter(pid_alive, pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         end = time.monotonic() + wait_s
-        while any(map(_alive, [*pids, *wait_for])) and time.monotonic() < end:
+        while any(map(pid_alive, [*pids, *wait_for])) and time.monotonic() < end:
             time.sleep(0.1)
-    return [pid for pid in [*pids, *wait_for] if _alive(pid)]
+    return [pid for pid in [*pids, *wait_for] if pid_alive(pid)]
 
 
 def _get_json(url: str) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def postmaster_pid(data_dir: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) and os.fsencode(data_dir) in cmdline else None
+    return pid if pid_alive(pid) and os.fsencode(data_dir) in cmdline else None
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -117,14 +117,14 @@ def _proc_stat(pid: int) -> list[str] | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     # A dead postmaster stays a zombie until PID 1 reaps it, which in a container may be
     # late or never; it holds no port or memory any more, so it counts as dead.
     stat = _proc_stat(pid)
     return stat is not None and stat[0] != "Z"
 
 
-def _log_tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     return "(no log)"
@@ -266,13 +266,15 @@ class PostgresCluster:
                     "pg_ctl", "stop", "-D", str(m.data_dir), "-m", mode, "-w",
                     "-t", str(max(1, int(timeout_s))), timeout_s=timeout_s + 5,
                 )  # fmt: skip
-        if _alive(pid := m.pid):
+        if pid_alive(pid := m.pid):
             # Only the postmaster we recorded gets a signal. Its backends exit by themselves
             # once it is gone; a restart refuses shared memory they still hold, so wait.
-            children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == pid]
+            children = [
+                int(p) for p in os.listdir("/proc") if p.isdigit() and parent_pid(int(p)) == pid
+            ]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            self._wait(lambda: not any(map(_alive, [pid, *children])), m, 10, "exit")
+            self._wait(lambda: not any(map(pid_alive, [pid, *children])), m, 10, "exit")
             # The server's stale-lock checks take an unreaped zombie for a live postmaster.
             for lock in (m.data_dir / "postmaster.pid", m.dir / f".s.PGSQL.{m.port}.lock"):
                 lock.unlink(missing_ok=True)
@@ -309,11 +311,11 @@ class PostgresCluster:
         return self._run("psql", *args, as_server=False).strip()
 
     def create_database(self, name: str, template: str | None = None) -> None:
-        sql = f"CREATE DATABASE {_ident(name)}"
-        self.psql(sql + (f" TEMPLATE {_ident(template)}" if template else ""))
+        sql = f"CREATE DATABASE {sql_ident(name)}"
+        self.psql(sql + (f" TEMPLATE {sql_ident(template)}" if template else ""))
 
     def drop_database(self, name: str) -> None:
-        self.psql(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
+        self.psql(f"DROP DATABASE IF EXISTS {sql_ident(name)} WITH (FORCE)")
 
     def _postmaster_pid(self, m: Member) -> int | None:
         return postmaster_pid(m.data_dir)
@@ -381,7 +383,7 @@ class PostgresCluster:
                 "-t", str(wait_s), timeout_s=wait_s + 5,
             )  # fmt: skip
         except PostgresError as e:
-            raise PostgresError(f"{m.name} did not start: {e}\n{_log_tail(m.log_file)}") from e
+            raise PostgresError(f"{m.name} did not start: {e}\n{log_tail(m.log_file)}") from e
         m.pid = self._postmaster_pid(m)
 
     def _wait_streaming(self, m: Member, deadline: float) -> None:
@@ -398,7 +400,7 @@ class PostgresCluster:
         deadline = time.monotonic() + max(timeout_s, 1)
         while not ready():
             if time.monotonic() > deadline:
-                raise PostgresError(f"{m.name} did not {what} in time\n{_log_tail(m.log_file)}")
+                raise PostgresError(f"{m.name} did not {what} in time\n{log_tail(m.log_file)}")
             time.sleep(0.1)
 
     def _write(self, path: Path, text: str) -> None:
@@ -429,10 +431,10 @@ class PostgresCluster:
         return str(proc.stdout)
 
 
-def _ppid(pid: int) -> int | None:
+def parent_pid(pid: int) -> int | None:
     stat = _proc_stat(pid)
     return int(stat[1]) if stat else None
 
 
-def _ident(name: str) -> str:
+def sql_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'

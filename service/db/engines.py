@@ -129,10 +129,6 @@ class Database:
             max_lag_s=settings.replica_max_lag_s,
         )
 
-    @property
-    def dialect(self) -> str:
-        return self.writer.dialect.name
-
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A session in a transaction on the primary, committed on success.

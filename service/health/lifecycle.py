@@ -33,9 +33,6 @@ _ALLOWED: dict[State, frozenset[State]] = {
     State.stopped: frozenset(),
 }
 
-# Numeric codes for the lifecycle metric (a gauge cannot carry a string).
-STATE_CODES = {state: code for code, state in enumerate(State)}
-
 
 class Lifecycle:
     def __init__(self) -> None:
