@@ -44,5 +44,5 @@ def install(app: FastAPI, telemetry: Telemetry) -> None:
     state = app.state
     telemetry.observe_lifecycle(lambda: getattr(getattr(state, "lifecycle", None), "state", None))
     telemetry.observe_in_flight(lambda: getattr(getattr(state, "in_flight", None), "count", 0))
-    if telemetry.enabled or telemetry.access_log:
+    if telemetry.enabled or telemetry.requests.access_log is not None:
         app.add_middleware(TelemetryMiddleware, telemetry=telemetry)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import generate_latest
 
@@ -33,6 +33,7 @@ from service.telemetry.exporting import (
     otlp_wanted,
     summarize,
 )
+from service.telemetry.logs import AccessLog
 from service.telemetry.metrics import (
     HttpInstruments,
     LifecycleSource,
@@ -42,6 +43,8 @@ from service.telemetry.metrics import (
     build_meter_provider,
     new_registry,
 )
+from service.telemetry.propagation import propagation_headers
+from service.telemetry.requests import RequestRecorder
 
 if TYPE_CHECKING:
     from service.db.engines import Database
@@ -64,16 +67,24 @@ class Telemetry:
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         sdk_disabled = self.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         self.enabled = settings.telemetry_enabled and not sdk_disabled
-        self.access_log = settings.access_log
+        # Finished requests, recorded in batches into the metrics and the access log.
+        self.requests = RequestRecorder()
+        if settings.access_log:
+            self.requests.access_log = AccessLog(settings.node_id)
         self.resource = tracing.build_resource(settings)
         # Built now (it starts no thread) so that tests and other parts of the
         # node can add span processors or get tracers before the app starts.
-        self.tracer_provider: TracerProvider | None = (
-            tracing.build_tracer_provider(self.resource, self.environ) if self.enabled else None
-        )
+        self.tracer_provider: TracerProvider | None = None
+        self._sampler_gate: tracing.ReceiverGate | None = None
+        if self.enabled:
+            self.tracer_provider, self._sampler_gate = tracing.build_tracer_provider(
+                self.resource, self.environ
+            )
         self.server_tracer: trace.Tracer | None = (
             self.tracer_provider.get_tracer(INSTRUMENTATION_NAME) if self.tracer_provider else None
         )
+        # Read once: the propagators are set up when opentelemetry.propagate loads.
+        self.propagation_headers = propagation_headers()
         self.registry = new_registry()
         self.meter_provider: MeterProvider | None = None
         self.http: HttpInstruments | None = None
@@ -119,6 +130,7 @@ class Telemetry:
         self.meter_provider = build_meter_provider(self.resource, readers, self.environ)
         meter = self.meter_provider.get_meter(INSTRUMENTATION_NAME)
         self.http = HttpInstruments(meter)
+        self.requests.http = self.http
         self.gauges.register(meter)
 
     def _start_trace_export(self) -> None:
@@ -138,7 +150,7 @@ class Telemetry:
         except Exception as exc:
             self._export_broken(watch, exc)
             return
-        self.tracer_provider.add_span_processor(self._span_processor)
+        self.add_span_processor(self._span_processor)
 
     def _watch(self, signal: Signal) -> ExportWatch | None:
         """A watch for `signal`'s OTLP export, if the environment asks for it."""
@@ -168,6 +180,7 @@ class Telemetry:
         if not self.started:
             return
         self.started = False
+        self.requests.flush()
         timeout_s = self.settings.telemetry_shutdown_timeout_s
         closing: list[asyncio.Future[None]] = []
         if self._span_processor is not None:
@@ -184,6 +197,17 @@ class Telemetry:
             log.warning("telemetry did not close within %.1f s; leaving it behind", timeout_s)
 
     # -- what other parts of the node use ------------------------------------
+
+    def add_span_processor(self, processor: SpanProcessor) -> None:
+        """Hand finished spans to `processor` too (an exporter, a test's memory).
+
+        Spans are sampled only once some processor receives them (see
+        tracing.ReceiverGate); before that every span is dropped.
+        """
+        if self.tracer_provider is None or self._sampler_gate is None:
+            raise RuntimeError("telemetry is disabled: there are no spans to process")
+        self.tracer_provider.add_span_processor(processor)
+        self._sampler_gate.open = True
 
     def tracer(self, name: str) -> trace.Tracer:
         """A tracer for a part of the node (e.g. the bus); no-op when disabled."""
@@ -238,6 +262,7 @@ class Telemetry:
         """The Prometheus text exposition of this app's metrics."""
         if self.meter_provider is None:
             return b""
+        self.requests.flush()  # every request finished so far is counted
         return generate_latest(self.registry)
 
 

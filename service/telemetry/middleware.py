@@ -5,14 +5,15 @@ instruments and collect a dozen attributes per request whether or not it is
 sampled, and the FastAPI one matches every request against the routes a
 second time to learn its route. Here the route template comes from the scope
 the router already filled in, attributes are only gathered for spans that
-record, and everything else is one histogram record and one log line.
+record, and the rest (a histogram measurement, an access-log line) is left
+as one tuple for service.telemetry.requests to record in a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from time import perf_counter
+from time import perf_counter, time
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -20,15 +21,14 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.telemetry.logs import ACCESS_LOGGER
 from service.telemetry.metrics import UNMATCHED_ROUTE
 from service.telemetry.propagation import extract_from_scope
+from service.telemetry.requests import CompletedRequest
 
 if TYPE_CHECKING:
     from service.telemetry.core import Telemetry
 
 log = logging.getLogger("service.telemetry")
-access_log = logging.getLogger(ACCESS_LOGGER)
 
 # Probes and scrapes arrive every second or so from several proxies: traced,
 # they would be most of the spans a node exports and say nothing. They are
@@ -68,7 +68,7 @@ class TelemetryMiddleware:
         span: trace.Span | None = None
         token: object = None
         if tracer is not None and not quiet:
-            parent = extract_from_scope(scope)
+            parent = extract_from_scope(scope, telemetry.propagation_headers)
             span = tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
             if span.is_recording():
                 _set_request_attributes(span, scope)
@@ -100,7 +100,7 @@ class TelemetryMiddleware:
                 # error escaped every handler.
                 status = 499 if isinstance(error, asyncio.CancelledError) else 500
             try:
-                self._finish(scope, method, status, perf_counter() - start, span, error, replayed)
+                self._finish(scope, status, perf_counter() - start, span, error, replayed, quiet)
             except Exception:  # telemetry must never turn a served request into an error
                 log.exception("recording telemetry for a request failed")
             if token is not None:
@@ -111,57 +111,52 @@ class TelemetryMiddleware:
     def _finish(
         self,
         scope: Scope,
-        method: str,
         status: int,
         duration_s: float,
         span: trace.Span | None,
         error: BaseException | None,
         replayed: bool,
+        quiet: bool,
     ) -> None:
-        telemetry = self.telemetry
+        method: str = scope["method"]
         route = route_template(scope)
-        http = telemetry.http
-        if http is not None:
-            http.record(method, route, status, duration_s)
-            if replayed:
-                http.replayed(route)
-        if span is not None and span.is_recording():
-            span.set_attribute("http.response.status_code", status)
-            if route != UNMATCHED_ROUTE:
-                span.set_attribute("http.route", route)
-                span.update_name(f"{method} {route}")
-            if status >= 500:
-                span.set_attribute("error.type", type(error).__qualname__ if error else str(status))
-                span.set_status(Status(StatusCode.ERROR))
-                if error is not None and not isinstance(error, asyncio.CancelledError):
-                    span.record_exception(error)
-        if (
-            telemetry.access_log
-            and (status >= 500 or not _is_quiet(scope["path"]))
-            and access_log.isEnabledFor(logging.INFO)
-        ):
-            client = scope.get("client")
-            # makeRecord + handle rather than .info(): .info() walks the stack
-            # to find the caller's file and line, the costliest step of a line
-            # that is written once per request and whose caller is known.
-            record = access_log.makeRecord(
-                ACCESS_LOGGER,
-                logging.INFO,
-                __file__,
-                0,
-                "%s %s %d",
-                (method, scope["path"], status),
-                None,
-                extra={
-                    "method": method,
-                    "path": scope["path"],
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(duration_s * 1000, 3),
-                    "client": client[0] if client else None,
-                },
+        trace_id = span_id = 0
+        if span is not None:
+            if span.is_recording():
+                _set_response_attributes(span, method, route, status, error)
+            context = span.get_span_context()
+            trace_id, span_id = context.trace_id, context.span_id
+        client = scope.get("client")
+        # Metrics and the access log take it from here, a batch at a time.
+        self.telemetry.requests.add(
+            CompletedRequest(
+                time(),
+                method,
+                scope["path"],
+                route,
+                status,
+                duration_s,
+                client[0] if client else None,
+                trace_id,
+                span_id,
+                replayed,
+                status >= 500 or not quiet,
             )
-            access_log.handle(record)
+        )
+
+
+def _set_response_attributes(
+    span: trace.Span, method: str, route: str, status: int, error: BaseException | None
+) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if route != UNMATCHED_ROUTE:
+        span.set_attribute("http.route", route)
+        span.update_name(f"{method} {route}")
+    if status >= 500:
+        span.set_attribute("error.type", type(error).__qualname__ if error else str(status))
+        span.set_status(Status(StatusCode.ERROR))
+        if error is not None and not isinstance(error, asyncio.CancelledError):
+            span.record_exception(error)
 
 
 def _set_request_attributes(span: trace.Span, scope: Scope) -> None:

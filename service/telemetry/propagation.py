@@ -52,6 +52,25 @@ class _AsgiHeaders(Getter[Any]):
 _ASGI_HEADERS = _AsgiHeaders()
 
 
-def extract_from_scope(scope: Mapping[str, Any]) -> Context:
-    """The trace context of an incoming HTTP request (W3C traceparent by default)."""
+_NO_CONTEXT = Context()
+
+
+def propagation_headers() -> frozenset[bytes]:
+    """The header names the configured propagators read (OTEL_PROPAGATORS),
+    lowercase, as ASGI spells them: traceparent, tracestate, baggage by default."""
+    fields = propagate.get_global_textmap().fields
+    return frozenset(name.lower().encode("latin-1") for name in fields)
+
+
+def extract_from_scope(
+    scope: Mapping[str, Any], headers: frozenset[bytes] | None = None
+) -> Context:
+    """The trace context of an incoming HTTP request (W3C traceparent by default).
+
+    With `headers` (from propagation_headers()), a request that carries none
+    of them gets an empty context without asking the propagators, which is
+    what most requests at a fleet's edge are.
+    """
+    if headers is not None and not any(name in headers for name, _ in scope["headers"]):
+        return _NO_CONTEXT
     return propagate.extract(scope, getter=_ASGI_HEADERS)

@@ -57,9 +57,9 @@ async def running_node(
     """
     app = create_app(settings)
     exporter = InMemorySpanExporter()
-    provider = app.state.telemetry.tracer_provider
-    if provider is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry: Telemetry = app.state.telemetry
+    if telemetry.enabled:
+        telemetry.add_span_processor(SimpleSpanProcessor(exporter))
     if prepare is not None:
         prepare(app)
     async with serve_asgi(app) as (http, state):

@@ -22,18 +22,22 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
 class Captured:
-    def __init__(self) -> None:
+    def __init__(self, stdout: pytest.CaptureFixture[str]) -> None:
         self.stream = io.StringIO()
+        self.stdout = stdout
 
     def lines(self) -> list[dict[str, object]]:
+        # The access log is written to stdout, the rest through logging.
+        self.stream.write(self.stdout.readouterr().out)
         # json.loads fails the test on any line that is not one JSON object.
         return [json.loads(line) for line in self.stream.getvalue().splitlines()]
 
 
 @pytest.fixture
-def captured() -> Iterator[Captured]:
-    """Everything logged at INFO and above, formatted as the node formats it."""
-    capture = Captured()
+def captured(capsys: pytest.CaptureFixture[str]) -> Iterator[Captured]:
+    """Everything logged at INFO and above, formatted as the node formats it,
+    and the access log, which the node writes straight to stdout."""
+    capture = Captured(capsys)
     handler = logging.StreamHandler(capture.stream)
     handler.setFormatter(JsonFormatter(node_id="test-node"))
     root = logging.getLogger()

@@ -17,8 +17,7 @@ def node(settings: Settings, node_id: str) -> tuple[Telemetry, InMemorySpanExpor
         environ={"OTEL_TRACES_SAMPLER": "always_on"},
     )
     exporter = InMemorySpanExporter()
-    assert telemetry.tracer_provider is not None
-    telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.add_span_processor(SimpleSpanProcessor(exporter))
     return telemetry, exporter
 
 
