@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import bench_efficiency, machine
+from loadtests import bench_efficiency, bench_telemetry, machine
 from tests.conftest import require
 
 pytestmark = pytest.mark.cluster
@@ -77,3 +77,36 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     for name in NAMES:
         assert f"| `{name}` |" in md
     assert report["command"] in md
+
+
+TELEMETRY_CONFIGS = ["off", "default", "no-access-log", "otlp", "otlp-down"]
+
+
+def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
+    for tool in ("wrk", "taskset"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed (apt-get install wrk)")
+    server_core, client_core = _cores()
+    argv = [
+        "--rounds", "1", "--seconds", "1", "--warmup", "0", "--connections", "4",
+        "--server-core", str(server_core), "--client-core", str(client_core),
+        "--out", str(tmp_path / "telemetry"),
+    ]  # fmt: skip
+
+    report = bench_telemetry.run(bench_telemetry.parser().parse_args(argv), argv)
+
+    summary = report["summary"]
+    assert list(summary) == TELEMETRY_CONFIGS
+    for name, row in summary.items():
+        [run] = report["rounds"][name]
+        assert run["requests"] > 0 and run["non_2xx"] == 0, name
+        assert run["server_cpu_s"] > 0, name
+        assert row["cpu_us_per_request_median"] > 0, name
+        assert row["ratio_median"] > 0, name
+    assert summary["off"]["ratio_median"] == 1.0
+    cross = report["cross_check"]
+    # The node's own metrics saw at least what wrk counted (wrk drops in-flight ones).
+    assert cross["counted"] >= cross["sent"] > 0
+    # The live collector really received spans: export happened, at about the sampled share.
+    assert 0 < cross["otlp_spans_exported"] <= 4 * cross["otlp_counted"]
+    text = bench_telemetry.markdown(report)
+    assert "# Telemetry overhead" in text and "Exporting to a live collector" in text
