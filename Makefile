@@ -17,7 +17,7 @@ endif
 PY := .venv/bin/python
 VENV_STAMP := .venv/.synced
 
-.PHONY: help run test lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss
+.PHONY: help run test lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-telemetry-parts bench-efficiency failover scaleout nodeloss
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ lab-down: $(VENV_STAMP) ## stop the local cluster
 
 bench-telemetry: sysdeps $(VENV_STAMP) ## telemetry overhead benchmark -> docs/results/telemetry-overhead.*
 	$(PY) -m loadtests.bench_telemetry
+
+bench-telemetry-parts: sysdeps $(VENV_STAMP) ## CPU per request of each part of telemetry -> docs/results/telemetry-parts.*
+	$(PY) -m loadtests.telemetry_parts
 
 bench-efficiency: sysdeps $(VENV_STAMP) ## req/s per core: cattle vs bare FastAPI, Starlette, raw ASGI -> docs/results/efficiency.*
 	$(PY) -m loadtests.bench_efficiency

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import bench_efficiency, bench_telemetry, machine
+from loadtests import bench_efficiency, bench_telemetry, machine, telemetry_parts
 from tests.conftest import require
 
 pytestmark = pytest.mark.cluster
@@ -110,3 +110,20 @@ def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert 0 < cross["otlp_spans_exported"] <= 4 * cross["otlp_counted"]
     text = bench_telemetry.markdown(report)
     assert "# Telemetry overhead" in text and "Exporting to a live collector" in text
+
+
+def test_telemetry_parts_benchmark_writes_a_complete_report() -> None:
+    core, _ = _cores()
+    affinity = os.sched_getaffinity(0)
+    argv = ["--rounds", "1", "--requests", "16", "--concurrency", "4", "--core", str(core)]
+
+    report = telemetry_parts.run(telemetry_parts.parser().parse_args(argv), argv)
+
+    assert os.sched_getaffinity(0) == affinity  # the test process is not left pinned
+    summary = report["summary"]
+    assert list(summary["variants"]) == ["off", *telemetry_parts.VARIANTS]
+    for name, row in summary["variants"].items():
+        assert row["cpu_us_per_request_median"] > 0, name
+    assert set(summary["parts_us"]) == {"access_log", "metrics", "span", "rest"}
+    assert all(len(values) == 1 for values in report["samples_us"].values())
+    assert "# What each part of telemetry costs" in telemetry_parts.markdown(report)
