@@ -141,10 +141,91 @@ async def measure(
                     if round_no:
                         samples[name].append(cpu_us)
             switch(frozenset())
+            sampled = await measure_sampling(args, telemetry, callers["on"], path)
+            recorder.flush()  # the last lines, while their file is open
+            recorder.access_log = None
     finally:
         for lifespan in lifespans.values():
             await lifespan.__aexit__(None, None, None)
+    return {**samples, **sampled}
+
+
+async def measure_sampling(
+    args: argparse.Namespace, telemetry: Any, call: Call, path: str
+) -> dict[str, list[float]]:
+    """What a sampled request costs once spans have a receiver (an OTLP endpoint).
+
+    A processor that keeps nothing opens the sampler's gate; the gate's sampler
+    is then switched between dropping and recording every trace, batch by batch.
+    Afterwards the spans of 100 recorded requests go through the real OTLP/HTTP
+    exporter to loadtests.collector: its CPU per span is what encoding and
+    sending costs (the SDK's batch processor does it on a background thread of
+    the node's process).
+    """
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    kept: list[ReadableSpan] = []
+    keeping = False
+
+    class Keeper(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            if keeping:
+                kept.append(span)
+
+    gate = telemetry.sampler_gate
+    configured = gate.inner
+    telemetry.add_span_processor(Keeper())
+    samples: dict[str, list[float]] = {"none-sampled": [], "all-sampled": []}
+    try:
+        for round_no in range(max(args.rounds // 2, 1) + 1):
+            order = list(samples) if round_no % 2 else list(reversed(samples))
+            for name in order:
+                gate.inner = ALWAYS_ON if name == "all-sampled" else ALWAYS_OFF
+                cpu_us = await batch(
+                    call, path, args.requests, args.concurrency, telemetry.requests.flush
+                )
+                if round_no:
+                    samples[name].append(cpu_us)
+        gate.inner = ALWAYS_ON
+        keeping = True
+        for _ in range(100):
+            await call(path)
+        keeping = False
+    finally:
+        gate.inner = configured
+    samples["spans_per_request"] = [len(kept) / 100]
+    samples["export_us_per_span"] = [export_cost(OTLPSpanExporter, kept, args.core)]
     return samples
+
+
+def export_cost(exporter_class: Any, spans: list[Any], core: int) -> float:
+    """CPU µs per span for the OTLP/HTTP exporter to send `spans` to a live collector."""
+    others = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)) - {core})
+    port = wrkbench.free_port()
+    with tempfile.TemporaryDirectory(prefix="cattle-collector-") as log_dir:
+        collector = wrkbench.start(
+            "collector",
+            [sys.executable, "-m", "loadtests.collector", "--port", str(port)],
+            port=port,
+            env=dict(os.environ),
+            core=others[0] if others else core,
+            log_dir=Path(log_dir),
+        )
+        try:
+            wrkbench.wait_ready(collector, "/stats")
+            exporter = exporter_class(endpoint=f"{collector.url}/v1/traces", timeout=10)
+            exporter.export(spans)  # connection set up, code paths warm
+            rounds = 10
+            started = time.process_time()
+            for _ in range(rounds):
+                exporter.export(spans)
+            cpu_s = time.process_time() - started
+            exporter.shutdown()
+        finally:
+            wrkbench.stop(collector)
+    return cpu_s * 1e6 / (rounds * max(len(spans), 1))
 
 
 async def seed(app: Any, state: dict[str, Any]) -> str:
@@ -198,7 +279,8 @@ async def batch(
 def summarize(samples: dict[str, list[float]]) -> dict[str, Any]:
     off = samples[OFF]
     rows: dict[str, Any] = {}
-    for name, values in samples.items():
+    for name in [OFF, *VARIANTS]:
+        values = samples[name]
         extra = [v - o for v, o in zip(values, off, strict=True)]
         rows[name] = {
             "cpu_us_per_request_median": round(statistics.median(values), 1),
@@ -216,7 +298,18 @@ def summarize(samples: dict[str, list[float]]) -> dict[str, Any]:
         statistics.median(n - o for n, o in zip(samples["none-of-the-three"], off, strict=True)),
         1,
     )
-    return {"variants": rows, "parts_us": parts}
+    recording = [
+        a - n for a, n in zip(samples["all-sampled"], samples["none-sampled"], strict=True)
+    ]
+    spans = samples["spans_per_request"][0]
+    export = samples["export_us_per_span"][0]
+    sampled = {
+        "record_us_per_sampled_request": round(statistics.median(recording), 1),
+        "spans_per_sampled_request": round(spans, 2),
+        "export_us_per_span": round(export, 1),
+        "export_us_per_sampled_request": round(export * spans, 1),
+    }
+    return {"variants": rows, "parts_us": parts, "sampled": sampled}
 
 
 PART_NAMES = {
@@ -256,7 +349,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"| `{name}` | {row['cpu_us_per_request_median']:.1f} | "
             f"{row['extra_us_median']:.1f} | {row['ratio_to_off_median']:.3f} |"
         )
+    sampled = summary["sampled"]
     lines += [
+        "",
+        "## With an OTLP endpoint: recorded spans",
+        "",
+        "Once spans have a receiver, a sampled request also records its spans "
+        f"({sampled['spans_per_sampled_request']:.0f} for this read: the server span and its "
+        "SQL statements) and the SDK's batch processor encodes and sends them:",
+        "",
+        "| step | CPU µs per sampled request |",
+        "| --- | ---: |",
+        f"| recording its spans | {sampled['record_us_per_sampled_request']:.0f} |",
+        f"| encoding and sending them by OTLP/HTTP ({sampled['export_us_per_span']:.0f} µs per "
+        f"span) | {sampled['export_us_per_sampled_request']:.0f} |",
+        "",
+        "At the default ratio of 10% a request pays a tenth of that on average; the cost "
+        "scales with `OTEL_TRACES_SAMPLER_ARG`.",
         "",
         "## How it was measured",
         "",
@@ -275,6 +384,11 @@ def markdown(report: dict[str, Any]) -> str:
         "batches. A part's cost is the median over rounds of (full − the variant without it); "
         "'the rest' is `none-of-the-three` − `off`. Parts interact a little (a cache warmed by "
         "one helps another), so the parts need not add up to the total exactly.",
+        "- Recorded spans: the same app with a span processor that keeps nothing (so spans "
+        "have a receiver), its sampler switched between recording every trace and none, batch "
+        "by batch, half as many rounds; then the spans of 100 recorded requests sent 10 times "
+        "by the OTLP/HTTP exporter to `python -m loadtests.collector` on another core, timed in "
+        "this process's CPU time.",
         "- In-process figures leave out HTTP parsing and sockets (a real node spends about "
         "200 µs more per request there), so ratios here are larger than the throughput ratios "
         "of bench_telemetry, which measures whole nodes.",

@@ -75,9 +75,11 @@ class Telemetry:
         # Built now (it starts no thread) so that tests and other parts of the
         # node can add span processors or get tracers before the app starts.
         self.tracer_provider: TracerProvider | None = None
-        self._sampler_gate: tracing.ReceiverGate | None = None
+        # The provider's sampler: the configured one (`.inner`) behind a gate
+        # that drops every span until a span processor exists.
+        self.sampler_gate: tracing.ReceiverGate | None = None
         if self.enabled:
-            self.tracer_provider, self._sampler_gate = tracing.build_tracer_provider(
+            self.tracer_provider, self.sampler_gate = tracing.build_tracer_provider(
                 self.resource, self.environ
             )
         self.server_tracer: trace.Tracer | None = (
@@ -204,10 +206,10 @@ class Telemetry:
         Spans are sampled only once some processor receives them (see
         tracing.ReceiverGate); before that every span is dropped.
         """
-        if self.tracer_provider is None or self._sampler_gate is None:
+        if self.tracer_provider is None or self.sampler_gate is None:
             raise RuntimeError("telemetry is disabled: there are no spans to process")
         self.tracer_provider.add_span_processor(processor)
-        self._sampler_gate.open = True
+        self.sampler_gate.open = True
 
     def tracer(self, name: str) -> trace.Tracer:
         """A tracer for a part of the node (e.g. the bus); no-op when disabled."""

@@ -125,5 +125,8 @@ def test_telemetry_parts_benchmark_writes_a_complete_report() -> None:
     for name, row in summary["variants"].items():
         assert row["cpu_us_per_request_median"] > 0, name
     assert set(summary["parts_us"]) == {"access_log", "metrics", "span", "rest"}
-    assert all(len(values) == 1 for values in report["samples_us"].values())
+    sampled = summary["sampled"]
+    assert sampled["spans_per_sampled_request"] >= 2  # the server span and its SQL
+    assert sampled["export_us_per_span"] > 0
+    assert all(len(values) == 1 for values in report["samples_us"].values())  # one round
     assert "# What each part of telemetry costs" in telemetry_parts.markdown(report)
