@@ -383,7 +383,9 @@ def markdown(report: dict[str, Any]) -> str:
         "- The variants are the same app with parts of its telemetry switched off between "
         "batches. A part's cost is the median over rounds of (full − the variant without it); "
         "'the rest' is `none-of-the-three` − `off`. Parts interact a little (a cache warmed by "
-        "one helps another), so the parts need not add up to the total exactly.",
+        "one helps another), so the parts need not add up to the total exactly, and repeated "
+        "runs move each figure by several µs: a part within a few µs of zero costs nothing "
+        "this method can see.",
         "- Recorded spans: the same app with a span processor that keeps nothing (so spans "
         "have a receiver), its sampler switched between recording every trace and none, batch "
         "by batch, half as many rounds; then the spans of 100 recorded requests sent 10 times "
