@@ -447,20 +447,16 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write(report: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    machine.write_report(report, out, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.render is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+    report = machine.report_main(
+        "bench_efficiency", args.out, args.render, lambda: measure(args), markdown
+    )
+    if report is None:
         return 0
-    with machine.exclusive("bench_efficiency"):
-        report = measure(args)
-    write(report, args.out)
     cattle = report["summary"][CATTLE]
     print(
         f"cattle {cattle['rps']['median']:.0f} req/s: "

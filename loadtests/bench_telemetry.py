@@ -265,15 +265,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.render is not None:
-        args.out.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+
+    def measure() -> dict[str, Any]:
+        wrkbench.require_tools()
+        return run(args, argv)
+
+    report = machine.report_main("bench_telemetry", args.out, args.render, measure, markdown)
+    if report is None:
         return 0
-    wrkbench.require_tools()
-    with machine.exclusive("bench_telemetry"):
-        report = run(args, argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
     result = report["summary"]["default"]
     print(
         f"default/off throughput ratio {result['ratio_median']:.3f} "

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,39 @@ def exclusive(name: str, timeout_s: float = 1800) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+Markdown = Callable[[dict[str, Any]], str]
+
+
+def write_report(report: dict[str, Any], out: Path, markdown: Markdown) -> None:
+    """OUT.json (the figures) and OUT.md (them, rendered for reading)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def report_main(
+    name: str,
+    out: Path,
+    render: Path | None,
+    measure: Callable[[], dict[str, Any]],
+    markdown: Markdown,
+) -> dict[str, Any] | None:
+    """What a benchmark's main does with its report.
+
+    With `render` (a JSON report), only OUT.md is written anew from it, and
+    None returned. Otherwise `measure()` runs under the machine lock and its
+    report goes to OUT.json and OUT.md, and is returned.
+    """
+    if render is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(markdown(json.loads(render.read_text())))
+        return None
+    with exclusive(name):
+        report = measure()
+    write_report(report, out, markdown)
+    return report
 
 
 def cpu_seconds(pid: int) -> float:

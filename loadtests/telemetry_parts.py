@@ -454,14 +454,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    if args.render is not None:
-        args.out.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+    report = machine.report_main(
+        "telemetry_parts", args.out, args.render, lambda: run(args, argv), markdown
+    )
+    if report is None:
         return 0
-    with machine.exclusive("telemetry_parts"):
-        report = run(args, argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
     parts = report["summary"]["parts_us"]
     print(
         "µs per request: "
