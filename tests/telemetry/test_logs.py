@@ -153,6 +153,11 @@ def test_a_served_node_writes_only_json_lines_uvicorn_included(tmp_path: Path) -
     assert all(line["node_id"] == "json-node" for line in lines)
     loggers = {line["logger"] for line in lines}
     assert "uvicorn.error" in loggers, loggers  # "Uvicorn running on ..." and friends
+    # Once started, the node took its start-up objects out of the collector's way.
+    assert any(
+        line["logger"] == "service.server" and str(line["message"]).startswith("froze ")
+        for line in lines
+    )
     assert "uvicorn.access" not in loggers  # replaced by service.access
     [access] = [
         line for line in lines if line["logger"] == "service.access" and line["path"] == "/v1/notes"
