@@ -18,6 +18,7 @@ SIGKILL loses at most that much of its log.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -66,7 +67,9 @@ class RequestRecorder:
             except RuntimeError:  # not on an event loop: nothing would fire a timer
                 self.flush()
                 return
-            self._timer = loop.call_later(MAX_AGE_S, self.flush)
+            # An empty context: the batch belongs to no request, whereas the
+            # one being finished here would otherwise be current in flush().
+            self._timer = loop.call_later(MAX_AGE_S, self.flush, context=contextvars.Context())
 
     def flush(self) -> None:
         """Record every pending request now."""

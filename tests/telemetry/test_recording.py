@@ -18,7 +18,7 @@ import pytest
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, get_current_span
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, get_current_span, use_span
 
 from service.config import Settings
 from service.telemetry import Telemetry
@@ -35,11 +35,13 @@ class FakeInstruments:
         self.fail = fail
         self.recorded: list[tuple[str, str, int]] = []
         self.replays: list[str] = []
+        self.in_a_trace: bool | None = None  # whether a span was current at the last record
 
     def record(self, method: str, route: str, status: int, duration_s: float) -> None:
         if self.fail:
             raise RuntimeError("instrument broke")
         self.recorded.append((method, route, status))
+        self.in_a_trace = get_current_span().get_span_context().is_valid
 
     def replayed(self, route: str) -> None:
         self.replays.append(route)
@@ -92,6 +94,17 @@ async def test_a_batch_is_recorded_once_its_oldest_request_is_max_age_old() -> N
     assert first["logger"] == "service.access" and first["node_id"] == "node-7"
     assert first["trace_id"] == format(0xABC, "032x") and first["span_id"] == format(0xDEF, "016x")
     assert first["duration_ms"] == 2.0 and first["status"] == 200
+
+
+async def test_a_batch_is_recorded_outside_the_trace_of_the_request_that_started_it() -> None:
+    rec, instruments, _ = recorder()
+    request_span = NonRecordingSpan(
+        SpanContext(int(TRACE_ID, 16), 0xB7AD6B7169203331, is_remote=False)
+    )
+    with use_span(request_span):
+        rec.add(finished(1))  # the timer is set here, inside the request's trace
+    await asyncio.sleep(MAX_AGE_S * 4)
+    assert instruments.recorded and instruments.in_a_trace is False
 
 
 async def test_a_full_batch_is_recorded_at_once() -> None:
