@@ -20,7 +20,7 @@ VENV_STAMP := .venv/.synced
 .PHONY: help run test lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-telemetry-parts bench-efficiency failover scaleout nodeloss
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
 
 $(UV):
 	@echo "uv not found: installing it for this user with pip"
