@@ -100,9 +100,10 @@ class AccessLog:
     the request's fields, but they are written straight to the stream rather
     than through `logging`: a LogRecord, the handler's lock and the generic
     formatter made a line cost about twice as much (14 µs against 6 µs, timed
-    in a loop). Switched with CATTLE_ACCESS_LOG, not by logger levels. Lines come in batches (service.telemetry.requests);
-    a batch is one write, flushed at once, so lines logged by other threads
-    never interleave with a line of it.
+    in a loop). Switched with CATTLE_ACCESS_LOG, not by logger levels. Lines
+    come in batches (service.telemetry.requests); a batch is one write,
+    flushed at once, so lines logged by other threads never interleave with a
+    line of it.
     """
 
     def __init__(self, node_id: str, stream: TextIO | None = None) -> None:
