@@ -5,10 +5,11 @@
 One real node process per configuration (`python -m service serve`: uvicorn,
 uvloop, httptools, JSON logs to a file as a container runtime would take them),
 all pinned to CPU core 0 and sharing one seeded SQLite database; wrk pinned to
-core 1 drives GET /v1/notes/{id} at saturation on 127.0.0.1. Rounds alternate
-the configurations (rotating the order) so drift in the machine's load hits
-them alike; each round's throughput is divided by the telemetry-off figure of
-the same round, and the report gives the median of those ratios and their range.
+core 1 drives GET /v1/notes/{id} at saturation on 127.0.0.1. Every round runs
+each configuration once (rotating the order), each between two runs of
+telemetry off, and divides its throughput and CPU per request by the mean of
+those two: drift in the machine's speed hits both sides alike. The report
+gives the median of those ratios over rounds and their range.
 
 Configurations:
   off          CATTLE_TELEMETRY_ENABLED=false CATTLE_ACCESS_LOG=false
@@ -110,11 +111,12 @@ def counted_requests(port: int, route: str) -> float:
 
 
 def summarize(all_configs: list[Config]) -> dict[str, Any]:
-    baseline = next(c for c in all_configs if c.name == BASELINE)
     summary: dict[str, Any] = {}
     for config in all_configs:
         rps = [r["rps"] for r in config.rounds]
-        ratios = [r["rps"] / b["rps"] for r, b in zip(config.rounds, baseline.rounds, strict=True)]
+        # Against the baseline runs just before and after (the baseline's own
+        # rounds are their median, so its ratio is 1).
+        ratios = [r["rps"] / r["baseline_rps"] for r in config.rounds]
         median_ratio = statistics.median(ratios)
         summary[config.name] = {
             "note": config.note,
@@ -140,13 +142,31 @@ def summarize(all_configs: list[Config]) -> dict[str, Any]:
             ),
             "cpu_ratio_median": round(
                 statistics.median(
-                    cpu_us_per_request(r) / cpu_us_per_request(b)
-                    for r, b in zip(config.rounds, baseline.rounds, strict=True)
+                    cpu_us_per_request(r) / r["baseline_cpu_us"] for r in config.rounds
                 ),
                 4,
             ),
         }
     return summary
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round of the baseline from its runs: medians, and totals of counts."""
+    rps = statistics.median(r["rps"] for r in runs)
+    merged = {
+        "rps": rps,
+        "requests": sum(r["requests"] for r in runs),
+        "non_2xx": sum(r["non_2xx"] for r in runs),
+        "server_cpu_s": sum(r["server_cpu_s"] for r in runs),
+        "latency_ms": {
+            key: statistics.median(r["latency_ms"].get(key, 0) for r in runs)
+            for key in ("p50", "p90", "p99")
+        },
+        "runs": runs,
+    }
+    merged["baseline_rps"] = rps
+    merged["baseline_cpu_us"] = cpu_us_per_request(merged)
+    return merged
 
 
 def cpu_us_per_request(result: dict[str, Any]) -> float:
@@ -191,7 +211,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        "Per-round throughput (req/s); within a round the configurations ran in a rotated order:",
+        "Per-round throughput (req/s); within a round the configurations ran in a rotated order, "
+        "`off` between each two:",
         "",
         "| round | " + " | ".join(f"`{n}`" for n in s) + " |",
         "| --- | " + " | ".join("---:" for _ in s) + " |",
@@ -217,8 +238,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"-d{setup['seconds']}s --latency` against `GET /v1/notes/{{id}}` on 127.0.0.1, "
         f"after a {setup['warmup_seconds']} s warm-up per node.",
         f"- {setup['rounds']} rounds; every round runs each configuration once, in a rotated "
-        "order. A configuration's ratio is computed within each round against the `off` run of "
-        "the same round; the table shows the median and range of those ratios.",
+        "order, each between two runs of `off`, and divides its figures by the mean of those "
+        "two (drift of the machine's speed cancels); the table shows the median and range of "
+        "those ratios over rounds. `off`'s own figures per round are the median of its runs.",
         "- CPU µs/request is the node process's CPU time (user + system, all its threads) over "
         "the responses wrk counted, per round; its ratio is taken within each round as well.",
         "- `default` starts a server span per request (trace and span ids for the logs and for "
@@ -257,7 +279,7 @@ def collector_stats(port: int) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = wrkbench.argument_parser("python -m loadtests.bench_telemetry", __doc__, seconds=6)
+    parser = wrkbench.argument_parser("python -m loadtests.bench_telemetry", __doc__, seconds=4)
     parser.set_defaults(rounds=5)
     parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
     return parser
@@ -332,22 +354,39 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                 for name in ("default", "otlp")
             }
             spans_before = collector_stats(collector.port).get("/v1/traces", {}).get("spans", 0)
+            baseline = by_name[BASELINE]
+            measured = [config for config in all_configs if config is not baseline]
+
+            def drive(config: Config) -> dict[str, Any]:
+                server = server_of(config)
+                result = wrkbench.run_wrk(
+                    server.url + path,
+                    seconds=args.seconds,
+                    connections=args.connections,
+                    client_core=args.client_core,
+                    server_pid=server.pid,
+                )
+                print(f"{config.name:14s} {result['rps']:8.0f} req/s", flush=True)
+                return result
+
             for round_no in range(args.rounds):
-                shift = round_no % len(all_configs)
-                for config in all_configs[shift:] + all_configs[:shift]:
-                    server = server_of(config)
-                    result = wrkbench.run_wrk(
-                        server.url + path,
-                        seconds=args.seconds,
-                        connections=args.connections,
-                        client_core=args.client_core,
-                        server_pid=server.pid,
-                    )
+                print(f"round {round_no + 1}", flush=True)
+                shift = round_no % len(measured)
+                # Every configuration runs between two runs of the baseline and
+                # is compared with their mean: the machine's drift cancels.
+                before = drive(baseline)
+                off_runs = [before]
+                for config in measured[shift:] + measured[:shift]:
+                    result = drive(config)
+                    after = drive(baseline)
+                    off_runs.append(after)
+                    result["baseline_rps"] = (before["rps"] + after["rps"]) / 2
+                    result["baseline_cpu_us"] = (
+                        cpu_us_per_request(before) + cpu_us_per_request(after)
+                    ) / 2
                     config.rounds.append(result)
-                    print(
-                        f"round {round_no + 1} {config.name:14s} {result['rps']:8.0f} req/s",
-                        flush=True,
-                    )
+                    before = after
+                baseline.rounds.append(merge_runs(off_runs))
             counted = {
                 name: counted_requests(server_of(by_name[name]).port, wrkbench.NOTE_ROUTE)
                 - warm[name]
