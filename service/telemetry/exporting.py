@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+R = TypeVar("R")
 
 Signal = Literal["traces", "metrics"]
 
@@ -103,12 +105,25 @@ class ExportWatch:
         else:
             self._reasons[-1] = message
 
-    def begin(self) -> None:
-        """Called by the exporting thread; the exporter resets it when done."""
+    def run(self, export: Callable[[], R], success: R, failure: R) -> R:
+        """Run one export on this (the exporter's) thread and record its outcome.
+
+        While it runs, what the exporter logs about a failure is kept as its
+        reason; an exception counts as a failure and returns `failure`.
+        """
         self._reasons = []
         _exporting.watch = self
+        try:
+            result = export()
+        except Exception as exc:
+            self._end(False, repr(exc))
+            return failure
+        finally:
+            _exporting.watch = None
+        self._end(result is success)
+        return result
 
-    def end(self, success: bool, error: str | None = None) -> None:
+    def _end(self, success: bool, error: str | None = None) -> None:
         if success:
             self.consecutive_failures = 0
             self.last_success_at = time.time()
@@ -158,16 +173,9 @@ class WatchedSpanExporter(SpanExporter):
         _watch_logger_of(inner)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.watch.begin()
-        try:
-            result = self.inner.export(spans)
-        except Exception as exc:
-            self.watch.end(False, repr(exc))
-            return SpanExportResult.FAILURE
-        finally:
-            _exporting.watch = None
-        self.watch.end(result is SpanExportResult.SUCCESS)
-        return result
+        return self.watch.run(
+            lambda: self.inner.export(spans), SpanExportResult.SUCCESS, SpanExportResult.FAILURE
+        )
 
     def shutdown(self) -> None:
         self.inner.shutdown()
@@ -190,16 +198,11 @@ class WatchedMetricExporter(MetricExporter):
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
-        self.watch.begin()
-        try:
-            result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
-        except Exception as exc:
-            self.watch.end(False, repr(exc))
-            return MetricExportResult.FAILURE
-        finally:
-            _exporting.watch = None
-        self.watch.end(result is MetricExportResult.SUCCESS)
-        return result
+        return self.watch.run(
+            lambda: self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs),
+            MetricExportResult.SUCCESS,
+            MetricExportResult.FAILURE,
+        )
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return self.inner.force_flush(timeout_millis)
