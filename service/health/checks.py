@@ -208,25 +208,23 @@ class HealthChecker:
             )
         except Exception as exc:  # whatever the driver raises, the primary is not usable
             return self._failed("primary", f"unreachable: {_describe(exc)}")
-        latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        slow = latency_ms > self.db_latency_warn_ms
-        return self._result(
-            "primary",
-            Status.warn if slow else Status.ok,
-            latency_ms,
-            "ms",
-            output=f"slower than {self.db_latency_warn_ms} ms" if slow else "",
+        return self._timed(
+            "primary", time.perf_counter() - started, self.db_latency_warn_ms, "slower than"
         )
 
     def _loop_result(self, lag_s: float) -> CheckResult:
-        lag_ms = round(lag_s * 1000, 3)
-        slow = lag_ms > self.loop_lag_warn_ms
+        return self._timed("event_loop", lag_s, self.loop_lag_warn_ms, "blocked for more than")
+
+    def _timed(self, name: str, seconds: float, warn_ms: float, warning: str) -> CheckResult:
+        """A duration in ms: ok, or warn (with why) when it is over `warn_ms`."""
+        observed_ms = round(seconds * 1000, 3)
+        slow = observed_ms > warn_ms
         return self._result(
-            "event_loop",
+            name,
             Status.warn if slow else Status.ok,
-            lag_ms,
+            observed_ms,
             "ms",
-            output=f"blocked for more than {self.loop_lag_warn_ms} ms" if slow else "",
+            output=f"{warning} {warn_ms} ms" if slow else "",
         )
 
     def _result(
