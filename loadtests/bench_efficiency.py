@@ -403,12 +403,7 @@ def markdown(report: dict[str, Any]) -> str:
     other = max(row["other_cpu_cores"]["max"] for row in s.values())
     lines += [
         "",
-        "## How it was measured",
-        "",
-        "```",
-        report["command"],
-        "```",
-        "",
+        *machine.how_measured(report["command"]),
         "(`make bench-efficiency` runs the same with the defaults.)",
         "",
         f"- One uvicorn process per configuration (uvloop, httptools, one worker, uvicorn's "

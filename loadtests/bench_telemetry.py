@@ -225,12 +225,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "## How it was measured",
-        "",
-        "```",
-        report["command"],
-        "```",
-        "",
+        *machine.how_measured(report["command"]),
         f"- One node process per configuration (`python -m service serve`: uvicorn, uvloop, "
         f"httptools, one process), all pinned to CPU core {setup['server_core']} with taskset, "
         f"sharing one SQLite database seeded with one note; logs go to a file.",

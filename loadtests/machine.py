@@ -49,6 +49,11 @@ def exclusive(name: str, timeout_s: float = 1800) -> Iterator[None]:
 Markdown = Callable[[dict[str, Any]], str]
 
 
+def how_measured(command: str) -> list[str]:
+    """The heading every report's method section starts with, and its command."""
+    return ["## How it was measured", "", "```", command, "```", ""]
+
+
 def write_report(report: dict[str, Any], out: Path, markdown: Markdown) -> None:
     """OUT.json (the figures) and OUT.md (them, rendered for reading)."""
     out.parent.mkdir(parents=True, exist_ok=True)

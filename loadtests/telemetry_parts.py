@@ -367,12 +367,7 @@ def markdown(report: dict[str, Any]) -> str:
         "At the default ratio of 10% a request pays a tenth of that on average; the cost "
         "scales with `OTEL_TRACES_SAMPLER_ARG`.",
         "",
-        "## How it was measured",
-        "",
-        "```",
-        report["command"],
-        "```",
-        "",
+        *machine.how_measured(report["command"]),
         f"- One process pinned to core {setup['core']}: two apps on one SQLite database, one "
         "with `CATTLE_TELEMETRY_ENABLED=false CATTLE_ACCESS_LOG=false`, one at the defaults "
         "(no OTLP endpoint, so no span is recorded).",
