@@ -89,7 +89,6 @@ class Telemetry:
         self.propagation_headers = propagation_headers()
         self.registry = new_registry()
         self.meter_provider: MeterProvider | None = None
-        self.http: HttpInstruments | None = None
         self.gauges = NodeGauges()
         self.started = False
         self._watches: list[ExportWatch] = []
@@ -131,8 +130,7 @@ class Telemetry:
                 self._export_broken(watch, exc)
         self.meter_provider = build_meter_provider(self.resource, readers, self.environ)
         meter = self.meter_provider.get_meter(INSTRUMENTATION_NAME)
-        self.http = HttpInstruments(meter)
-        self.requests.http = self.http
+        self.requests.http = HttpInstruments(meter)
         self.gauges.register(meter)
 
     def _start_trace_export(self) -> None:
