@@ -184,10 +184,9 @@ async def get_note(
         except service.NoteNotFound:
             return None
 
-    found, source = await db.run_read(find, min_lsn=min_lsn)
-    if found is None:
+    note, source = await db.run_read(find, min_lsn=min_lsn)
+    if note is None:
         raise _not_found(note_id, {READ_SOURCE: source})
-    note = found
     if if_none_match is not None and conditional.none_match(if_none_match, note.version):
         return Response(
             status_code=304, headers={"ETag": conditional.etag(note.version), READ_SOURCE: source}
