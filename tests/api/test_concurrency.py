@@ -40,10 +40,12 @@ def slow_create(monkeypatch):
     monkeypatch.setattr(service, "create_note", slow_create_note)
 
 
-async def _race(client: httpx.AsyncClient) -> list[httpx.Response]:
+async def _race(client: httpx.AsyncClient, key: str | None = "race") -> list[httpx.Response]:
+    headers = {"Idempotency-Key": key} if key is not None else {}
+
     async def attempt() -> httpx.Response:
         return await client.post(
-            "/v1/notes", json={"title": "once", "body": "only"}, headers={"Idempotency-Key": "race"}
+            "/v1/notes", json={"title": "once", "body": "only"}, headers=headers
         )
 
     return await asyncio.gather(*(attempt() for _ in range(N)))
@@ -67,6 +69,14 @@ async def test_concurrent_posts_with_one_key_create_exactly_one_note(settings, s
         replay = (await _race(client))[0]
         assert replay.status_code == 201
         assert replay.json()["id"] == _fresh(responses)[0].json()["id"]
+
+
+async def test_the_same_race_without_a_key_creates_a_note_per_request(client, settings):
+    """The unprotected case: the key is what makes the races above create one note."""
+    responses = await _race(client, key=None)
+    assert [r.status_code for r in responses] == [201] * N
+    assert len({r.json()["id"] for r in responses}) == N
+    assert await _count_notes(settings) == N
 
 
 async def test_requests_that_wait_for_an_in_flight_key_get_its_response(
