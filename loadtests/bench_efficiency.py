@@ -208,17 +208,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "command": command(args),
         "versions": {name: _version(name) for name in PACKAGES},
         "setup": {
-            "server_core": args.server_core,
-            "client_core": args.client_core,
-            "connections": args.connections,
-            "seconds": args.seconds,
-            "warmup_seconds": args.warmup,
-            "rounds": args.rounds,
-            "endpoint": "GET /v1/notes/{id}",
+            **wrkbench.setup_of(args, loadavg_before),
             "body_bytes": body_bytes,
             "cattle_database": "SQLite (embedded)",
-            "loadavg_before": [round(x, 2) for x in loadavg_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
         "thresholds": {
             "saturated_cores": SATURATED_CORES,

@@ -290,6 +290,21 @@ def run_wrk(
     return result
 
 
+def setup_of(args: argparse.Namespace, loadavg_before: tuple[float, ...]) -> dict[str, Any]:
+    """What a report records of a run made with argument_parser's options."""
+    return {
+        "server_core": args.server_core,
+        "client_core": args.client_core,
+        "connections": args.connections,
+        "seconds": args.seconds,
+        "warmup_seconds": args.warmup,
+        "rounds": args.rounds,
+        "endpoint": "GET /v1/notes/{id}",
+        "loadavg_before": [round(x, 2) for x in loadavg_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def argument_parser(prog: str, doc: str | None, *, seconds: int) -> argparse.ArgumentParser:
     """The options every wrk benchmark shares: durations, rounds, cores, output."""
     parser = argparse.ArgumentParser(
