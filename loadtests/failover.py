@@ -7,7 +7,7 @@ leader's postmaster gets SIGKILL. Afterwards every acknowledged note must be on 
 primary exactly once, and we measure how long writes were unavailable.
 
 `python -m loadtests.failover` runs it once and writes docs/results/failover.{md,json};
-tests/integration/test_patroni_failover.py runs the same code and asserts the audit.
+tests/lab/test_patroni_failover.py runs the same code and asserts the audit.
 """
 
 from __future__ import annotations

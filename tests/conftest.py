@@ -1,14 +1,14 @@
 """Shared fixtures: real databases (SQLite files, a PostgreSQL server the suite
 starts itself) migrated by the project's own migrations, and an API client.
 
-Under CI=true a missing dependency fails the test; elsewhere it skips.
+Under any truthy CI a missing dependency fails the test; elsewhere it skips
+(tests/support.py decides).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import tempfile
 import uuid
@@ -24,17 +24,9 @@ from deploy.lab.postgres import PostgresCluster, PostgresNotInstalled, find_bind
 from service.app import create_app
 from service.config import Settings
 from service.db import migrate
+from tests.support import require
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TEMPLATE_DB = "cattle_template"
-
-
-def require(condition: bool, reason: str) -> None:
-    """Skip when a dependency is missing, but fail under CI: CI must run everything."""
-    if not condition:
-        if IN_CI:
-            pytest.fail(f"missing dependency under CI: {reason}")
-        pytest.skip(reason)
 
 
 def scratch_dir(prefix: str) -> Path:

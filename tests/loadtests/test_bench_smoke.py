@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from loadtests import bench_efficiency, bench_telemetry, machine, telemetry_parts
-from tests.conftest import require
+from tests.support import require
 
 pytestmark = pytest.mark.cluster
 

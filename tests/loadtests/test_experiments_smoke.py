@@ -15,7 +15,7 @@ import pytest
 
 from deploy.lab import cgroups
 from loadtests import nodeloss, scaleout
-from tests.conftest import require
+from tests.support import require
 
 pytestmark = pytest.mark.cluster
 

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from service.config import Settings
+from tests.support import wait_until
 from tests.telemetry.conftest import running_node
 
 
@@ -57,15 +58,6 @@ def fast_export(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")  # s, in the Python SDK
 
 
-def wait_for(predicate: object, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
 async def test_without_an_endpoint_nothing_is_exported(sqlite_settings: Settings) -> None:
     async with running_node(sqlite_settings) as node:
         status = node.telemetry.export_status()
@@ -81,9 +73,21 @@ async def test_export_to_a_collector_reports_ok(
     fast_export(monkeypatch, endpoint)
     async with running_node(sqlite_settings) as node:
         await node.http.get("/v1/notes")
-        assert wait_for(lambda: {"/v1/traces", "/v1/metrics"} <= set(received), 10)
-        assert wait_for(
-            lambda: all(s.last_success_at for s in node.telemetry.export_status().signals), 5
+        assert (
+            wait_until(
+                lambda: {"/v1/traces", "/v1/metrics"} <= set(received),
+                timeout_s=10,
+                interval_s=0.05,
+            )
+            is not None
+        )
+        assert (
+            wait_until(
+                lambda: all(s.last_success_at for s in node.telemetry.export_status().signals),
+                timeout_s=5,
+                interval_s=0.05,
+            )
+            is not None
         )
         status = node.telemetry.export_status()
         assert status.status == "ok"
@@ -109,7 +113,10 @@ async def test_an_unresponsive_collector_costs_requests_nothing_and_is_reported(
         # An export blocks for its 1 s timeout; no request waited for one.
         assert slowest < 0.5, f"a request took {slowest:.3f} s"
 
-        assert wait_for(lambda: not node.telemetry.export_status().ok, 15)
+        assert (
+            wait_until(lambda: not node.telemetry.export_status().ok, timeout_s=15, interval_s=0.05)
+            is not None
+        )
         status = node.telemetry.export_status()
         assert status.status == "failing"
         assert status.last_error is not None and black_hole in status.last_error

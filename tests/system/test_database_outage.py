@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from deploy.lab.postgres import PostgresCluster
-from tests.lifecycle.conftest import StartNode
-from tests.lifecycle.helpers import agent_port, agent_says, poll_until, status_of
+from tests.support import wait_until
+from tests.system.conftest import StartNode
+from tests.system.helpers import agent_port, agent_says, status_of
 
 pytestmark = pytest.mark.postgres
 
@@ -51,7 +52,7 @@ def test_database_outage_fails_readiness_not_liveness(
     stopping = time.monotonic()
     outage_postgres.stop_member("primary")
     stopped_s = time.monotonic() - stopping
-    unready_s = poll_until(lambda: status_of(node, "/readyz") == 503, timeout_s=NOTICE_BOUND_S)
+    unready_s = wait_until(lambda: status_of(node, "/readyz") == 503, timeout_s=NOTICE_BOUND_S)
     assert unready_s is not None, node.log_tail()
     assert status_of(node, "/livez") == 200
     assert status_of(node, "/startupz") == 200
@@ -78,7 +79,7 @@ def test_database_outage_fails_readiness_not_liveness(
     starting = time.monotonic()
     outage_postgres.start_member("primary")
     started_s = time.monotonic() - starting
-    ready_s = poll_until(lambda: status_of(node, "/readyz") == 200, timeout_s=NOTICE_BOUND_S + 2)
+    ready_s = wait_until(lambda: status_of(node, "/readyz") == 200, timeout_s=NOTICE_BOUND_S + 2)
     assert ready_s is not None, node.log_tail()
     assert agent_says(port) == "up ready 100%\n"
     assert json.loads(node.get("/healthz").body)["lifecycle"] == "ready"
@@ -112,13 +113,13 @@ def test_a_lost_replica_degrades_the_node_but_it_stays_ready(
         doc: dict[str, Any] = json.loads(node.get("/healthz").body)
         return doc
 
-    assert poll_until(lambda: healthz()["lifecycle"] == "ready", timeout_s=5) is not None
+    assert wait_until(lambda: healthz()["lifecycle"] == "ready", timeout_s=5) is not None
     (replicas,) = healthz()["checks"]["replicas:lag"]
     assert replicas["status"] == "pass" and replicas["observedUnit"] == "s"
 
     outage_postgres.stop_member("replica1")
     try:
-        degraded_s = poll_until(
+        degraded_s = wait_until(
             lambda: healthz()["lifecycle"] == "degraded", timeout_s=NOTICE_BOUND_S
         )
         assert degraded_s is not None, node.log_tail()
@@ -132,4 +133,4 @@ def test_a_lost_replica_degrades_the_node_but_it_stays_ready(
         assert node.get("/v1/notes?limit=1").status == 200
     finally:
         outage_postgres.start_member("replica1")
-    assert poll_until(lambda: healthz()["lifecycle"] == "ready", timeout_s=10) is not None
+    assert wait_until(lambda: healthz()["lifecycle"] == "ready", timeout_s=10) is not None

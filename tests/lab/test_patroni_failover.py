@@ -13,7 +13,8 @@ import pytest
 from deploy.lab.patroni import PatroniCluster, PatroniNotInstalled
 from deploy.lab.postgres import PostgresNotInstalled
 from loadtests import failover
-from tests.conftest import require, scratch_dir
+from tests.conftest import scratch_dir
+from tests.support import require
 
 
 @pytest.mark.postgres

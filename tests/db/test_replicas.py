@@ -10,7 +10,6 @@ import asyncio
 import collections
 import contextlib
 import os
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -19,6 +18,7 @@ import pytest
 from deploy.lab.postgres import PostgresCluster
 from service.config import Settings
 from tests.conftest import asgi_client, migrated_template, postgres_cluster
+from tests.support import wait_until, wait_until_async
 
 pytestmark = [pytest.mark.postgres, pytest.mark.cluster]
 
@@ -47,14 +47,17 @@ def dbname(replicated: PostgresCluster) -> Iterator[str]:
 
 
 def _wait_on_replicas(cluster: PostgresCluster, name: str, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
+    def reachable(member: str) -> bool:
+        try:
+            return cluster.psql("SELECT 1", member=member, dbname=name) == "1"
+        except Exception:
+            return False
+
     for replica in cluster.replicas:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                if cluster.psql("SELECT 1", member=replica.name, dbname=name) == "1":
-                    break
-            time.sleep(0.1)
-        else:
+        if (
+            wait_until(lambda r=replica.name: reachable(r), timeout_s=timeout_s, interval_s=0.1)
+            is None
+        ):
             pytest.fail(f"database {name} never reached {replica.name}")
 
 
@@ -110,18 +113,15 @@ async def test_token_reads_use_a_replica_once_it_has_replayed(replicated, dbname
     async with two_nodes(replicated, dbname) as (a, b):
         created = await a.post("/v1/notes", json={"title": "x"})
         token = created.headers["consistency-token"]
-        deadline = time.monotonic() + 10
-        source = None
-        while time.monotonic() < deadline:
+
+        async def read_from_a_replica() -> bool:
             response = await b.get(
                 created.headers["location"], headers={"Consistency-Token": token}
             )
             assert response.status_code == 200
-            source = response.headers["x-read-source"]
-            if source.startswith("replica"):
-                break
-            await asyncio.sleep(0.05)
-        assert source is not None and source.startswith("replica")
+            return bool(response.headers["x-read-source"].startswith("replica"))
+
+        assert await wait_until_async(read_from_a_replica, timeout_s=10) is not None
 
 
 async def test_reads_are_spread_across_fresh_replicas(replicated, dbname):
@@ -182,16 +182,16 @@ async def test_losing_a_replica_degrades_and_recovers(replicated, dbname):
             assert (await b.get("/readyz")).status_code == 200
         finally:
             replicated.start_member(lost.name)
-        deadline = time.monotonic() + 15
-        back = False
-        while time.monotonic() < deadline and not back:
+
+        async def back_in_rotation() -> bool:
             response = await b.get(created.headers["location"])
-            back = response.headers["x-read-source"].startswith(lost_name_prefix)
-            await asyncio.sleep(0.05)
-        assert back, "the replica never came back into rotation"
-        deadline = time.monotonic() + 5  # the health checker runs on its own interval
-        status = None
-        while time.monotonic() < deadline and status != "pass":
-            status = (await b.get("/healthz")).json()["status"]
-            await asyncio.sleep(0.1)
-        assert status == "pass"
+            return bool(response.headers["x-read-source"].startswith(lost_name_prefix))
+
+        async def passing() -> bool:
+            return bool((await b.get("/healthz")).json()["status"] == "pass")
+
+        assert await wait_until_async(back_in_rotation, timeout_s=15) is not None, (
+            "the replica never came back into rotation"
+        )
+        # The health checker runs on its own interval.
+        assert await wait_until_async(passing, timeout_s=5, interval_s=0.1) is not None

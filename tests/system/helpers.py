@@ -12,24 +12,11 @@ from dataclasses import dataclass, field
 
 from deploy.lab.node import Node
 from deploy.lab.postgres import free_port
+from tests.support import wait_until
 
 
 def agent_port() -> int:
     return free_port("127.0.0.1")
-
-
-def poll_until(
-    predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.005
-) -> float | None:
-    """Seconds until `predicate()` held, or None if it did not within `timeout_s`."""
-    started = time.monotonic()
-    deadline = started + timeout_s
-    while True:
-        if predicate():
-            return time.monotonic() - started
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(interval_s)
 
 
 def status_of(node: Node, path: str) -> int | None:
@@ -168,4 +155,4 @@ class RequestStream:
 
 def wait_until_refused(check: Callable[[], int | None], timeout_s: float) -> float | None:
     """Seconds until `check()` returns None (the port refuses)."""
-    return poll_until(lambda: check() is None, timeout_s=timeout_s, interval_s=0.01)
+    return wait_until(lambda: check() is None, timeout_s=timeout_s, interval_s=0.01)

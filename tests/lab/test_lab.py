@@ -21,7 +21,8 @@ from deploy.lab import cgroups, haproxy, procs
 from deploy.lab.cluster import Lab, LabOptions
 from deploy.lab.postgres import PostgresNotInstalled, find_bindir
 from loadtests.driver import audit, drive
-from tests.conftest import require, scratch_dir
+from tests.conftest import scratch_dir
+from tests.support import require
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 

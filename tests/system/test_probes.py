@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from deploy.lab.node import Node
-from tests.lifecycle.conftest import StartNode
-from tests.lifecycle.helpers import SlowUpload, agent_port, agent_says, poll_until, status_of
+from tests.support import wait_until
+from tests.system.conftest import StartNode
+from tests.system.helpers import SlowUpload, agent_port, agent_says, status_of
 
 TOKEN = "lifecycle-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -58,7 +59,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 @pytest.fixture
 def ready(running: Running) -> Running:
     running.drain_file.unlink(missing_ok=True)
-    assert poll_until(lambda: status_of(running.node, "/readyz") == 200, timeout_s=5) is not None
+    assert wait_until(lambda: status_of(running.node, "/readyz") == 200, timeout_s=5) is not None
     return running
 
 
@@ -114,7 +115,7 @@ def test_in_flight_requests_show_in_healthz_and_agent_weight(ready: Running) -> 
         return int(doc["checks"]["http:inFlight"][0]["observedValue"])
 
     # Two of CATTLE_MAX_IN_FLIGHT=4 busy: half the weight.
-    assert poll_until(lambda: in_flight() == 2, timeout_s=1.0) is not None
+    assert wait_until(lambda: in_flight() == 2, timeout_s=1.0) is not None
     assert agent_says(ready.agent) == "up ready 50%\n"
     for upload in uploads:
         upload.join(10)
@@ -153,7 +154,7 @@ def test_admin_drain_flips_readiness_and_agent_at_once(ready: Running) -> None:
     started = time.monotonic()
     reply = node.request("POST", "/admin/drain", headers=AUTH)
     assert reply.status == 200, reply.text
-    assert poll_until(lambda: status_of(node, "/readyz") == 503, timeout_s=1) is not None
+    assert wait_until(lambda: status_of(node, "/readyz") == 503, timeout_s=1) is not None
     flipped_s = time.monotonic() - started
     assert flipped_s < FLIP_BOUND_S
     assert json.loads(reply.body) == {"state": "draining", "drained_by": ["admin"],
@@ -181,7 +182,7 @@ def test_drain_file_drains_and_its_removal_undrains(ready: Running) -> None:
     node = ready.node
     started = time.monotonic()
     ready.drain_file.touch()
-    assert poll_until(lambda: status_of(node, "/readyz") == 503, timeout_s=1) is not None
+    assert wait_until(lambda: status_of(node, "/readyz") == 503, timeout_s=1) is not None
     flipped_s = time.monotonic() - started
     assert flipped_s < FLIP_BOUND_S
     assert agent_says(ready.agent) == "drain\n"
@@ -195,7 +196,7 @@ def test_drain_file_drains_and_its_removal_undrains(ready: Running) -> None:
 
     started = time.monotonic()
     ready.drain_file.unlink()
-    assert poll_until(lambda: status_of(node, "/readyz") == 200, timeout_s=1) is not None
+    assert wait_until(lambda: status_of(node, "/readyz") == 200, timeout_s=1) is not None
     back_s = time.monotonic() - started
     assert back_s < FLIP_BOUND_S
     assert agent_says(ready.agent) == "up ready 100%\n"

@@ -6,13 +6,13 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from deploy.lab.postgres import PostgresCluster, PostgresError, PostgresNotInstalled, find_bindir
+from tests.support import wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -37,11 +37,8 @@ def _new_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _eventually(check: Callable[[], bool], timeout_s: float = 10, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s}s: {what}")
-        time.sleep(0.1)
+    if wait_until(check, timeout_s=timeout_s, interval_s=0.1) is None:
+        pytest.fail(f"not within {timeout_s}s: {what}")
 
 
 def _answer(

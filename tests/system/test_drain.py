@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.lifecycle.conftest import StartNode
-from tests.lifecycle.helpers import (
+from tests.support import wait_until
+from tests.system.conftest import StartNode
+from tests.system.helpers import (
     RequestStream,
     SlowUpload,
     agent_port,
     agent_says,
-    poll_until,
     status_of,
 )
 
@@ -35,7 +35,7 @@ def test_sigterm_flips_readiness_at_once_while_livez_stays_up(start_node: StartN
 
     sent = time.monotonic()
     node.send_signal(signal.SIGTERM)
-    flipped_s = poll_until(lambda: status_of(node, "/readyz") == 503, timeout_s=2)
+    flipped_s = wait_until(lambda: status_of(node, "/readyz") == 503, timeout_s=2)
     assert flipped_s is not None
     assert flipped_s < FLIP_BOUND_S
 
@@ -165,7 +165,7 @@ def test_agent_says_up_then_drain_then_the_port_closes(start_node: StartNode) ->
     assert agent_says(port) == "up ready 100%\n"
     sigterm = time.monotonic()
     node.send_signal(signal.SIGTERM)
-    drained_s = poll_until(lambda: agent_says(port) == "drain\n", timeout_s=1)
+    drained_s = wait_until(lambda: agent_says(port) == "drain\n", timeout_s=1)
     assert drained_s is not None
     assert drained_s < FLIP_BOUND_S
     said: list[str | None] = []
@@ -174,7 +174,7 @@ def test_agent_says_up_then_drain_then_the_port_closes(start_node: StartNode) ->
         said.append(agent_says(port))
         return said[-1] is None
 
-    closed_s = poll_until(closed, timeout_s=5)
+    closed_s = wait_until(closed, timeout_s=5)
     assert closed_s is not None
     assert set(said[:-1]) == {"drain\n"}
     assert time.monotonic() - sigterm >= 1.0  # not before the drain delay
@@ -199,7 +199,7 @@ def test_a_node_started_with_the_drain_file_stays_out_and_sigterm_is_final(
     assert status_of(node, "/readyz") == 503
     assert agent_says(port) == "drain\n"
     node.send_signal(signal.SIGTERM)
-    assert poll_until(lambda: "SIGTERM: draining" in node.log_text(), timeout_s=2) is not None
+    assert wait_until(lambda: "SIGTERM: draining" in node.log_text(), timeout_s=2) is not None
     drain_file.unlink()
     time.sleep(0.3)  # six polls of the drain file
     assert status_of(node, "/readyz") == 503  # a stopping node never undrains
@@ -211,7 +211,7 @@ def test_a_second_signal_ends_the_process_at_once(start_node: StartNode, second:
     node = start_node({"CATTLE_DRAIN_DELAY_S": "60", "CATTLE_SHUTDOWN_TIMEOUT_S": "60"})
     upload = SlowUpload(node, duration_s=30.0, chunks=60).start()
     node.send_signal(signal.SIGTERM)
-    assert poll_until(lambda: status_of(node, "/readyz") == 503, timeout_s=2) is not None
+    assert wait_until(lambda: status_of(node, "/readyz") == 503, timeout_s=2) is not None
     sent = time.monotonic()
     node.send_signal(second)
     code = node.wait(5)
@@ -225,7 +225,7 @@ def test_a_second_signal_ends_the_process_at_once(start_node: StartNode, second:
 def test_readiness_reports_draining_in_healthz(start_node: StartNode) -> None:
     node = start_node({"CATTLE_DRAIN_DELAY_S": "2"})
     node.send_signal(signal.SIGTERM)
-    assert poll_until(lambda: status_of(node, "/healthz") == 503, timeout_s=1) is not None
+    assert wait_until(lambda: status_of(node, "/healthz") == 503, timeout_s=1) is not None
     doc = json.loads(node.get("/healthz").body)
     assert doc["status"] == "fail"
     assert doc["lifecycle"] == "draining"
