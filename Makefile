@@ -75,22 +75,22 @@ lab-down: $(VENV_STAMP) ## stop the local cluster
 	$(PY) -m deploy.lab down
 
 bench-telemetry: sysdeps $(VENV_STAMP) ## telemetry overhead benchmark -> docs/results/telemetry-overhead.*
-	$(PY) -m loadtests.bench_telemetry
+	$(PY) -m loadtests.benchmarks.telemetry
 
 bench-telemetry-parts: sysdeps $(VENV_STAMP) ## CPU per request of each part of telemetry -> docs/results/telemetry-parts.*
-	$(PY) -m loadtests.telemetry_parts
+	$(PY) -m loadtests.benchmarks.telemetry_parts
 
 bench-efficiency: sysdeps $(VENV_STAMP) ## req/s per core: cattle vs bare FastAPI, Starlette, raw ASGI -> docs/results/efficiency.*
-	$(PY) -m loadtests.bench_efficiency
+	$(PY) -m loadtests.benchmarks.efficiency
 
 failover: sysdeps $(VENV_STAMP) ## Patroni failover under write load -> docs/results/failover.*
-	$(PY) -m loadtests.failover
+	$(PY) -m loadtests.experiments.failover
 
 scaleout: sysdeps $(VENV_STAMP) ## throughput vs nodes (1, 2, 4, 8), USL fit -> docs/results/scaleout.*
-	$(PY) -m loadtests.scaleout
+	$(PY) -m loadtests.experiments.scaleout
 
 nodeloss: sysdeps $(VENV_STAMP) ## drain / kill -9 / restart under load, audit -> docs/results/nodeloss.*
-	$(PY) -m loadtests.nodeloss
+	$(PY) -m loadtests.experiments.nodeloss
 
 clean: ## remove the environment and local data
 	rm -rf .venv var run .pytest_cache .mypy_cache .ruff_cache

@@ -20,7 +20,8 @@ import pytest
 from deploy.lab import cgroups, haproxy, procs
 from deploy.lab.cluster import Lab, LabOptions
 from deploy.lab.postgres import PostgresNotInstalled, find_bindir
-from loadtests.driver import audit, drive
+from loadtests.experiments.audit import audit
+from loadtests.harness.driver import drive
 from tests.conftest import scratch_dir
 from tests.support import require
 

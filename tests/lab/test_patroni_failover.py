@@ -1,7 +1,8 @@
 """HA mode: the primary's postgres is killed under write load; no acknowledged write is lost.
 
-The experiment itself lives in loadtests/failover.py (`python -m loadtests.failover` writes
-the measured figures to docs/results/); this test runs it and asserts on its audit.
+The experiment itself lives in loadtests/experiments/failover.py
+(`python -m loadtests.experiments.failover` writes the measured figures to
+docs/results/); this test runs it and asserts on its audit.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from deploy.lab.patroni import PatroniCluster, PatroniNotInstalled
 from deploy.lab.postgres import PostgresNotInstalled
-from loadtests import failover
+from loadtests.experiments import failover
 from tests.conftest import scratch_dir
 from tests.support import require
 

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy.lab import cgroups
-from loadtests import machine
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from loadtests import REPO_ROOT
+from loadtests.harness import machine
 
 
 @dataclass
@@ -131,7 +130,7 @@ def run_load(
     with tempfile.TemporaryDirectory(prefix="cattle-load-") as tmp:
         out = Path(tmp) / "requests.json"
         argv = [
-            sys.executable, "-m", "loadtests.locust_run",
+            sys.executable, "-m", "loadtests.harness.locust_run",
             "--host", host, "--users", str(users), "--duration-s", str(duration_s),
             "--mix", mix, "--seed-notes", str(seed_notes), "--out", str(out),
             "--started-file", str(Path(tmp) / "started"),

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from loadtests.loadrun import LoadResult
+from loadtests.harness.loadrun import LoadResult
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

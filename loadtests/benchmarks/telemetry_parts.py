@@ -1,6 +1,8 @@
 """What each part of default telemetry costs a request, measured inside one process.
 
-    python -m loadtests.telemetry_parts   # ~1.5 min; docs/results/telemetry-parts.{md,json}
+    python -m loadtests.benchmarks.telemetry_parts
+
+Takes about 1.5 min; writes docs/results/telemetry-parts.{md,json}.
 
 bench_telemetry answers "how much throughput does telemetry cost a node?";
 this one answers "which part of it is that?", finer than a throughput
@@ -32,9 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtests import machine, wrkbench
+from loadtests import REPO_ROOT
+from loadtests import report as reports
+from loadtests.harness import machine
+from loadtests.harness import wrk as wrkbench
 
-RESULTS = wrkbench.REPO / "docs" / "results" / "telemetry-parts"
+RESULTS = REPO_ROOT / "docs" / "results" / "telemetry-parts"
 
 # variant -> the parts switched off in it
 VARIANTS: dict[str, frozenset[str]] = {
@@ -158,7 +163,7 @@ async def measure_sampling(
     A processor that keeps nothing opens the sampler's gate; the gate's sampler
     is then switched between dropping and recording every trace, batch by batch.
     Afterwards the spans of 100 recorded requests go through the real OTLP/HTTP
-    exporter to loadtests.collector: its CPU per span is what encoding and
+    exporter to loadtests.benchmarks.collector: its CPU per span is what encoding and
     sending costs (the SDK's batch processor does it on a background thread of
     the node's process).
     """
@@ -207,7 +212,7 @@ def export_cost(exporter_class: Any, spans: list[Any], core: int) -> float:
     with tempfile.TemporaryDirectory(prefix="cattle-collector-") as log_dir:
         collector = wrkbench.start(
             "collector",
-            [sys.executable, "-m", "loadtests.collector", "--port", str(port)],
+            [sys.executable, "-m", "loadtests.benchmarks.collector", "--port", str(port)],
             port=port,
             env=dict(os.environ),
             core=others[0] if others else core,
@@ -367,7 +372,7 @@ def markdown(report: dict[str, Any]) -> str:
         "At the default ratio of 10% a request pays a tenth of that on average; the cost "
         "scales with `OTEL_TRACES_SAMPLER_ARG`.",
         "",
-        *machine.how_measured(report["command"]),
+        *reports.how_measured(report["command"]),
         f"- One process pinned to core {setup['core']}: two apps on one SQLite database, one "
         "with `CATTLE_TELEMETRY_ENABLED=false CATTLE_ACCESS_LOG=false`, one at the defaults "
         "(no OTLP endpoint, so no span is recorded).",
@@ -384,8 +389,8 @@ def markdown(report: dict[str, Any]) -> str:
         "- Recorded spans: the same app with a span processor that keeps nothing (so spans "
         "have a receiver), its sampler switched between recording every trace and none, batch "
         "by batch, half as many rounds; then the spans of 100 recorded requests sent 10 times "
-        "by the OTLP/HTTP exporter to `python -m loadtests.collector` on another core, timed in "
-        "this process's CPU time.",
+        "by the OTLP/HTTP exporter to `python -m loadtests.benchmarks.collector` on another "
+        "core, timed in this process's CPU time.",
         "- In-process figures leave out HTTP parsing and sockets (a real node spends about "
         "200 µs more per request there), so ratios here are larger than the throughput ratios "
         "of bench_telemetry, which measures whole nodes.",
@@ -396,7 +401,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.telemetry_parts",
+        prog="python -m loadtests.benchmarks.telemetry_parts",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -429,7 +434,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     return {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": wrkbench.git_commit(),
-        "command": " ".join(["python -m loadtests.telemetry_parts", *argv]),
+        "command": " ".join(["python -m loadtests.benchmarks.telemetry_parts", *argv]),
         "setup": {
             "cpu": facts["cpu"],
             "cpus": facts["cores"],
@@ -449,7 +454,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    report = machine.report_main(
+    report = reports.report_main(
         "telemetry_parts", args.out, args.render, lambda: run(args, argv), markdown
     )
     if report is None:

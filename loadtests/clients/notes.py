@@ -1,7 +1,7 @@
 """Locust users for cattle: readers, writers and listers, mixable by weight.
 
-Usable as a plain locustfile (`locust -f loadtests/locustfile.py --host URL`)
-and as a library (loadtests/locust_run.py). Every request is attributed to
+Usable as a plain locustfile (`locust -f loadtests/clients/notes.py --host URL`)
+and as a library (loadtests/harness/locust_run.py). Every request is attributed to
 the node that served it (X-Served-By) by the Recorder, which also keeps the
 id of every acknowledged create for the audit after a run.
 

@@ -1,6 +1,6 @@
 """Benchmark: req/s per core of cattle's read endpoint vs bare FastAPI, Starlette and raw ASGI.
 
-    python -m loadtests.bench_efficiency   # ~2 min; docs/results/efficiency.{md,json}
+    python -m loadtests.benchmarks.efficiency   # ~2 min; docs/results/efficiency.{md,json}
 
 Five servers, each one uvicorn process as the node runs it (uvloop, httptools,
 one worker, uvicorn's access log off), all pinned to CPU core 0; wrk pinned to
@@ -23,7 +23,7 @@ Configurations:
 Each wrk run also records the CPU the server process used (/proc/<pid>/stat)
 and wrk's own (its rusage): a server near 1.0 core was saturated, and wrk well
 below 1.0 core was not the bottleneck. Takes the machine-wide experiment lock
-(loadtests.machine), so it waits for any other experiment to finish first.
+(loadtests.harness.lock), so it waits for any other experiment to finish first.
 """
 
 from __future__ import annotations
@@ -40,10 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests import baselines, machine, wrkbench
-from loadtests.wrkbench import request
+from loadtests import REPO_ROOT
+from loadtests import report as reports
+from loadtests.benchmarks import baselines
+from loadtests.harness import machine
+from loadtests.harness import wrk as wrkbench
+from loadtests.harness.wrk import request
 
-RESULTS = wrkbench.REPO / "docs" / "results" / "efficiency"
+RESULTS = REPO_ROOT / "docs" / "results" / "efficiency"
 REFERENCE = "raw-asgi"
 CATTLE = "cattle"
 FASTAPI = "fastapi"
@@ -96,7 +100,9 @@ def configs() -> list[Config]:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = wrkbench.argument_parser("python -m loadtests.bench_efficiency", __doc__, seconds=6)
+    parser = wrkbench.argument_parser(
+        "python -m loadtests.benchmarks.efficiency", __doc__, seconds=6
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
     return parser
 
@@ -224,7 +230,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def command(args: argparse.Namespace) -> str:
     """The command line that repeats this run: the options that differ from the defaults."""
-    words = ["python -m loadtests.bench_efficiency"]
+    words = ["python -m loadtests.benchmarks.efficiency"]
     defaults = parser().parse_args([])
     for option in ("seconds", "rounds", "warmup", "connections", "server_core", "client_core"):
         if getattr(args, option) != getattr(defaults, option):
@@ -395,7 +401,7 @@ def markdown(report: dict[str, Any]) -> str:
     other = max(row["other_cpu_cores"]["max"] for row in s.values())
     lines += [
         "",
-        *machine.how_measured(report["command"]),
+        *reports.how_measured(report["command"]),
         "(`make bench-efficiency` runs the same with the defaults.)",
         "",
         f"- One uvicorn process per configuration (uvloop, httptools, one worker, uvicorn's "
@@ -403,7 +409,7 @@ def markdown(report: dict[str, Any]) -> str:
         "running throughout; only the one under test receives load. cattle runs as "
         "`python -m service serve` with production settings on a migrated SQLite database "
         "seeded with one note; the baselines run under `python -m uvicorn "
-        "loadtests.baselines:<app>` and serve that same note from a dict.",
+        "loadtests.benchmarks.baselines:<app>` and serve that same note from a dict.",
         f"- wrk pinned to core {setup['client_core']}: `wrk -t1 -c{setup['connections']} "
         f"-d{setup['seconds']}s --latency` against `GET /v1/notes/{{id}}` on 127.0.0.1, after "
         f"a {setup['warmup_seconds']} s warm-up per server. Latency percentiles are wrk's.",
@@ -434,12 +440,12 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write(report: dict[str, Any], out: Path) -> None:
-    machine.write_report(report, out, markdown)
+    reports.write_report(report, out, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    report = machine.report_main(
+    report = reports.report_main(
         "bench_efficiency", args.out, args.render, lambda: measure(args), markdown
     )
     if report is None:

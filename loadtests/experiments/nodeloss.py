@@ -10,8 +10,8 @@ Writes docs/results/nodeloss.{md,json,png}: a timeline of requests/s stacked
 by node, failures/s and p50/p99 with the events marked; failed requests per
 event; capacity after a loss against (N-1)/N; time to recover; the audit.
 
-    python -m loadtests.nodeloss            # the full run (about 5 minutes)
-    python -m loadtests.nodeloss --smoke    # seconds: checks the code, not the machine
+    python -m loadtests.experiments.nodeloss            # the full run (about 5 minutes)
+    python -m loadtests.experiments.nodeloss --smoke    # seconds: checks the code, not the machine
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from deploy.lab.cluster import Lab, LabOptions
-from loadtests import analysis, machine
-from loadtests.driver import audit
-from loadtests.loadrun import LoadResult, run_load
+from loadtests import REPO_ROOT
+from loadtests.experiments.audit import audit
+from loadtests.harness import analysis, machine
+from loadtests.harness.loadrun import LoadResult, run_load
+from loadtests.harness.lock import exclusive
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "docs" / "results"
 
 
@@ -369,7 +370,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.nodeloss",
+        prog="python -m loadtests.experiments.nodeloss",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -380,13 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     plan = SMOKE if args.smoke else Plan()
     if args.backend:
         plan = Plan(**{**asdict(plan), "backend": args.backend})
-    command = "python -m loadtests.nodeloss" + (" --smoke" if args.smoke else "")
+    command = "python -m loadtests.experiments.nodeloss" + (" --smoke" if args.smoke else "")
     if args.backend:
         command += f" --backend {args.backend}"
     if args.smoke:
         report = run(plan, args.out, command)
     else:
-        with machine.exclusive("nodeloss"):
+        with exclusive("nodeloss"):
             report = run(plan, args.out, command)
     for name, data in report["runs"].items():
         print(

@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from deploy.lab import cgroups
-from loadtests import nodeloss, scaleout
+from loadtests.experiments import nodeloss, scaleout
 from tests.support import require
 
 pytestmark = pytest.mark.cluster
@@ -33,7 +33,9 @@ def _lab_parts() -> None:
 
 
 def test_scaleout_smoke_writes_a_complete_report(tmp_path):
-    report = scaleout.run(scaleout.SMOKE, tmp_path, "python -m loadtests.scaleout --smoke")
+    report = scaleout.run(
+        scaleout.SMOKE, tmp_path, "python -m loadtests.experiments.scaleout --smoke"
+    )
     saved = json.loads((tmp_path / "scaleout.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     assert [row["n"] for row in saved["rows"]] == list(scaleout.SMOKE.ns)
@@ -63,7 +65,9 @@ def test_usl_fit_recovers_known_parameters():
 
 
 def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path):
-    report = nodeloss.run(nodeloss.SMOKE, tmp_path, "python -m loadtests.nodeloss --smoke")
+    report = nodeloss.run(
+        nodeloss.SMOKE, tmp_path, "python -m loadtests.experiments.nodeloss --smoke"
+    )
     saved = json.loads((tmp_path / "nodeloss.json").read_text())
     assert set(saved["runs"]) == {"saturation", "steady"}
     for name, run in saved["runs"].items():

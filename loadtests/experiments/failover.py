@@ -6,7 +6,7 @@ its title, retrying the same key on 503, 409 and connection errors. A few second
 leader's postmaster gets SIGKILL. Afterwards every acknowledged note must be on the new
 primary exactly once, and we measure how long writes were unavailable.
 
-`python -m loadtests.failover` runs it once and writes docs/results/failover.{md,json};
+`python -m loadtests.experiments.failover` runs it once and writes docs/results/failover.{md,json};
 tests/lab/test_patroni_failover.py runs the same code and asserts the audit.
 """
 
@@ -323,9 +323,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     return f"""# Failover: kill -9 of the primary's postgres under write load
 
-Measured {result["measured_at"]} by `python -m loadtests.failover` (one run; the figures vary
-from run to run). Lab HA mode: 3 PostgreSQL members under Patroni with one etcd, synchronous
-mode on (not strict), `ttl` 10 s, `loop_wait` 1 s, `retry_timeout` 3 s,
+Measured {result["measured_at"]} by `python -m loadtests.experiments.failover` (one run; the
+figures vary from run to run). Lab HA mode: 3 PostgreSQL members under Patroni with one etcd,
+synchronous mode on (not strict), `ttl` 10 s, `loop_wait` 1 s, `retry_timeout` 3 s,
 `primary_start_timeout` 0 (deploy/patroni/patroni.yml.tmpl). One service node reaches the
 primary through the multi-host DSN with `target_session_attrs=read-write` and is never
 restarted. {plan["clients"]} clients create notes for {plan["duration_s"]:.0f} s, each note with
@@ -357,7 +357,7 @@ can overstate the database's own gap by that much (the errors ended at
 ## Reproduce
 
 ```
-python -m loadtests.failover   # as root: PostgreSQL, Patroni and etcd run as `postgres`
+python -m loadtests.experiments.failover   # as root: PostgreSQL, Patroni and etcd run as `postgres`
 ```
 
 Versions: {v["patroni"]}; {v["etcd"]}; {v["postgres"]}; Python {v["python"]}; {v["cpus"]} CPUs,
@@ -366,7 +366,9 @@ shared with other work. Raw numbers: failover.json.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.failover", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.experiments.failover", description=__doc__
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results")
     parser.add_argument("--duration-s", type=float, default=LoadPlan.duration_s)
     parser.add_argument("--kill-at-s", type=float, default=LoadPlan.kill_at_s)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtests import machine
+from loadtests import REPO_ROOT as REPO
+from loadtests.harness import machine
 
-REPO = Path(__file__).resolve().parents[1]
 CURSOR_SECRET = "bench-cursor-secret-0123456789"  # noqa: S105 (a throwaway database)
 NOTE_ROUTE = "/v1/notes/{note_id}"
 

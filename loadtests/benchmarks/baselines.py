@@ -10,7 +10,7 @@ They show what the framework layers below cattle cost on their own:
     starlette_app  bare Starlette: a route, JSONResponse from the stored dict
     raw_asgi_app   a hand-written ASGI callable sending pre-encoded JSON bytes
 
-Run one as the benchmark does: `python -m uvicorn loadtests.baselines:raw_asgi_app`.
+Run one as the benchmark does: `python -m uvicorn loadtests.benchmarks.baselines:raw_asgi_app`.
 The note they serve is BENCH_NOTE_JSON (the benchmark passes the note it read
 from cattle) or, without it, a fixed example.
 """
@@ -135,7 +135,7 @@ async def raw_asgi_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 APPS = {
-    "fastapi": "loadtests.baselines:fastapi_app",
-    "starlette": "loadtests.baselines:starlette_app",
-    "raw-asgi": "loadtests.baselines:raw_asgi_app",
+    "fastapi": "loadtests.benchmarks.baselines:fastapi_app",
+    "starlette": "loadtests.benchmarks.baselines:starlette_app",
+    "raw-asgi": "loadtests.benchmarks.baselines:raw_asgi_app",
 }

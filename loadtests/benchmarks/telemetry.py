@@ -1,6 +1,6 @@
 """Benchmark: what telemetry at default settings costs a CPU-bound node, as a throughput ratio.
 
-    python -m loadtests.bench_telemetry   # ~4 min; docs/results/telemetry-overhead.{md,json}
+    python -m loadtests.benchmarks.telemetry   # ~4 min; docs/results/telemetry-overhead.{md,json}
 
 One real node process per configuration (`python -m service serve`: uvicorn,
 uvloop, httptools, JSON logs to a file as a container runtime would take them),
@@ -17,7 +17,7 @@ Configurations:
                metrics (/metrics), JSON access log
   no-access-log  default with CATTLE_ACCESS_LOG=false (splits the cost)
   otlp         default + OTEL_EXPORTER_OTLP_ENDPOINT at a live collector
-               (loadtests.collector, on the load generator's core): 10% of
+               (loadtests.benchmarks.collector, on the load generator's core): 10% of
                traces recorded and exported, metrics exported every 60 s
   otlp-down    default + OTEL_EXPORTER_OTLP_ENDPOINT at a collector that accepts
                connections and never answers (export is off the request path)
@@ -40,10 +40,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtests import machine, wrkbench
-from loadtests.wrkbench import request
+from loadtests import REPO_ROOT
+from loadtests import report as reports
+from loadtests.harness import machine
+from loadtests.harness import wrk as wrkbench
+from loadtests.harness.wrk import request
 
-RESULTS = wrkbench.REPO / "docs" / "results" / "telemetry-overhead"
+RESULTS = REPO_ROOT / "docs" / "results" / "telemetry-overhead"
 BASELINE = "off"
 TARGET_OVERHEAD = 0.15
 
@@ -225,7 +228,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        *machine.how_measured(report["command"]),
+        *reports.how_measured(report["command"]),
         f"- One node process per configuration (`python -m service serve`: uvicorn, uvloop, "
         f"httptools, one process), all pinned to CPU core {setup['server_core']} with taskset, "
         f"sharing one SQLite database seeded with one note; logs go to a file.",
@@ -242,9 +245,10 @@ def markdown(report: dict[str, Any]) -> str:
         "propagation) but records none: with no OTLP endpoint set nothing would receive them "
         "(service/telemetry/tracing.py, ReceiverGate). It serves /metrics and writes one JSON "
         "access-log line per request.",
-        "- `otlp` exports to `python -m loadtests.collector` pinned to the load generator's core: "
-        "10% of new traces (parentbased_traceidratio) are recorded with their SQL spans and "
-        "exported in batches by the SDK's background thread, which runs on the node's core.",
+        "- `otlp` exports to `python -m loadtests.benchmarks.collector` pinned to the load "
+        "generator's core: 10% of new traces (parentbased_traceidratio) are recorded with "
+        "their SQL spans and exported in batches by the SDK's background thread, which runs on "
+        "the node's core.",
         "- `otlp-down` points OTEL_EXPORTER_OTLP_ENDPOINT at a socket that accepts connections "
         "and never answers: exports time out in the background, the span queue fills and drops.",
         f"- Cross-checks: the `default` node's own /metrics counted "
@@ -274,7 +278,9 @@ def collector_stats(port: int) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = wrkbench.argument_parser("python -m loadtests.bench_telemetry", __doc__, seconds=4)
+    parser = wrkbench.argument_parser(
+        "python -m loadtests.benchmarks.telemetry", __doc__, seconds=4
+    )
     parser.set_defaults(rounds=5)
     parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
     return parser
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         wrkbench.require_tools()
         return run(args, argv)
 
-    report = machine.report_main("bench_telemetry", args.out, args.render, measure, markdown)
+    report = reports.report_main("bench_telemetry", args.out, args.render, measure, markdown)
     if report is None:
         return 0
     result = report["summary"]["default"]
@@ -312,7 +318,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             collector_port = wrkbench.free_port()
             collector = wrkbench.start(
                 "collector",
-                [sys.executable, "-m", "loadtests.collector", "--port", str(collector_port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "loadtests.benchmarks.collector",
+                    "--port",
+                    str(collector_port),
+                ],
                 port=collector_port,
                 env=dict(os.environ),
                 core=args.client_core,
@@ -408,7 +420,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     return {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": wrkbench.git_commit(),
-        "command": " ".join(["python -m loadtests.bench_telemetry", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m loadtests.benchmarks.telemetry", *(argv or sys.argv[1:])]),
         "target_overhead": TARGET_OVERHEAD,
         "setup": {
             "cpu": facts["cpu"],

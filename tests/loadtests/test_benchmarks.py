@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import bench_efficiency, bench_telemetry, machine, telemetry_parts
+from loadtests.benchmarks import efficiency as bench_efficiency
+from loadtests.benchmarks import telemetry as bench_telemetry
+from loadtests.benchmarks import telemetry_parts
+from loadtests.harness import machine
 from tests.support import require
 
 pytestmark = pytest.mark.cluster
@@ -70,7 +73,7 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert len(set(report["setup"]["body_bytes"].values())) == 1
     assert set(report["machine"]) >= set(machine.describe())
     assert report["machine"]["cores"] == os.cpu_count()
-    assert report["command"].startswith("python -m loadtests.bench_efficiency --seconds 1")
+    assert report["command"].startswith("python -m loadtests.benchmarks.efficiency --seconds 1")
 
     md = out.with_suffix(".md").read_text()
     assert md.startswith("# Per-node efficiency")

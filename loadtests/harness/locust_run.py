@@ -1,6 +1,6 @@
 """Run the locust users as a library, in this process, and write every request.
 
-Experiments start this as a child process (`python -m loadtests.locust_run`),
+Experiments start this as a child process (`python -m loadtests.harness.locust_run`),
 so gevent's monkey-patching stays out of theirs and its CPU use can be
 measured on its own: a load generator that ran out of CPU makes a run invalid.
 """
@@ -56,7 +56,7 @@ def run(
     from locust import User, constant_throughput, events
     from locust.env import Environment
 
-    from loadtests import locustfile
+    from loadtests.clients import notes as locustfile
 
     weights = locustfile.MIXES[mix]
     counts = user_counts(weights, users)
@@ -102,7 +102,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.locust_run", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.harness.locust_run", description=__doc__
+    )
     parser.add_argument("--host", required=True, help="e.g. the lab's front URL")
     parser.add_argument("--users", type=int, required=True)
     parser.add_argument("--duration-s", type=float, required=True)

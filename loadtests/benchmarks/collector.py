@@ -1,6 +1,6 @@
 """A stand-in OTLP/HTTP collector for benchmarks: accepts every export and counts it.
 
-    python -m loadtests.collector --port 4318
+    python -m loadtests.benchmarks.collector --port 4318
 
 Answers POST /v1/traces, /v1/metrics and /v1/logs with 200 and an empty body,
 as a healthy collector would, and counts requests, bytes and (for traces)
@@ -80,7 +80,9 @@ def make_handler(counts: Counts) -> type[BaseHTTPRequestHandler]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.collector", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.benchmarks.collector", description=__doc__
+    )
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(Counts()))

@@ -12,8 +12,8 @@ A run is valid only if the nodes were the bottleneck: every node throttled
 by its CPU cap in most periods and using its share, the load generator with
 headroom, the machine not saturated. The report says which check failed.
 
-    python -m loadtests.scaleout            # the full run (about 6 minutes)
-    python -m loadtests.scaleout --smoke    # seconds: checks the code, not the machine
+    python -m loadtests.experiments.scaleout            # the full run (about 6 minutes)
+    python -m loadtests.experiments.scaleout --smoke    # seconds: checks the code, not the machine
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from deploy.lab.cluster import Lab, LabOptions
-from loadtests import analysis, machine
-from loadtests.loadrun import LoadResult, run_load
+from loadtests import REPO_ROOT
+from loadtests.harness import analysis, machine
+from loadtests.harness.loadrun import LoadResult, run_load
+from loadtests.harness.lock import exclusive
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "docs" / "results"
 
 # Validity thresholds (documented in docs/results/README.md).
@@ -330,7 +331,7 @@ def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.scaleout",
+        prog="python -m loadtests.experiments.scaleout",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -352,11 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**asdict(plan), "cpu": args.cpu})
     if args.repeats is not None:
         plan = Plan(**{**asdict(plan), "repeats": args.repeats})
-    command = "make scaleout" if not args.smoke else "python -m loadtests.scaleout --smoke"
+    command = (
+        "make scaleout" if not args.smoke else "python -m loadtests.experiments.scaleout --smoke"
+    )
     if args.smoke:
         report = run(plan, args.out, command)
     else:
-        with machine.exclusive("scaleout"):
+        with exclusive("scaleout"):
             report = run(plan, args.out, command)
     for row in report["rows"]:
         print(f"N={row['n']}: X={row['throughput_rps']:.0f} req/s  E={row['efficiency']:.3f}")

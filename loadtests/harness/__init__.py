@@ -1,0 +1,1 @@
+"""What every measurement stands on: locust in a child process, CPU samples, the machine lock."""
