@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util import await_only
 
 from service.config import Settings
 from service.db import consistency
@@ -91,10 +93,10 @@ def _create_sqlite_engine(url: str, settings: Settings, *, role: str) -> AsyncEn
         # Take transaction control from the driver so BEGIN is ours to emit.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        use_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.close()
 
     if reader:
@@ -105,6 +107,29 @@ def _create_sqlite_engine(url: str, settings: Settings, *, role: str) -> AsyncEn
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def use_wal(cursor: Any, *, attempts: int = 20) -> None:
+    """Put the SQLite file in WAL mode, also when several nodes open it at once.
+
+    WAL is a property of the file, so only the first connection changes it;
+    the rest see "wal" and go on. Switching takes an exclusive lock, and
+    SQLite answers "database is locked" at once (its busy handler is not
+    asked) to connections that raced for it, so the switch is retried a
+    bounded number of times with a short back-off.
+    """
+    for attempt in range(attempts):
+        try:
+            cursor.execute("PRAGMA journal_mode")
+            if cursor.fetchone()[0] == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the driver's OperationalError, adapted or not
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            # Runs inside SQLAlchemy's async bridge: wait without blocking the loop.
+            await_only(asyncio.sleep(0.005 * (attempt + 1)))
 
 
 class Database:
