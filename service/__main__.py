@@ -8,7 +8,8 @@ import sys
 
 from pydantic import ValidationError
 
-from service.config import Settings, UnsupportedDatabase
+from service import NAME
+from service.config import Settings, UnsupportedDatabase, env_var
 
 
 def _load_settings() -> Settings:
@@ -17,10 +18,10 @@ def _load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = "CATTLE_" + "_".join(str(p) for p in error["loc"]).upper()
+            name = env_var("_".join(str(p) for p in error["loc"]))
             lines.append(f"  {name}: {error['msg']}" if error["loc"] else f"  {error['msg']}")
         raise SystemExit(
-            "cattle: invalid configuration:\n" + "\n".join(lines) + "\n"
+            f"{NAME}: invalid configuration:\n" + "\n".join(lines) + "\n"
             "fix the environment variables above (see README.md, Configuration)"
         ) from None
 
@@ -31,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="serve the API (the default)")
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")
     direction = migrate.add_mutually_exclusive_group()
-    direction.add_argument("--revision", default="head", help="upgrade to REVISION (default head)")
+    direction.add_argument(
+        "--revision", default="heads", help="upgrade to REVISION (default: every branch's head)"
+    )
     direction.add_argument(
         "--downgrade", metavar="REVISION", help="downgrade to REVISION (base: empty)"
     )
@@ -40,11 +43,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from service import domains
     from service.db import migrate
 
     downgrade = args.downgrade is not None
     before, after = await migrate.migrate(
         settings.effective_database_url,
+        domains.schema(),
         revision=args.downgrade if downgrade else args.revision,
         downgrade=downgrade,
     )
@@ -53,12 +58,13 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _check(settings: Settings) -> int:
+    from service import domains
     from service.db import migrate
     from service.db.engines import create_engine
 
     engine = create_engine(settings.effective_database_url, settings, role="writer")
     try:
-        state = await migrate.schema_state(engine)
+        state = await migrate.schema_state(engine, domains.schema())
     finally:
         await engine.dispose()
     print(f"schema: at {state.current or 'empty'}, head is {state.head}")
@@ -93,16 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             asyncio.run(_preflight(settings))
         except SchemaNotCurrent as exc:
-            print(f"cattle: refusing to serve: {exc}", file=sys.stderr)
+            print(f"{NAME}: refusing to serve: {exc}", file=sys.stderr)
             return 3
         serve(settings)
         return 0
     except UnsupportedDatabase as exc:
-        print(f"cattle: {exc}", file=sys.stderr)
+        print(f"{NAME}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(
-            f"cattle: cannot reach the database at {settings.effective_database_url}: {exc}",
+            f"{NAME}: cannot reach the database at {settings.effective_database_url}: {exc}",
             file=sys.stderr,
         )
         return 2

@@ -8,21 +8,24 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 import service
+from service import domains
 from service.config import Settings
 from service.db.errors import is_unavailable
 from service.health import runtime as health
 from service.lifespan import lifespan
 from service.middleware import EdgeMiddleware
-from service.notes.router import router as notes_router
 from service.problems import Problem, install, problem_response
 from service.telemetry import Telemetry
 from service.telemetry import install as install_telemetry
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, domains_served: tuple[str, ...] = domains.DOMAINS
+) -> FastAPI:
+    """One node's app, serving `domains_served` (all of service/domains.py by default)."""
     settings = settings or Settings()
     app = FastAPI(
-        title="cattle",
+        title=service.NAME,
         version=service.__version__,
         summary="A stateless notes API built to run as many identical, disposable nodes.",
         lifespan=lifespan,
@@ -32,7 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     health.install(app, settings)
     install(app)
     _install_database_errors(app)
-    app.include_router(notes_router)
+    for router in domains.routers(domains_served):
+        app.include_router(router)
     app.add_middleware(
         EdgeMiddleware,
         node_id=settings.node_id,

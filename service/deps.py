@@ -9,7 +9,6 @@ from fastapi import Depends, Header, Request
 from service.config import Settings
 from service.db import consistency
 from service.db.engines import Database
-from service.pagination import CursorCodec
 from service.problems import Problem
 
 
@@ -23,14 +22,8 @@ async def get_database(request: Request) -> Database:
     return database
 
 
-async def get_cursors(request: Request) -> CursorCodec:
-    cursors: CursorCodec = request.state.cursors
-    return cursors
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
-CursorsDep = Annotated[CursorCodec, Depends(get_cursors)]
 
 JSON_TYPES = ("application/json", "application/merge-patch+json")
 
@@ -45,18 +38,6 @@ async def require_json(content_type: Annotated[str | None, Header()] = None) -> 
             f"send the body as application/json (Content-Type was {shown})",
             slug="unsupported-media-type",
         )
-
-
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        pattern=r"^[\x21-\x7e]+$",
-        description="Makes a retried create safe: printable ASCII, up to 255 characters.",
-    ),
-]
 
 
 async def min_lsn(

@@ -10,13 +10,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service import domains
 from service.config import Environment, Settings
 from service.db import migrate
 from service.db.engines import Database
 from service.health import runtime as health
 from service.health.lifecycle import State
 from service.idempotency import service as idempotency
-from service.pagination import CursorCodec
 from service.tasks import cancel_within
 from service.telemetry import Telemetry
 
@@ -33,7 +33,8 @@ async def ensure_schema(settings: Settings, database: Database) -> None:
     Migrating at every node start lets N replicas race on the schema, so in
     production the migration is one explicit step (`python -m service migrate`).
     """
-    state = await migrate.schema_state(database.writer)
+    schema = domains.schema()
+    state = await migrate.schema_state(database.writer, schema)
     if state.is_current:
         return
     if settings.environment is Environment.production:
@@ -42,7 +43,7 @@ async def ensure_schema(settings: Settings, database: Database) -> None:
             f"this build needs {state.head}; run `python -m service migrate` first"
         )
     log.info("development mode: migrating %s to %s", state.current, state.head)
-    await migrate.migrate(database.url)
+    await migrate.migrate(database.url, schema)
 
 
 async def _purge_idempotency_keys(database: Database, interval_s: float) -> None:
@@ -87,9 +88,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
                 yield {
                     "settings": settings,
                     "database": database,
-                    "cursors": CursorCodec(
-                        settings.cursor_secret.get_secret_value().encode(), purpose="notes"
-                    ),
                     "lifecycle": app.state.lifecycle,
                     "health": checker,
                     "telemetry": telemetry,

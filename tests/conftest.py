@@ -21,6 +21,7 @@ import pytest
 from fastapi import FastAPI
 
 from deploy.lab.postgres import PostgresCluster, PostgresNotInstalled, find_bindir
+from service import domains
 from service.app import create_app
 from service.config import Settings
 from service.db import migrate
@@ -57,7 +58,7 @@ def postgres_cluster(prefix: str, *, replicas: int = 0) -> Iterator[PostgresClus
 def migrated_template(cluster: PostgresCluster, name: str) -> str:
     """Create database `name` and bring it to head with the project's migrations."""
     cluster.create_database(name)
-    asyncio.run(migrate.migrate(_asyncpg(cluster.primary_dsn(name))))
+    asyncio.run(migrate.migrate(_asyncpg(cluster.primary_dsn(name)), domains.schema()))
     return name
 
 
@@ -76,7 +77,7 @@ def _asyncpg(dsn: str) -> str:
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "cattle.db"
-    asyncio.run(migrate.migrate(f"sqlite+aiosqlite:///{path}"))
+    asyncio.run(migrate.migrate(f"sqlite+aiosqlite:///{path}", domains.schema()))
     return path
 
 

@@ -11,7 +11,23 @@ from __future__ import annotations
 import re
 
 HEADER = "Consistency-Token"
+# Which source served a read ("primary" or a replica's name), for attribution.
+READ_SOURCE = "X-Read-Source"
 _TOKEN = re.compile(r"^w1\.([0-9a-f]{1,16})$")
+
+
+def headers(*, token: str | None = None, source: str | None = None) -> dict[str, str]:
+    """The response headers saying what a write left behind or where a read ran.
+
+    Every route takes them from here, so their names and their absence rules
+    (no token when the WAL position was unavailable) are written once.
+    """
+    found = {}
+    if token:
+        found[HEADER] = token
+    if source:
+        found[READ_SOURCE] = source
+    return found
 
 
 class InvalidToken(ValueError):

@@ -1,4 +1,15 @@
-"""Schema migrations as one explicit, locked step, and the check nodes make at start."""
+"""Schema migrations as one explicit, locked step, and the check nodes make at start.
+
+The database layer knows no domain. Each package that owns tables (the
+domains, and infrastructure such as idempotency keys) keeps its migrations in
+its own `migrations/` folder as an independent Alembic branch: a root revision
+with no `down_revision`, labelled with the package's name (`branch_labels`),
+revision ids prefixed with it (`notes_0001`) so they stay unique. The app's
+list of packages (service/domains.py) hands their metadata and folders over
+as a `Schema`; Alembic sees them as `version_locations` and migrates to
+`heads`, every branch at once. A package whose tables need another's says so
+with `depends_on`. Deleting a domain deletes its branch and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +17,7 @@ import asyncio
 import fcntl
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +26,30 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import MetaData, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from service import NAME, advisory_lock_id
+
+# env.py and the revision template: shared by every branch.
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # pg_advisory_lock key shared by every `migrate` run against one database
-# ("cattle" in ASCII), so N replicas starting a migration Job at once queue.
-MIGRATION_LOCK_ID = 0x636174746C65
+# (derived from the service's name), so N replicas starting a migration Job at
+# once queue.
+MIGRATION_LOCK_ID = advisory_lock_id("migrate")
 
 
 class MigrationLockTimeout(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The tables of a build and where their owners keep the migrations."""
+
+    metadata: MetaData
+    locations: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
@@ -39,26 +62,38 @@ class SchemaState:
         return self.current == self.head
 
 
-def alembic_config() -> Config:
+def alembic_config(schema: Schema) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    config.set_main_option(
+        "version_locations", os.pathsep.join(str(path) for path in schema.locations)
+    )
+    config.set_main_option("file_template", "%%(year)d%%(month).2d%%(day).2d_%%(rev)s_%%(slug)s")
+    # env.py reads the metadata here rather than importing any package's models.
+    config.attributes["target_metadata"] = schema.metadata
     return config
 
 
-def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+def _describe(revisions: Iterable[str]) -> str | None:
+    """One branch head per owning package, as one stable string."""
+    return ", ".join(sorted(revisions)) or None
+
+
+def head_revision(schema: Schema) -> str:
+    head = _describe(ScriptDirectory.from_config(alembic_config(schema)).get_heads())
     assert head is not None, "no migrations found"
     return head
 
 
 def _current_revision(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+    return _describe(MigrationContext.configure(connection).get_current_heads())
 
 
-async def schema_state(engine: AsyncEngine) -> SchemaState:
+async def schema_state(engine: AsyncEngine, schema: Schema) -> SchemaState:
     async with engine.connect() as connection:
         current = await connection.run_sync(_current_revision)
-    return SchemaState(current=current, head=head_revision())
+    return SchemaState(current=current, head=head_revision(schema))
 
 
 @asynccontextmanager
@@ -111,14 +146,19 @@ async def _file_lock(database: str, timeout_s: float) -> AsyncIterator[None]:
 
 
 async def migrate(
-    url: str, *, revision: str = "head", downgrade: bool = False, lock_timeout_s: float = 120
+    url: str,
+    schema: Schema,
+    *,
+    revision: str = "heads",
+    downgrade: bool = False,
+    lock_timeout_s: float = 120,
 ) -> tuple[str | None, str | None]:
     """Upgrade (or downgrade) the schema at `url` to `revision` under the lock.
 
-    Returns the revision before and after. Safe to run concurrently: later
-    runs wait for the lock, then find nothing left to do.
+    Returns the revisions before and after (one head per branch). Safe to run
+    concurrently: later runs wait for the lock, then find nothing left to do.
     """
-    config = alembic_config()
+    config = alembic_config(schema)
 
     def _apply(connection: Connection) -> tuple[str | None, str | None]:
         before = _current_revision(connection)
@@ -136,7 +176,7 @@ async def migrate(
     try:
         async with engine.connect() as connection:
             if sa_url.get_backend_name() == "sqlite":
-                lock = _file_lock(sa_url.database or "cattle.db", lock_timeout_s)
+                lock = _file_lock(sa_url.database or f"{NAME}.db", lock_timeout_s)
             else:
                 lock = _postgres_lock(connection, lock_timeout_s)
             async with lock:

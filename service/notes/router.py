@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import uuid
 from typing import Annotated
 
@@ -10,27 +10,33 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import conditional
-from service.config import Settings
 from service.db import consistency
-from service.db.engines import Database, consistency_token
-from service.deps import (
-    CursorsDep,
-    DatabaseDep,
-    IdempotencyKey,
-    MinLsnDep,
-    SettingsDep,
-    require_json,
-)
-from service.idempotency import service as idempotency
+from service.db.engines import consistency_token
+from service.deps import DatabaseDep, MinLsnDep, SettingsDep, require_json
+from service.idempotency import http as idempotency
 from service.notes import service
 from service.notes.models import Note
 from service.notes.schemas import NoteCreate, NoteOut, NotePage, NotePatch
-from service.pagination import InvalidCursor
+from service.pagination import CursorCodec, InvalidCursor
 from service.problems import Problem
 
 router = APIRouter(prefix="/v1/notes", tags=["notes"])
 
 JSON = "application/json"
+
+
+@functools.lru_cache(maxsize=4)
+def _cursor_codec(secret: bytes) -> CursorCodec:
+    # Keyed by purpose: a cursor of this listing is worth nothing in another one.
+    return CursorCodec(secret, purpose="notes")
+
+
+async def get_cursors(settings: SettingsDep) -> CursorCodec:
+    """The notes listing's cursor codec, from the secret every node shares."""
+    return _cursor_codec(settings.cursor_secret.get_secret_value().encode())
+
+
+CursorsDep = Annotated[CursorCodec, Depends(get_cursors)]
 
 
 def _not_found(note_id: uuid.UUID, headers: dict[str, str] | None = None) -> Problem:
@@ -57,115 +63,25 @@ def _note_response(
     )
 
 
-def _token_headers(token: str | None) -> dict[str, str]:
-    return {consistency.HEADER: token} if token else {}
-
-
-READ_SOURCE = "X-Read-Source"
-
-
 @router.post(
     "",
     status_code=201,
     response_model=NoteOut,
     dependencies=[Depends(require_json)],
-    responses={409: {"description": "Same Idempotency-Key still in flight"}},
+    responses=idempotency.RESPONSES,
 )
 async def create_note(
-    payload: NoteCreate,
-    request: Request,
-    db: DatabaseDep,
-    settings: SettingsDep,
-    idempotency_key: IdempotencyKey = None,
+    payload: NoteCreate, request: Request, write: idempotency.IdempotentWriteDep
 ) -> Response:
     """Create a note. With `Idempotency-Key`, a retry replays the first response."""
-    if idempotency_key is None:
-        async with db.write() as session:
-            note = await service.create_note(session, **payload.model_dump())
-        return _created(request, note, consistency_token(session))
 
-    async with idempotency.key_lock(
-        db, idempotency_key, wait_s=settings.idempotency_wait_s
-    ) as holder:
-        claimed = await _claim(db, settings, idempotency_key, holder, request, payload)
-        if isinstance(claimed, idempotency.StoredResponse):
-            # The first response's write is committed: a token for "now" covers it.
-            return Response(
-                claimed.body,
-                status_code=claimed.status_code,
-                media_type=JSON,
-                headers={
-                    **claimed.headers,
-                    **_token_headers(await db.current_token()),
-                    "Idempotent-Replayed": "true",
-                },
-            )
-        try:
-            async with db.write() as session:
-                note = await service.create_note(session, **payload.model_dump())
-                response = _created(request, note)
-                await idempotency.complete(
-                    session,
-                    claimed,
-                    idempotency.StoredResponse(
-                        status_code=response.status_code,
-                        headers={k: response.headers[k] for k in ("location", "etag")},
-                        body=bytes(response.body).decode(),
-                    ),
-                )
-        except idempotency.LeaseLost:
-            raise _in_flight(settings.idempotency_lease_s) from None
-        except BaseException:
-            # Shielded so a cancelled request still gives its key back.
-            await asyncio.shield(idempotency.release(db, claimed))
-            raise
-    response.headers.update(_token_headers(consistency_token(session)))
-    return response
+    async def create(session: AsyncSession) -> Response:
+        note = await service.create_note(session, **payload.model_dump())
+        # A relative reference stays right behind any proxy, whatever Host it rewrote.
+        location = request.app.url_path_for("get_note", note_id=str(note.id))
+        return _note_response(note, 201, {"Location": str(location)})
 
-
-async def _claim(
-    db: Database,
-    settings: Settings,
-    key: str,
-    holder: idempotency.Holder,
-    request: Request,
-    payload: NoteCreate,
-) -> idempotency.Lease | idempotency.StoredResponse:
-    try:
-        return await idempotency.claim(
-            db,
-            key=key,
-            fingerprint=idempotency.fingerprint("POST", request.url.path, payload.model_dump()),
-            lease_s=settings.idempotency_lease_s,
-            ttl_s=settings.idempotency_ttl_s,
-            holder=holder,
-        )
-    except idempotency.KeyReused:
-        raise Problem(
-            422,
-            "this Idempotency-Key was already used with a different request body; "
-            "use a new key for a new request",
-            slug="idempotency-key-reused",
-        ) from None
-    except idempotency.KeyInFlight as exc:
-        raise _in_flight(exc.retry_after_s) from None
-
-
-def _in_flight(retry_after_s: float) -> Problem:
-    seconds = max(1, round(retry_after_s))
-    return Problem(
-        409,
-        "a request with this Idempotency-Key is still being processed; "
-        f"retry in {seconds} s to get its response",
-        slug="idempotency-key-in-flight",
-        headers={"Retry-After": str(seconds)},
-    )
-
-
-def _created(request: Request, note: Note, token: str | None = None) -> Response:
-    # A relative reference stays right behind any proxy, whatever Host it rewrote.
-    location = request.app.url_path_for("get_note", note_id=str(note.id))
-    return _note_response(note, 201, {"Location": str(location), **_token_headers(token)})
+    return await write.run(create, body=payload)
 
 
 @router.get("/{note_id}", response_model=NoteOut, responses={304: {"description": "Not Modified"}})
@@ -186,12 +102,13 @@ async def get_note(
 
     note, source = await db.run_read(find, min_lsn=min_lsn)
     if note is None:
-        raise _not_found(note_id, {READ_SOURCE: source})
+        raise _not_found(note_id, consistency.headers(source=source))
     if if_none_match is not None and conditional.none_match(if_none_match, note.version):
         return Response(
-            status_code=304, headers={"ETag": conditional.etag(note.version), READ_SOURCE: source}
+            status_code=304,
+            headers={"ETag": conditional.etag(note.version), **consistency.headers(source=source)},
         )
-    return _note_response(note, headers={READ_SOURCE: source})
+    return _note_response(note, headers=consistency.headers(source=source))
 
 
 @router.get("", response_model=NotePage)
@@ -224,7 +141,9 @@ async def list_notes(
     )
     next_cursor = cursors.encode({"after": str(notes[-1].id)}) if more else None
     page = NotePage(items=[NoteOut.model_validate(n) for n in notes], next_cursor=next_cursor)
-    return Response(page.model_dump_json(), media_type=JSON, headers={READ_SOURCE: source})
+    return Response(
+        page.model_dump_json(), media_type=JSON, headers=consistency.headers(source=source)
+    )
 
 
 @router.patch(
@@ -258,7 +177,7 @@ async def update_note(
         raise _not_found(note_id) from None
     except service.NoteVersionMismatch as exc:
         raise _precondition_failed(exc.current_version) from None
-    return _note_response(note, headers=_token_headers(consistency_token(session)))
+    return _note_response(note, headers=consistency.headers(token=consistency_token(session)))
 
 
 @router.delete("/{note_id}", status_code=204, responses={412: {"description": "ETag mismatch"}})
@@ -276,4 +195,4 @@ async def delete_note(
         raise _not_found(note_id) from None
     except service.NoteVersionMismatch as exc:
         raise _precondition_failed(exc.current_version) from None
-    return Response(status_code=204, headers=_token_headers(consistency_token(session)))
+    return Response(status_code=204, headers=consistency.headers(token=consistency_token(session)))

@@ -12,8 +12,10 @@ import pytest
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from service import domains
 from service.db import migrate
-from service.db.models import metadata
+
+SCHEMA = domains.schema()
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,11 +47,11 @@ def empty_database_url(request, tmp_path):
 async def test_upgrade_from_empty_to_head_and_back(empty_database_url):
     url = empty_database_url
     assert await _tables(url) == set()
-    before, after = await migrate.migrate(url)
-    assert (before, after) == (None, migrate.head_revision())
-    assert await _tables(url) == set(metadata.tables)
-    assert (await migrate.migrate(url)) == (after, after)  # a second run is a no-op
-    before, after = await migrate.migrate(url, revision="base", downgrade=True)
+    before, after = await migrate.migrate(url, SCHEMA)
+    assert (before, after) == (None, migrate.head_revision(SCHEMA))
+    assert await _tables(url) == set(SCHEMA.metadata.tables)
+    assert (await migrate.migrate(url, SCHEMA)) == (after, after)  # a second run is a no-op
+    before, after = await migrate.migrate(url, SCHEMA, revision="base", downgrade=True)
     assert after is None
     assert await _tables(url) == set()
 
@@ -59,12 +61,12 @@ async def test_migrations_match_the_models(empty_database_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    await migrate.migrate(empty_database_url)
+    await migrate.migrate(empty_database_url, SCHEMA)
     engine = create_async_engine(empty_database_url)
     try:
         async with engine.connect() as connection:
             diff = await connection.run_sync(
-                lambda c: compare_metadata(MigrationContext.configure(c), metadata)
+                lambda c: compare_metadata(MigrationContext.configure(c), SCHEMA.metadata)
             )
     finally:
         await engine.dispose()
@@ -93,11 +95,11 @@ def test_two_concurrent_migrate_runs_both_succeed(postgres):
         outputs = [run.communicate(timeout=120)[0] for run in runs]
         assert [run.returncode for run in runs] == [0, 0], outputs
         # Exactly one of them did the work; the other waited and found head.
-        head = migrate.head_revision()
+        head = migrate.head_revision(SCHEMA)
         assert sorted(outputs) == sorted(
             [f"schema: empty -> {head}\n", f"schema: {head} -> {head}\n"]
         ), outputs
         asyncpg_url = url.replace("postgresql://", "postgresql+asyncpg://", 1)
-        assert asyncio.run(_tables(asyncpg_url)) == set(metadata.tables)
+        assert asyncio.run(_tables(asyncpg_url)) == set(SCHEMA.metadata.tables)
     finally:
         postgres.drop_database(name)

@@ -1,8 +1,11 @@
 """Alembic environment: runs on a connection handed over by `service.db.migrate`.
 
-`python -m service migrate` is the supported entry point (it takes the
-migration lock). Plain `alembic revision --autogenerate` also works for
-authors: then the URL comes from the CATTLE_* settings.
+`python -m service migrate` is the supported entry point: it takes the
+migration lock and hands over, in `config.attributes`, the connection and the
+metadata of every package that owns tables. This file imports no domain, so
+deleting one never breaks it. Authors generate a revision through the same
+door (`python -m service revision`), which also hands the metadata over and
+then lets this file connect with the URL from the settings.
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.config import Settings
-from service.db.models import metadata
 
 config = context.config
+metadata = config.attributes.get("target_metadata")
+if metadata is None:
+    raise SystemExit(
+        "no schema was handed over: run `python -m service migrate` "
+        "(or `python -m service revision` to write a migration)"
+    )
 
 
 def _run(connection: Connection) -> None:

@@ -1,6 +1,9 @@
-"""notes and idempotency keys
+"""idempotency keys
 
-Revision ID: 0001
+The root of the idempotency branch (label `idempotency`): infrastructure's
+table, migrated independently of the domains (see service/db/migrate.py).
+
+Revision ID: idempotency_0001
 Revises:
 Create Date: 2026-11-25
 """
@@ -12,23 +15,13 @@ from alembic import op
 
 from service.db.types import UTCDateTime
 
-revision: str = "0001"
+revision: str = "idempotency_0001"
 down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = ("idempotency",)
 depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_table(
-        "notes",
-        sa.Column("id", sa.Uuid(), nullable=False),
-        sa.Column("title", sa.String(length=200), nullable=False),
-        sa.Column("body", sa.Text(), nullable=False),
-        sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column("created_at", UTCDateTime(), nullable=False),
-        sa.Column("updated_at", UTCDateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_notes")),
-    )
     op.create_table(
         "idempotency_keys",
         sa.Column("key", sa.String(length=255), nullable=False),
@@ -50,4 +43,3 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index(op.f("ix_idempotency_keys_expires_at"), table_name="idempotency_keys")
     op.drop_table("idempotency_keys")
-    op.drop_table("notes")
