@@ -8,8 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from service import NAME
-from service.config import Settings, UnsupportedDatabase, env_var
+from service.config import Settings, UnsupportedDatabase
 
 
 def _load_settings() -> Settings:
@@ -18,10 +17,10 @@ def _load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = env_var("_".join(str(p) for p in error["loc"]))
+            name = "CATTLE_" + "_".join(str(p) for p in error["loc"]).upper()
             lines.append(f"  {name}: {error['msg']}" if error["loc"] else f"  {error['msg']}")
         raise SystemExit(
-            f"{NAME}: invalid configuration:\n" + "\n".join(lines) + "\n"
+            "cattle: invalid configuration:\n" + "\n".join(lines) + "\n"
             "fix the environment variables above (see README.md, Configuration)"
         ) from None
 
@@ -99,16 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             asyncio.run(_preflight(settings))
         except SchemaNotCurrent as exc:
-            print(f"{NAME}: refusing to serve: {exc}", file=sys.stderr)
+            print(f"cattle: refusing to serve: {exc}", file=sys.stderr)
             return 3
         serve(settings)
         return 0
     except UnsupportedDatabase as exc:
-        print(f"{NAME}: {exc}", file=sys.stderr)
+        print(f"cattle: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(
-            f"{NAME}: cannot reach the database at {settings.effective_database_url}: {exc}",
+            f"cattle: cannot reach the database at {settings.effective_database_url}: {exc}",
             file=sys.stderr,
         )
         return 2
