@@ -8,7 +8,8 @@ import sys
 
 from pydantic import ValidationError
 
-from service.config import Settings, UnsupportedDatabase
+from service import NAME
+from service.config import Settings, UnsupportedDatabase, env_var
 
 
 def _load_settings() -> Settings:
@@ -17,10 +18,10 @@ def _load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = "CATTLE_" + "_".join(str(p) for p in error["loc"]).upper()
+            name = env_var("_".join(str(p) for p in error["loc"]))
             lines.append(f"  {name}: {error['msg']}" if error["loc"] else f"  {error['msg']}")
         raise SystemExit(
-            "cattle: invalid configuration:\n" + "\n".join(lines) + "\n"
+            f"{NAME}: invalid configuration:\n" + "\n".join(lines) + "\n"
             "fix the environment variables above (see README.md, Configuration)"
         ) from None
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_migrate(settings, args))
         if args.command == "check":
             return asyncio.run(_check(settings))
+        from service.app import create_app
         from service.lifespan import SchemaNotCurrent
         from service.server import serve
         from service.telemetry.logs import configure_logging
@@ -98,16 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             asyncio.run(_preflight(settings))
         except SchemaNotCurrent as exc:
-            print(f"cattle: refusing to serve: {exc}", file=sys.stderr)
+            print(f"{NAME}: refusing to serve: {exc}", file=sys.stderr)
             return 3
-        serve(settings)
+        serve(create_app(settings), settings)
         return 0
     except UnsupportedDatabase as exc:
-        print(f"cattle: {exc}", file=sys.stderr)
+        print(f"{NAME}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(
-            f"cattle: cannot reach the database at {settings.effective_database_url}: {exc}",
+            f"{NAME}: cannot reach the database at {settings.effective_database_url}: {exc}",
             file=sys.stderr,
         )
         return 2

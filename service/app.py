@@ -8,7 +8,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 import service
-from service import domains
+from service import domains, node
 from service.config import Settings
 from service.db.errors import is_unavailable
 from service.health import runtime as health
@@ -30,7 +30,7 @@ def create_app(
         summary="A stateless notes API built to run as many identical, disposable nodes.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
+    node.hold(app, settings=settings)
     # Lifecycle, in-flight counter, drain controller, probe and admin routes.
     health.install(app, settings)
     install(app)

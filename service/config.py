@@ -1,4 +1,4 @@
-"""The one settings object: every knob of a node, read from CATTLE_* variables."""
+"""The one settings object: every knob of a node, read from CATTLE_* variables (ENV_PREFIX)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,18 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service import ENV_PREFIX, NAME
+
 # Shipped so `make run` works with no configuration; refused in production.
-DEV_CURSOR_SECRET = "cattle-development-cursor-secret"  # noqa: S105
+DEV_CURSOR_SECRET = f"{NAME}-development-cursor-secret"
+
+
+def env_var(field: str) -> str:
+    """The environment variable that sets one field: `port` -> `<PREFIX>PORT`.
+
+    Messages name the variable an operator sets, which follows the prefix.
+    """
+    return ENV_PREFIX + field.upper()
 
 
 class Environment(StrEnum):
@@ -21,32 +31,34 @@ class Environment(StrEnum):
 
 
 class UnsupportedDatabase(ValueError):
-    """A database URL whose scheme cattle has no driver for."""
+    """A database URL whose scheme the service has no driver for."""
+
+
+# The URLs a node accepts, as every refusal lists them.
+SUPPORTED_DATABASE_URLS = (
+    "sqlite:///path/to/file.db or sqlite+aiosqlite:///path/to/file.db (embedded SQLite); "
+    "postgresql://, postgres:// or postgresql+asyncpg://user@host:5432/dbname "
+    "(PostgreSQL through asyncpg, several hosts as host1:5432,host2:5432)"
+)
 
 
 def normalize_database_url(url: str) -> str:
-    """Map the URLs people write to the async drivers cattle ships.
+    """Map the URLs people write to the async drivers the service ships.
 
     `postgresql://` and `postgres://` get asyncpg; `sqlite:///` gets aiosqlite.
-    Explicit `+asyncpg`, `+psycopg` and `+aiosqlite` are kept as given.
+    Those two drivers are the only ones in the lock, so any other driver is
+    refused here rather than failing at the first connection.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise UnsupportedDatabase(
-            f"{url!r} is not a URL; use sqlite+aiosqlite:///path/to/file.db "
-            "or postgresql://user@host:5432/dbname"
-        )
+        raise UnsupportedDatabase(f"{url!r} is not a URL; use {SUPPORTED_DATABASE_URLS}")
     base, _, driver = scheme.partition("+")
-    if base in ("postgresql", "postgres"):
-        if driver in ("", "asyncpg"):
-            return f"postgresql+asyncpg://{_multi_host_as_query(rest)}"
-        if driver == "psycopg":
-            return f"postgresql+psycopg://{_multi_host_as_query(rest)}"
-    elif base == "sqlite" and driver in ("", "aiosqlite"):
+    if base in ("postgresql", "postgres") and driver in ("", "asyncpg"):
+        return f"postgresql+asyncpg://{_multi_host_as_query(rest)}"
+    if base == "sqlite" and driver in ("", "aiosqlite"):
         return f"sqlite+aiosqlite://{rest}"
     raise UnsupportedDatabase(
-        f"unsupported database URL scheme {scheme!r}; use sqlite+aiosqlite:///path "
-        "or postgresql:// (asyncpg) / postgresql+psycopg://"
+        f"unsupported database URL scheme {scheme!r}; use {SUPPORTED_DATABASE_URLS}"
     )
 
 
@@ -73,7 +85,7 @@ def _default_node_id() -> str:
 class Settings(BaseSettings):
     """Everything a node needs, validated at start so a bad value fails fast."""
 
-    model_config = SettingsConfigDict(env_prefix="CATTLE_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     environment: Environment = Environment.development
     host: str = "127.0.0.1"
@@ -115,7 +127,7 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=100, ge=1, le=100_000)  # in-flight for agent weight 1 %
 
     # Traces and metrics (OTel SDK). Exporters, sampling and resource follow the
-    # standard OTEL_* variables; these only switch and bound what cattle owns.
+    # standard OTEL_* variables; these only switch and bound what the service owns.
     telemetry_enabled: bool = True
     telemetry_shutdown_timeout_s: float = Field(default=2.0, gt=0, le=30)
     access_log: bool = True
@@ -156,16 +168,19 @@ class Settings(BaseSettings):
             secret = self.cursor_secret.get_secret_value()
             if secret == DEV_CURSOR_SECRET or len(secret) < 16:
                 raise ValueError(
-                    "CATTLE_CURSOR_SECRET must be set to a private value of at least "
+                    f"{env_var('cursor_secret')} must be set to a private value of at least "
                     "16 characters in production (the same on every node)"
                 )
         if self.read_database_urls and not self.effective_database_url.startswith("postgresql"):
             raise ValueError(
-                "CATTLE_READ_DATABASE_URLS needs a PostgreSQL CATTLE_DATABASE_URL: replicas "
+                f"{env_var('read_database_urls')} needs a PostgreSQL "
+                f"{env_var('database_url')}: replicas "
                 "are PostgreSQL streaming standbys of that primary"
             )
         if self.page_limit_default > self.page_limit_max:
-            raise ValueError("CATTLE_PAGE_LIMIT_DEFAULT must not exceed CATTLE_PAGE_LIMIT_MAX")
+            raise ValueError(
+                f"{env_var('page_limit_default')} must not exceed {env_var('page_limit_max')}"
+            )
         self._check_health_settings()
         return self
 
@@ -173,16 +188,19 @@ class Settings(BaseSettings):
         token = self.admin_token.get_secret_value() if self.admin_token else None
         if token is not None and self.environment is Environment.production and len(token) < 16:
             raise ValueError(
-                "CATTLE_ADMIN_TOKEN must be at least 16 characters in production "
+                f"{env_var('admin_token')} must be at least 16 characters in production "
                 "(or unset, which removes the admin endpoints)"
             )
         if token is not None and any(c.isspace() for c in token):
-            raise ValueError("CATTLE_ADMIN_TOKEN must not contain whitespace (a bearer token)")
+            raise ValueError(
+                f"{env_var('admin_token')} must not contain whitespace (a bearer token)"
+            )
         if self.agent_port and self.agent_port == self.port:
-            raise ValueError("CATTLE_AGENT_PORT must differ from CATTLE_PORT")
+            raise ValueError(f"{env_var('agent_port')} must differ from {env_var('port')}")
         if self.health_timeout_s > self.health_interval_s * 5:
             raise ValueError(
-                "CATTLE_HEALTH_TIMEOUT_S must not exceed 5 x CATTLE_HEALTH_INTERVAL_S: "
+                f"{env_var('health_timeout_s')} must not exceed "
+                f"5 x {env_var('health_interval_s')}: "
                 "a check that may run that long leaves readiness stale"
             )
 
@@ -191,7 +209,7 @@ class Settings(BaseSettings):
         """The configured database, or the embedded SQLite file under data_dir."""
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'cattle.db').resolve()}"
+        return f"sqlite+aiosqlite:///{(self.data_dir / f'{NAME}.db').resolve()}"
 
     @property
     def is_sqlite(self) -> bool:

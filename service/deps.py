@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from service import node
 from service.config import Settings
 from service.db import consistency
 from service.db.engines import Database
@@ -13,13 +14,11 @@ from service.problems import Problem
 
 
 async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.state.settings
-    return settings
+    return node.settings(request.app)
 
 
 async def get_database(request: Request) -> Database:
-    database: Database = request.state.database
-    return database
+    return node.database(request)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from service import domains
+from service import domains, node
 from service.config import Environment, Settings
 from service.db import migrate
 from service.db.engines import Database
@@ -18,7 +18,6 @@ from service.health import runtime as health
 from service.health.lifecycle import State
 from service.idempotency import service as idempotency
 from service.tasks import cancel_within
-from service.telemetry import Telemetry
 
 log = logging.getLogger("service.lifespan")
 
@@ -60,8 +59,10 @@ async def _purge_idempotency_keys(database: Database, interval_s: float) -> None
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-    settings: Settings = app.state.settings
-    telemetry: Telemetry = app.state.telemetry
+    settings = node.settings(app)
+    telemetry = node.telemetry(app)
+    if telemetry is None:
+        raise RuntimeError("the app has no telemetry: build it with service.app.create_app")
     # First in, last out: exporters see the whole life of the node.
     telemetry.start()
     database = Database(settings)
@@ -85,17 +86,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             )
         try:
             async with health.running(app, database) as checker:
-                yield {
-                    "settings": settings,
-                    "database": database,
-                    "lifecycle": app.state.lifecycle,
-                    "health": checker,
-                    "telemetry": telemetry,
-                }
+                yield node.started(database=database, health=checker)
         finally:
             for task in background:
                 await cancel_within(task, settings.close_timeout_s)
     finally:
         await health.close_within(database.dispose(), settings.close_timeout_s, "database pools")
-        app.state.lifecycle.move(State.stopped)
+        node.lifecycle(app).move(State.stopped)
         await telemetry.shutdown()  # bounded by CATTLE_TELEMETRY_SHUTDOWN_TIMEOUT_S

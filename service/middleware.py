@@ -13,6 +13,7 @@ from collections.abc import Callable
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.config import env_var
 from service.problems import PROBLEM_JSON, problem_body
 
 log = logging.getLogger("service.errors")
@@ -90,7 +91,7 @@ class EdgeMiddleware:
     def _too_large(self, size: int) -> str:
         return (
             f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes "
-            "(CATTLE_MAX_BODY_BYTES)"
+            f"({env_var('max_body_bytes')})"
         )
 
     @staticmethod

@@ -12,12 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import NAME
+
 PROBLEM_JSON = "application/problem+json"
 
 
 def problem_type(slug: str) -> str:
     """The `type` URI of one kind of problem; documented in docs/api.md."""
-    return f"urn:cattle:problem:{slug}"
+    return f"urn:{NAME}:problem:{slug}"
 
 
 class Problem(Exception):

@@ -32,8 +32,9 @@ from types import FrameType
 from typing import cast
 
 import uvicorn
+from fastapi import FastAPI
 
-from service.app import create_app
+from service import NAME, node
 from service.config import Settings
 from service.health.drain import DrainController
 from service.health.lifecycle import Lifecycle, State
@@ -154,17 +155,17 @@ def freeze_startup_objects() -> None:
 
 
 def _exit_now(sig: int) -> None:
-    os.write(2, f"cattle: second {signal.Signals(sig).name}, exiting now\n".encode())
+    os.write(2, f"{NAME}: second {signal.Signals(sig).name}, exiting now\n".encode())
     os._exit(128 + sig)
 
 
 def _overran(after_s: float) -> None:
-    os.write(2, f"cattle: shutdown still running after {after_s:.1f} s, exiting\n".encode())
+    os.write(2, f"{NAME}: shutdown still running after {after_s:.1f} s, exiting\n".encode())
     os._exit(1)
 
 
-def serve(settings: Settings) -> None:
-    app = create_app(settings)
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Serve `app` (built by the caller: this module knows no domain) until stopped."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -173,14 +174,14 @@ def serve(settings: Settings) -> None:
         http="httptools",
         lifespan="on",
         server_header=False,
-        # JSON lines on stdout for uvicorn's loggers too; the access log is
-        # written by the telemetry middleware (CATTLE_ACCESS_LOG), not uvicorn.
+        # JSON lines on stdout for uvicorn's loggers too, its access log
+        # included (switched by CATTLE_ACCESS_LOG).
         log_config=log_config(settings),
         log_level=settings.log_level,
-        access_log=False,
+        access_log=settings.access_log,
         # uvicorn annotates int; asyncio.wait_for takes any number of seconds.
         timeout_graceful_shutdown=cast(int, graceful_timeout_s(settings)),
     )
     NodeServer(
-        config, settings=settings, lifecycle=app.state.lifecycle, drain=app.state.drain
+        config, settings=settings, lifecycle=node.lifecycle(app), drain=node.drain(app)
     ).run()

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.util import await_only
 
+from service import NAME
 from service.config import Settings
 from service.db import consistency
 from service.db.errors import is_unavailable
@@ -43,16 +44,10 @@ def create_engine(url: str, settings: Settings, *, role: str) -> AsyncEngine:
     if sa_url.get_driver_name() == "asyncpg":
         kwargs["connect_args"] = {
             "server_settings": {
-                "application_name": f"cattle:{settings.node_id}:{role}",
+                "application_name": f"{NAME}:{settings.node_id}:{role}",
                 "statement_timeout": str(int(settings.db_statement_timeout_s * 1000)),
             },
             "timeout": settings.db_pool_timeout_s,
-        }
-    elif sa_url.get_driver_name() == "psycopg":
-        kwargs["connect_args"] = {
-            "application_name": f"cattle:{settings.node_id}:{role}",
-            "options": f"-c statement_timeout={int(settings.db_statement_timeout_s * 1000)}",
-            "connect_timeout": max(1, int(settings.db_pool_timeout_s)),
         }
     if role == "reader":
         kwargs["isolation_level"] = "AUTOCOMMIT"  # single-statement reads need no BEGIN

@@ -13,10 +13,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service import NAME, node
+from service.config import env_var
 from service.health.drain import ADMIN, CannotUndrain, DrainController
 from service.problems import Problem
 
-_bearer = HTTPBearer(auto_error=False, description="CATTLE_ADMIN_TOKEN")
+_bearer = HTTPBearer(auto_error=False, description=env_var("admin_token"))
 
 
 async def require_admin(
@@ -27,12 +29,14 @@ async def require_admin(
     if credentials is None:
         raise Problem(
             401,
-            "send the admin token as `Authorization: Bearer <CATTLE_ADMIN_TOKEN>`",
+            f"send the admin token as `Authorization: Bearer <{env_var('admin_token')}>`",
             slug="unauthorized",
-            headers={"WWW-Authenticate": 'Bearer realm="cattle-admin"'},
+            headers={"WWW-Authenticate": f'Bearer realm="{NAME}-admin"'},
         )
-    expected = request.app.state.settings.admin_token.get_secret_value().encode()
-    if not hmac.compare_digest(credentials.credentials.encode(), expected):
+    token = node.settings(request.app).admin_token
+    # The routes are mounted only with a token; without one nothing matches.
+    expected = token.get_secret_value().encode() if token is not None else None
+    if expected is None or not hmac.compare_digest(credentials.credentials.encode(), expected):
         raise Problem(403, "the admin token is not valid for this node", slug="forbidden")
 
 
@@ -40,8 +44,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 
 
 async def get_drain(request: Request) -> DrainController:
-    drain: DrainController = request.app.state.drain
-    return drain
+    return node.drain(request.app)
 
 
 DrainDep = Annotated[DrainController, Depends(get_drain)]

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.config import Settings
+from service.config import Settings, env_var
 from service.db.replicas import ReplicaSet
 from service.health.inflight import InFlight
 from service.health.lifecycle import Lifecycle, State
@@ -204,7 +204,8 @@ class HealthChecker:
                     await connection.execute(text("SELECT 1"))
         except TimeoutError:
             return self._failed(
-                "primary", f"no answer within {self.timeout_s} s (CATTLE_HEALTH_TIMEOUT_S)"
+                "primary",
+                f"no answer within {self.timeout_s} s ({env_var('health_timeout_s')})",
             )
         except Exception as exc:  # whatever the driver raises, the primary is not usable
             return self._failed("primary", f"unreachable: {_describe(exc)}")
@@ -317,7 +318,7 @@ class HealthChecker:
             Status.warn if busy else Status.ok,
             self.in_flight.count,
             "requests",
-            output=f"at or above CATTLE_MAX_IN_FLIGHT={self.max_in_flight}" if busy else "",
+            output=f"at or above {env_var('max_in_flight')}={self.max_in_flight}" if busy else "",
         )
         uptime = self._result(
             "uptime", Status.ok, round(time.monotonic() - self.started_at, 3), "s"

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 import service
+from service import node
 from service.health.checks import HealthChecker, Status
 from service.health.lifecycle import Lifecycle, State
 from service.problems import Problem
@@ -37,13 +38,14 @@ def probe(path: str, **kwargs: Any) -> Callable[[Endpoint], Endpoint]:
 
 
 async def get_checker(request: Request) -> HealthChecker:
-    checker: HealthChecker = request.state.health
+    checker = node.health(request)
+    if checker is None:
+        raise RuntimeError("no health checker: the node's lifespan has not started")
     return checker
 
 
 async def get_lifecycle(request: Request) -> Lifecycle:
-    lifecycle: Lifecycle = request.app.state.lifecycle
-    return lifecycle
+    return node.lifecycle(request.app)
 
 
 CheckerDep = Annotated[HealthChecker, Depends(get_checker)]
@@ -62,7 +64,7 @@ async def livez(request: Request, lifecycle: LifecycleDep) -> Response:
     died), which a restart cures. A database outage never fails liveness:
     restarting every node because the database is down helps nobody.
     """
-    checker: HealthChecker | None = getattr(request.state, "health", None)
+    checker = node.health(request)
     stopping = lifecycle.state in (State.stopping, State.stopped)  # the checker stops first
     if checker is not None and not checker.alive and not stopping:
         return _text("health checker stopped", 503)
@@ -125,13 +127,13 @@ async def healthz(request: Request, checker: CheckerDep, lifecycle: LifecycleDep
         status = Status.warn
     else:
         status = Status.ok
-    node_id = request.app.state.settings.node_id
+    node_id = node.settings(request.app).node_id
     body: dict[str, Any] = {
         "status": str(status),
         "version": service.__version__,
         "serviceId": node_id,
         "nodeId": node_id,
-        "description": f"cattle node {node_id}",
+        "description": f"{service.NAME} node {node_id}",
         "lifecycle": str(lifecycle.state),
         "checks": {r.key: [r.to_health_json()] for r in snapshot.values()},
     }

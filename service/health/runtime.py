@@ -1,11 +1,11 @@
 """Wires health into a node: objects at build time, tasks and ports for the lifespan.
 
-`install(app, settings)` runs in create_app (no I/O): the Lifecycle on
-`app.state.lifecycle`, the in-flight counter on `app.state.in_flight`, the
-drain controller on `app.state.drain`, the probe routes, and the admin routes
-when a token is set. `running(app, database)` runs in the lifespan: the
-first round of checks, then the background checker, the drain file watcher
-and the agent port, all stopped within bounds when the node stops.
+`install(app, settings)` runs in create_app (no I/O): the Lifecycle, the
+in-flight counter and the drain controller (held on the app, reached through
+service.node), the probe routes, and the admin routes when a token is set.
+`running(app, database)` runs in the lifespan: the first round of checks,
+then the background checker, the drain file watcher and the agent port, all
+stopped within bounds when the node stops.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 
+from service import node
 from service.config import Settings
 from service.db.engines import Database, create_engine
 from service.health import admin, router
@@ -32,26 +33,25 @@ log = logging.getLogger("service.health")
 
 def install(app: FastAPI, settings: Settings) -> None:
     lifecycle = Lifecycle()
-    app.state.lifecycle = lifecycle
-    app.state.in_flight = InFlight()
-    app.state.drain = DrainController(lifecycle)
+    in_flight = InFlight()
+    node.hold(app, lifecycle=lifecycle, in_flight=in_flight, drain=DrainController(lifecycle))
     app.include_router(router.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
-    app.add_middleware(InFlightMiddleware, counter=app.state.in_flight)
+    app.add_middleware(InFlightMiddleware, counter=in_flight)
 
 
 def leaving(app: FastAPI) -> Callable[[], bool]:
     """The edge middleware's `close_connections`: True from DRAINING on."""
-    lifecycle: Lifecycle = app.state.lifecycle
+    lifecycle = node.lifecycle(app)
     return lambda: lifecycle.leaving
 
 
 @contextlib.asynccontextmanager
 async def running(app: FastAPI, database: Database) -> AsyncIterator[HealthChecker]:
-    settings: Settings = app.state.settings
-    lifecycle: Lifecycle = app.state.lifecycle
-    drain: DrainController = app.state.drain
+    settings = node.settings(app)
+    lifecycle = node.lifecycle(app)
+    drain = node.drain(app)
     # The checker's own pool of one, with its timeouts: see HealthChecker.check_primary.
     health_settings = settings.model_copy(
         update={
@@ -64,7 +64,7 @@ async def running(app: FastAPI, database: Database) -> AsyncIterator[HealthCheck
     checker = HealthChecker(
         settings,
         lifecycle=lifecycle,
-        in_flight=app.state.in_flight,
+        in_flight=node.in_flight(app),
         primary=engine,
         replicas=database.replicas,
         telemetry_status=_telemetry_status(app),
@@ -108,5 +108,5 @@ async def close_within(closing: Awaitable[None], timeout_s: float, what: str) ->
 
 
 def _telemetry_status(app: FastAPI) -> Callable[[], ExportStatus] | None:
-    telemetry = getattr(app.state, "telemetry", None)
+    telemetry = node.telemetry(app)
     return None if telemetry is None else telemetry.export_status

@@ -6,7 +6,12 @@ import pytest
 from pydantic import ValidationError
 
 from service import conditional
-from service.config import Settings, UnsupportedDatabase, normalize_database_url
+from service.config import (
+    SUPPORTED_DATABASE_URLS,
+    Settings,
+    UnsupportedDatabase,
+    normalize_database_url,
+)
 from service.db.types import uuid7
 from service.pagination import CursorCodec, InvalidCursor
 
@@ -16,7 +21,8 @@ from service.pagination import CursorCodec, InvalidCursor
     [
         ("postgresql://u@h/db", "postgresql+asyncpg://u@h/db"),
         ("postgres://u@h/db", "postgresql+asyncpg://u@h/db"),
-        ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("sqlite+aiosqlite:////tmp/x.db", "sqlite+aiosqlite:////tmp/x.db"),
         ("sqlite:////tmp/x.db", "sqlite+aiosqlite:////tmp/x.db"),
     ],
 )
@@ -24,10 +30,18 @@ def test_database_urls_get_async_drivers(given, expected):
     assert normalize_database_url(given) == expected
 
 
-@pytest.mark.parametrize("url", ["mysql://h/db", "just-a-path", "postgresql+psycopg2://h/db"])
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://h/db", "just-a-path", "postgresql+psycopg://h/db", "postgresql+psycopg2://h/db"],
+)
 def test_unsupported_database_urls_say_what_works(url):
-    with pytest.raises(UnsupportedDatabase, match="postgresql"):
+    # Only asyncpg and aiosqlite are in the lock: any other driver is refused
+    # up front, and the refusal lists the URLs that do work.
+    with pytest.raises(UnsupportedDatabase) as refused:
         normalize_database_url(url)
+    assert SUPPORTED_DATABASE_URLS in str(refused.value)
+    for scheme in ("sqlite:///", "postgresql://", "postgresql+asyncpg://"):
+        assert scheme in SUPPORTED_DATABASE_URLS
 
 
 def test_default_database_is_sqlite_under_the_data_dir(tmp_path):

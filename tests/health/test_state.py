@@ -14,6 +14,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from service import node
 from service.app import create_app
 from service.config import Settings
 from service.health.agent import agent_reply
@@ -135,5 +136,4 @@ async def test_livez_fails_only_when_the_checker_is_dead(tmp_path: Path) -> None
             checker._task.cancel()
             await asyncio.sleep(0)
             assert (await http.get("/livez")).status_code == 503
-            assert app.state.lifecycle is state["lifecycle"]
-            assert app.state.in_flight.count == 0
+            assert node.in_flight(app).count == 0
