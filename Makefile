@@ -49,11 +49,12 @@ run: $(VENV_STAMP) ## serve the API on http://127.0.0.1:8000 (embedded SQLite un
 	$(PY) -m service migrate
 	exec $(PY) -m service serve
 
-lint: $(VENV_STAMP) ## ruff (lint + format check) and mypy
+lint: $(VENV_STAMP) ## ruff (lint + format check), mypy, and the import layers (lint-imports)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy service
 	.venv/bin/mypy deploy loadtests
+	.venv/bin/lint-imports
 
 fmt: $(VENV_STAMP) ## format and fix what ruff can
 	.venv/bin/ruff format .
