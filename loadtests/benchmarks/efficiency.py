@@ -40,14 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests import REPO_ROOT
 from loadtests import report as reports
 from loadtests.benchmarks import baselines
-from loadtests.harness import machine
 from loadtests.harness import wrk as wrkbench
 from loadtests.harness.wrk import request
 
-RESULTS = REPO_ROOT / "docs" / "results" / "efficiency"
+RESULTS = reports.RESULTS / "efficiency"
 REFERENCE = "raw-asgi"
 CATTLE = "cattle"
 FASTAPI = "fastapi"
@@ -208,10 +206,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 wrkbench.stop(config.server)
     shutil.rmtree(run_dir, ignore_errors=True)
 
-    return {
-        "machine": machine.describe(),
-        "commit": wrkbench.git_commit(),
-        "command": command(args),
+    figures = {
         "versions": {name: _version(name) for name in PACKAGES},
         "setup": {
             **wrkbench.setup_of(args, loadavg_before),
@@ -226,6 +221,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "pairs": pairs(all_configs),
         "rounds": {c.name: c.rounds for c in all_configs},
     }
+    return reports.stamped(command(args), figures)
 
 
 def command(args: argparse.Namespace) -> str:
@@ -315,7 +311,6 @@ def _range(spread: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     setup = report["setup"]
-    facts = report["machine"]
     cattle = s[CATTLE]
     vs_fastapi = report["pairs"][f"{CATTLE}/{FASTAPI}"]
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
@@ -324,9 +319,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Per-node efficiency: cattle against bare frameworks",
         "",
-        f"Measured {facts['date']} on {facts['cpu']} ({facts['cores']} cores), "
-        f"Python {facts['python']}, kernel {facts['kernel']}, "
-        f"commit {report.get('commit') or 'uncommitted'}; {versions}.",
+        f"{reports.measured(report)} Versions: {versions}.",
         "",
         f"**cattle's read endpoint at default settings serves {cattle['rps']['median']:.0f} req/s "
         f"on one core ({cattle['rps_per_core']['median']:.0f} per core-second used): "
@@ -401,7 +394,7 @@ def markdown(report: dict[str, Any]) -> str:
     other = max(row["other_cpu_cores"]["max"] for row in s.values())
     lines += [
         "",
-        *reports.how_measured(report["command"]),
+        *reports.how_measured(report),
         "(`make bench-efficiency` runs the same with the defaults.)",
         "",
         f"- One uvicorn process per configuration (uvloop, httptools, one worker, uvicorn's "
@@ -439,14 +432,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write(report: dict[str, Any], out: Path) -> None:
-    reports.write_report(report, out, markdown)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    report = reports.report_main(
-        "bench_efficiency", args.out, args.render, lambda: measure(args), markdown
+    report = reports.main(
+        "bench_efficiency",
+        args.out,
+        render_only=args.render,
+        measure=lambda: measure(args),
+        markdown=markdown,
     )
     if report is None:
         return 0

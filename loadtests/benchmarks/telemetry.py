@@ -36,17 +36,14 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtests import REPO_ROOT
 from loadtests import report as reports
-from loadtests.harness import machine
 from loadtests.harness import wrk as wrkbench
 from loadtests.harness.wrk import request
 
-RESULTS = REPO_ROOT / "docs" / "results" / "telemetry-overhead"
+RESULTS = reports.RESULTS / "telemetry-overhead"
 BASELINE = "off"
 TARGET_OVERHEAD = 0.15
 
@@ -185,8 +182,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Telemetry overhead",
         "",
-        f"Measured {report['measured_at']} on {setup['cpu']} ({setup['cpus']} CPUs), "
-        f"Python {setup['python']}, commit {report.get('commit') or 'uncommitted'}.",
+        reports.measured(report),
         "",
         f"**Default telemetry keeps {default['ratio_median']:.1%} of the throughput of telemetry "
         f"off (overhead {default['overhead_median']:.1%}; per-round range "
@@ -228,7 +224,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        *reports.how_measured(report["command"]),
+        *reports.how_measured(report),
         f"- One node process per configuration (`python -m service serve`: uvicorn, uvloop, "
         f"httptools, one process), all pinned to CPU core {setup['server_core']} with taskset, "
         f"sharing one SQLite database seeded with one note; logs go to a file.",
@@ -293,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         wrkbench.require_tools()
         return run(args, argv)
 
-    report = reports.report_main("bench_telemetry", args.out, args.render, measure, markdown)
+    report = reports.main(
+        "bench_telemetry", args.out, render_only=args.render, measure=measure, markdown=markdown
+    )
     if report is None:
         return 0
     result = report["summary"]["default"]
@@ -415,17 +413,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             if collector is not None:
                 wrkbench.stop(collector)
 
-    facts = machine.describe()
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": wrkbench.git_commit(),
-        "command": " ".join(["python -m loadtests.benchmarks.telemetry", *(argv or sys.argv[1:])]),
+    command = reports.command_line(__spec__.name, sys.argv[1:] if argv is None else argv)
+    figures = {
         "target_overhead": TARGET_OVERHEAD,
         "setup": {
-            "cpu": facts["cpu"],
-            "cpus": facts["cores"],
-            "python": facts["python"],
             **wrkbench.setup_of(args, loadavg_before),
             "database": "SQLite (embedded)",
         },
@@ -433,6 +425,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "cross_check": cross_check,
         "rounds": {c.name: c.rounds for c in all_configs},
     }
+    return reports.stamped(command, figures)
 
 
 if __name__ == "__main__":

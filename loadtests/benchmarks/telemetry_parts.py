@@ -4,7 +4,7 @@
 
 Takes about 1.5 min; writes docs/results/telemetry-parts.{md,json}.
 
-bench_telemetry answers "how much throughput does telemetry cost a node?";
+The telemetry benchmark answers "how much throughput does telemetry cost a node?";
 this one answers "which part of it is that?", finer than a throughput
 benchmark on a shared machine can. One process, pinned to one core, builds
 two apps on one SQLite database: one with telemetry and access log off, one
@@ -30,16 +30,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtests import REPO_ROOT
 from loadtests import report as reports
-from loadtests.harness import machine
 from loadtests.harness import wrk as wrkbench
 
-RESULTS = REPO_ROOT / "docs" / "results" / "telemetry-parts"
+RESULTS = reports.RESULTS / "telemetry-parts"
 
 # variant -> the parts switched off in it
 VARIANTS: dict[str, frozenset[str]] = {
@@ -332,8 +329,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# What each part of telemetry costs",
         "",
-        f"Measured {report['measured_at']} on {setup['cpu']} ({setup['cpus']} CPUs), "
-        f"Python {setup['python']}, commit {report.get('commit') or 'uncommitted'}.",
+        reports.measured(report),
         "",
         f"Default telemetry costs **{rows['full']['extra_us_median']:.0f} µs** of CPU per request "
         f"over telemetry off ({rows[OFF]['cpu_us_per_request_median']:.0f} µs), in this "
@@ -372,7 +368,7 @@ def markdown(report: dict[str, Any]) -> str:
         "At the default ratio of 10% a request pays a tenth of that on average; the cost "
         "scales with `OTEL_TRACES_SAMPLER_ARG`.",
         "",
-        *reports.how_measured(report["command"]),
+        *reports.how_measured(report),
         f"- One process pinned to core {setup['core']}: two apps on one SQLite database, one "
         "with `CATTLE_TELEMETRY_ENABLED=false CATTLE_ACCESS_LOG=false`, one at the defaults "
         "(no OTLP endpoint, so no span is recorded).",
@@ -393,7 +389,7 @@ def markdown(report: dict[str, Any]) -> str:
         "core, timed in this process's CPU time.",
         "- In-process figures leave out HTTP parsing and sockets (a real node spends about "
         "200 µs more per request there), so ratios here are larger than the throughput ratios "
-        "of bench_telemetry, which measures whole nodes.",
+        "of the telemetry benchmark, which measures whole nodes.",
         "",
     ]
     return "\n".join(lines)
@@ -410,7 +406,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--core", type=int, default=0, help="CPU core to pin the process to")
     parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
-    parser.add_argument("--render", type=Path, help="only re-render OUT.md from this JSON")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite OUT.md from the saved OUT.json"
+    )
     return parser
 
 
@@ -430,15 +428,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     finally:
         os.sched_setaffinity(0, affinity)
         shutil.rmtree(run_dir, ignore_errors=True)
-    facts = machine.describe()
-    return {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": wrkbench.git_commit(),
-        "command": " ".join(["python -m loadtests.benchmarks.telemetry_parts", *argv]),
+    figures = {
         "setup": {
-            "cpu": facts["cpu"],
-            "cpus": facts["cores"],
-            "python": facts["python"],
             "core": args.core,
             "rounds": args.rounds,
             "requests": args.requests,
@@ -449,13 +440,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "summary": summarize(samples),
         "samples_us": samples,
     }
+    return reports.stamped(reports.command_line(__spec__.name, argv), figures)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    report = reports.report_main(
-        "telemetry_parts", args.out, args.render, lambda: run(args, argv), markdown
+    report = reports.main(
+        "telemetry_parts",
+        args.out,
+        render_only=args.render,
+        measure=lambda: run(args, argv),
+        markdown=markdown,
     )
     if report is None:
         return 0

@@ -6,13 +6,19 @@ the node that served it (X-Served-By) by the Recorder, which also keeps the
 id of every acknowledged create for the audit after a run.
 
 Clients here never retry: a failure is what a real client would have seen.
+They speak HTTP only and never import service/: they load the service as a
+client elsewhere would. A fork with another domain replaces this module with
+one offering the same four names the harness uses: MIXES, POOL, RECORDER and
+seed().
 """
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +48,19 @@ class NotePool:
 
 
 POOL = NotePool()
+
+
+def seed(host: str, count: int) -> None:
+    """Create `count` notes before the load starts, so readers have something to read."""
+    for i in range(count):
+        request = urllib.request.Request(  # noqa: S310 (the lab's loopback front)
+            f"{host}/v1/notes",
+            data=json.dumps({"title": f"seed-{i}", "body": "seed"}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            POOL.add(json.load(response)["id"], response.headers.get("consistency-token"))
 
 
 @dataclass

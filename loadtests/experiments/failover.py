@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,7 +23,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ import httpx
 from deploy.lab.node import REPO_ROOT, Node
 from deploy.lab.patroni import PatroniCluster
 from deploy.lab.postgres import find_bindir
+from loadtests import report as reports
 
 RETRIED_STATUSES = {409, 500, 502, 503, 504}  # same key again: safe, it cannot duplicate
 EXPECTED_REFUSALS = {  # what a failover may answer, and must say so
@@ -281,6 +279,8 @@ def _migrate(env: dict[str, str]) -> None:
 
 
 def _versions() -> dict[str, str]:
+    """The cluster's components (the machine and Python are in the report's metadata)."""
+
     def first_line(*argv: str) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
@@ -293,8 +293,6 @@ def _versions() -> dict[str, str]:
         "patroni": first_line("patroni", "--version"),
         "etcd": first_line("etcd", "--version"),
         "postgres": first_line(str(find_bindir() / "postgres"), "--version"),
-        "python": platform.python_version(),
-        "cpus": str(os.cpu_count()),
     }
 
 
@@ -323,13 +321,15 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     return f"""# Failover: kill -9 of the primary's postgres under write load
 
-Measured {result["measured_at"]} by `python -m loadtests.experiments.failover` (one run; the
-figures vary from run to run). Lab HA mode: 3 PostgreSQL members under Patroni with one etcd,
-synchronous mode on (not strict), `ttl` 10 s, `loop_wait` 1 s, `retry_timeout` 3 s,
-`primary_start_timeout` 0 (deploy/patroni/patroni.yml.tmpl). One service node reaches the
-primary through the multi-host DSN with `target_session_attrs=read-write` and is never
-restarted. {plan["clients"]} clients create notes for {plan["duration_s"]:.0f} s, each note with
-its own Idempotency-Key, retrying the same key on 503, 409 and broken connections; at
+{reports.measured(result)}
+
+One run of `{result["command"]}`; the figures vary from run to run. Lab HA
+mode: 3 PostgreSQL members under Patroni with one etcd, synchronous mode on (not strict),
+`ttl` 10 s, `loop_wait` 1 s, `retry_timeout` 3 s, `primary_start_timeout` 0
+(deploy/patroni/patroni.yml.tmpl). One service node reaches the primary through the
+multi-host DSN with `target_session_attrs=read-write` and is never restarted.
+{plan["clients"]} clients create notes for {plan["duration_s"]:.0f} s, each note with its own
+Idempotency-Key, retrying the same key on 503, 409 and broken connections; at
 {t["killed_at_s"]:.1f} s the leader's postmaster ({result["old_leader"]}) gets SIGKILL.
 
 ## Result
@@ -357,11 +357,11 @@ can overstate the database's own gap by that much (the errors ended at
 ## Reproduce
 
 ```
-python -m loadtests.experiments.failover   # as root: PostgreSQL, Patroni and etcd run as `postgres`
+{result["command"]}   # as root: PostgreSQL, Patroni and etcd run as `postgres`
 ```
 
-Versions: {v["patroni"]}; {v["etcd"]}; {v["postgres"]}; Python {v["python"]}; {v["cpus"]} CPUs,
-shared with other work. Raw numbers: failover.json.
+Versions: {v["patroni"]}; {v["etcd"]}; {v["postgres"]}. The machine was shared with
+other work. Raw numbers: failover.json.
 """
 
 
@@ -369,29 +369,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.experiments.failover", description=__doc__
     )
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results")
+    parser.add_argument(
+        "--out", type=Path, default=reports.RESULTS / "failover", help="writes OUT.json and OUT.md"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite OUT.md from the saved OUT.json"
+    )
     parser.add_argument("--duration-s", type=float, default=LoadPlan.duration_s)
     parser.add_argument("--kill-at-s", type=float, default=LoadPlan.kill_at_s)
     parser.add_argument("--clients", type=int, default=LoadPlan.clients)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     plan = LoadPlan(duration_s=args.duration_s, kill_at_s=args.kill_at_s, clients=args.clients)
-    # Under /tmp: the servers run as the postgres OS user, which must reach the directory.
-    base = Path(tempfile.mkdtemp(prefix="cattle-failover-", dir="/tmp"))
-    try:
-        result = run(base, plan)
-    except BaseException:
-        print(f"failed; logs kept in {base}", file=sys.stderr)
-        raise
-    shutil.rmtree(base, ignore_errors=True)
-    result |= {"measured_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    result |= {"versions": _versions()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "failover.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "failover.md").write_text(markdown(result))
+
+    def measure() -> dict[str, Any]:
+        # Under /tmp: the servers run as the postgres OS user, which must reach the directory.
+        base = Path(tempfile.mkdtemp(prefix="cattle-failover-", dir="/tmp"))
+        try:
+            result = run(base, plan)
+        except BaseException:
+            print(f"failed; logs kept in {base}", file=sys.stderr)
+            raise
+        shutil.rmtree(base, ignore_errors=True)
+        command = reports.command_line(__spec__.name, argv)
+        return reports.stamped(command, result | {"versions": _versions()})
+
+    result = reports.main(
+        "failover", args.out, render_only=args.render, measure=measure, markdown=markdown
+    )
+    if result is None:
+        return 0
     t, a = result["timing"], result["audit"]
     print(
         f"unavailable {t['unavailable_s']} s; acknowledged {a['acknowledged']}, lost "
-        f"{len(a['lost'])}, duplicated {len(a['duplicated'])}; wrote {args.out}/failover.md"
+        f"{len(a['lost'])}, duplicated {len(a['duplicated'])}; wrote {args.out}.md"
     )
     return 0 if not (a["lost"] or a["duplicated"]) and t["unavailable_s"] is not None else 1
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import sys
@@ -29,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from deploy.lab.cluster import Lab, LabOptions
-from loadtests import REPO_ROOT
+from loadtests import report as reports
 from loadtests.experiments.audit import audit
-from loadtests.harness import analysis, machine
+from loadtests.harness import analysis
 from loadtests.harness.loadrun import LoadResult, run_load
-from loadtests.harness.lock import exclusive
 
-RESULTS = REPO_ROOT / "docs" / "results"
+RESULTS = reports.RESULTS / "nodeloss"
 
 
 @dataclass(frozen=True)
@@ -215,7 +213,8 @@ def acknowledged(result: LoadResult) -> dict[str, str]:
     }
 
 
-def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
+def run(plan: Plan, command: str) -> dict[str, Any]:
+    """The drill at saturation, then below it, each audited; the report (written by the caller)."""
     base = Path(tempfile.mkdtemp(prefix="cattle-nodeloss-", dir="/tmp"))
     base.chmod(0o755)
     runs: dict[str, Any] = {}
@@ -251,17 +250,12 @@ def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
             lab.down()
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    report = {
+    figures = {
         "plan": asdict(plan),
-        "machine": machine.describe(),
         "expected_capacity_after_loss": (plan.nodes - 1) / plan.nodes,
         "runs": runs,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "nodeloss.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "nodeloss.md").write_text(markdown(report, command))
-    plot(report, out_dir / "nodeloss.png")
-    return report
+    return reports.stamped(command, figures)
 
 
 def _restore(lab: Lab, plan: Plan) -> None:
@@ -316,20 +310,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.legend(handles + handles2, labels + labels2, loc="lower left", fontsize=8, ncol=4)
     fig.suptitle(
         f"cattle node loss, {report['plan']['nodes']} nodes x {report['plan']['cpu']} core — "
-        f"{report['machine']['date']}, {report['machine']['cores']} cores"
+        f"{reports.when(report)}, {report['machine']['cores']} cores"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def markdown(report: dict[str, Any], command: str) -> str:
+def markdown(report: dict[str, Any]) -> str:
     plan = report["plan"]
     lines = [
         "# Node loss: drain, kill -9 and restart under load",
         "",
-        f"Measured {report['machine']['date']} on {report['machine']['cores']} cores "
-        f"({report['machine']['cpu']}). Reproduce with `{command}`.",
+        f"{reports.measured(report)} Reproduce with `{report['command']}`.",
         "",
         f"{plan['nodes']} nodes, each capped at {plan['cpu']} core, behind HAProxy (retries on), "
         f"{plan['backend']} backend, {plan['users']} locust users on the read-mostly mix "
@@ -376,19 +369,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="seconds-long run of the code path")
     parser.add_argument("--backend", choices=("postgres", "patroni"), help="database mode")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="writes OUT.json, OUT.md and OUT.png"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json"
+    )
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else Plan()
     if args.backend:
         plan = Plan(**{**asdict(plan), "backend": args.backend})
-    command = "python -m loadtests.experiments.nodeloss" + (" --smoke" if args.smoke else "")
-    if args.backend:
-        command += f" --backend {args.backend}"
-    if args.smoke:
-        report = run(plan, args.out, command)
-    else:
-        with exclusive("nodeloss"):
-            report = run(plan, args.out, command)
+    command = reports.command_line(__spec__.name, argv)
+    report = reports.main(
+        "nodeloss",
+        args.out,
+        render_only=args.render,
+        measure=lambda: run(plan, command),
+        markdown=markdown,
+        plot=plot,
+        lock=not args.smoke,  # a smoke run checks the code, not the machine
+    )
+    if report is None:
+        return 0
     for name, data in report["runs"].items():
         print(
             f"{name}: {data['requests']} requests, {data['failed']} failed, audit {data['audit']}"

@@ -19,7 +19,6 @@ headroom, the machine not saturated. The report says which check failed.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -30,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from deploy.lab.cluster import Lab, LabOptions
-from loadtests import REPO_ROOT
-from loadtests.harness import analysis, machine
+from loadtests import report as reports
+from loadtests.harness import analysis
 from loadtests.harness.loadrun import LoadResult, run_load
-from loadtests.harness.lock import exclusive
 
-RESULTS = REPO_ROOT / "docs" / "results"
+RESULTS = reports.RESULTS / "scaleout"
 
 # Validity thresholds (documented in docs/results/README.md).
 LOADGEN_MAX_CORES = 0.8  # one locust process: keep it well short of its core
@@ -184,7 +182,6 @@ def summarize_runs(points: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
         )
     return {
         "plan": asdict(plan),
-        "machine": machine.describe(),
         "x1_rps": x1,
         "rows": rows,
         "usl": fit_usl(points),
@@ -232,20 +229,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     verdict = "valid run" if report["valid"] else "INVALID run (see report)"
     fig.suptitle(
         f"cattle scale-out, {report['plan']['cpu']} core per node, {report['plan']['mix']} mix — "
-        f"{verdict} — {report['machine']['date']}, {report['machine']['cores']} cores"
+        f"{verdict} — {reports.when(report)}, {report['machine']['cores']} cores"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def markdown(report: dict[str, Any], command: str) -> str:
+def markdown(report: dict[str, Any]) -> str:
     plan, fit = report["plan"], report.get("usl") or {}
     lines = [
         "# Scale-out: throughput against the number of nodes",
         "",
-        f"Measured {report['machine']['date']} on {report['machine']['cores']} cores "
-        f"({report['machine']['cpu']}). Reproduce with `{command}`.",
+        f"{reports.measured(report)} Reproduce with `{report['command']}`.",
         "",
         f"Each node is capped at **{plan['cpu']} core** (cgroup v1 `cpu`), behind HAProxy, "
         f"on the {plan['backend']} backend; locust drives the **{plan['mix']}** mix with "
@@ -302,7 +298,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
+def run(plan: Plan, command: str) -> dict[str, Any]:
+    """Every N of the plan, `repeats` times over; the report (written by the caller)."""
     base = Path(tempfile.mkdtemp(prefix="cattle-scaleout-", dir="/tmp"))
     base.chmod(0o755)
     points = []
@@ -321,12 +318,7 @@ def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
                 )
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    report = summarize_runs(points, plan)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scaleout.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "scaleout.md").write_text(markdown(report, command))
-    plot(report, out_dir / "scaleout.png")
-    return report
+    return reports.stamped(command, summarize_runs(points, plan))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,34 +328,36 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--smoke", action="store_true", help="seconds-long run of the code path")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="writes OUT.json, OUT.md and OUT.png"
+    )
     parser.add_argument("--cpu", type=float, help="cap per node (fraction of a core)")
     parser.add_argument("--repeats", type=int)
     parser.add_argument(
-        "--render", action="store_true", help="rewrite the .md and .png from the saved .json"
+        "--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json"
     )
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if args.render:
-        report = json.loads((args.out / "scaleout.json").read_text())
-        (args.out / "scaleout.md").write_text(markdown(report, "make scaleout"))
-        plot(report, args.out / "scaleout.png")
-        return 0
     plan = SMOKE if args.smoke else Plan()
     if args.cpu is not None:
         plan = Plan(**{**asdict(plan), "cpu": args.cpu})
     if args.repeats is not None:
         plan = Plan(**{**asdict(plan), "repeats": args.repeats})
-    command = (
-        "make scaleout" if not args.smoke else "python -m loadtests.experiments.scaleout --smoke"
+    command = reports.command_line(__spec__.name, argv)
+    report = reports.main(
+        "scaleout",
+        args.out,
+        render_only=args.render,
+        measure=lambda: run(plan, command),
+        markdown=markdown,
+        plot=plot,
+        lock=not args.smoke,  # a smoke run checks the code, not the machine
     )
-    if args.smoke:
-        report = run(plan, args.out, command)
-    else:
-        with exclusive("scaleout"):
-            report = run(plan, args.out, command)
+    if report is None:
+        return 0
     for row in report["rows"]:
         print(f"N={row['n']}: X={row['throughput_rps']:.0f} req/s  E={row['efficiency']:.3f}")
-    print(f"{'valid' if report['valid'] else 'INVALID'}; report in {args.out / 'scaleout.md'}")
+    print(f"{'valid' if report['valid'] else 'INVALID'}; report in {args.out}.md")
     return 0
 
 

@@ -11,23 +11,8 @@ import argparse
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
-
-
-def _seed(host: str, count: int) -> list[tuple[str, str | None]]:
-    seeded = []
-    for i in range(count):
-        request = urllib.request.Request(  # noqa: S310 (the lab's loopback front)
-            f"{host}/v1/notes",
-            data=json.dumps({"title": f"seed-{i}", "body": "seed"}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            seeded.append((json.load(response)["id"], response.headers.get("consistency-token")))
-    return seeded
 
 
 def user_counts(weights: dict[Any, int], users: int) -> dict[Any, int]:
@@ -56,9 +41,9 @@ def run(
     from locust import User, constant_throughput, events
     from locust.env import Environment
 
-    from loadtests.clients import notes as locustfile
+    from loadtests.clients import notes
 
-    weights = locustfile.MIXES[mix]
+    weights = notes.MIXES[mix]
     counts = user_counts(weights, users)
     classes: list[type[User]] = []
     for user_class, weight in weights.items():
@@ -70,8 +55,7 @@ def run(
             # is users x rate whatever the latency (for runs below saturation).
             user_class.wait_time = constant_throughput(rate_per_user)
         classes.append(user_class)
-    for note_id, token in _seed(host, seed_notes):
-        locustfile.POOL.add(note_id, token)
+    notes.seed(host, seed_notes)
 
     # stop_timeout: at the end every user finishes the request it has in
     # flight, so each create the service stored was also seen by the client
@@ -87,7 +71,7 @@ def run(
     runner.stop()
     runner.quit()
     ended = time.time()
-    recorder = locustfile.RECORDER
+    recorder = notes.RECORDER
     return {
         "host": host,
         "users": users,

@@ -1,7 +1,7 @@
 """What a measurement needs to know about the machine: CPU use, and the facts it records.
 
 Throughput figures mean something only next to the machine they were taken
-on; every result file records `describe()` (through loadtests.report).
+on: every result file records `describe()` (loadtests.report adds it).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,21 @@ def machine_jiffies() -> tuple[float, float]:
 
 
 def describe() -> dict[str, Any]:
+    """The machine facts of the report layout (loadtests.report.MACHINE), in its order."""
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cores": os.cpu_count(),
         "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
         "python": platform.python_version(),
+        "os": _os_name(),
         "kernel": platform.release(),
     }
+
+
+def _os_name() -> str:
+    """The distribution's own name where it says one (/etc/os-release), else the system's."""
+    with contextlib.suppress(OSError):
+        return platform.freedesktop_os_release().get("PRETTY_NAME") or platform.system()
+    return platform.system()
 
 
 def _cpu_model() -> str:

@@ -317,18 +317,6 @@ def argument_parser(prog: str, doc: str | None, *, seconds: int) -> argparse.Arg
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument(
-        "--render", type=Path, metavar="JSON", help="only rewrite the .md from a saved .json"
+        "--render", action="store_true", help="only rewrite OUT.md from the saved OUT.json"
     )
     return parser
-
-
-def git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    return None

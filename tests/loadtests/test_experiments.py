@@ -14,6 +14,7 @@ import shutil
 import pytest
 
 from deploy.lab import cgroups
+from loadtests import report as reports
 from loadtests.experiments import nodeloss, scaleout
 from tests.support import require
 
@@ -33,11 +34,11 @@ def _lab_parts() -> None:
 
 
 def test_scaleout_smoke_writes_a_complete_report(tmp_path):
-    report = scaleout.run(
-        scaleout.SMOKE, tmp_path, "python -m loadtests.experiments.scaleout --smoke"
-    )
-    saved = json.loads((tmp_path / "scaleout.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    out = tmp_path / "scaleout"
+    assert scaleout.main(["--smoke", "--out", str(out)]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert reports.problems(saved) == []
+    assert saved["command"] == f"python -m loadtests.experiments.scaleout --smoke --out {out}"
     assert [row["n"] for row in saved["rows"]] == list(scaleout.SMOKE.ns)
     for row in saved["rows"]:
         assert row["throughput_rps"] > 0
@@ -49,8 +50,8 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
         assert set(point["nodes"]) == {f"n{i}" for i in range(1, point["n"] + 1)}
         assert point["loadgen_cpu_cores"] is not None
         assert isinstance(point["valid"], bool)
-    assert "| N | X(N) req/s |" in (tmp_path / "scaleout.md").read_text()
-    assert (tmp_path / "scaleout.png").stat().st_size > 10_000
+    assert "| N | X(N) req/s |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000
 
 
 def test_usl_fit_recovers_known_parameters():
@@ -65,10 +66,10 @@ def test_usl_fit_recovers_known_parameters():
 
 
 def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path):
-    report = nodeloss.run(
-        nodeloss.SMOKE, tmp_path, "python -m loadtests.experiments.nodeloss --smoke"
-    )
-    saved = json.loads((tmp_path / "nodeloss.json").read_text())
+    out = tmp_path / "nodeloss"
+    assert nodeloss.main(["--smoke", "--out", str(out)]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert reports.problems(saved) == []
     assert set(saved["runs"]) == {"saturation", "steady"}
     for name, run in saved["runs"].items():
         events = [e["event"] for e in run["events"]]
@@ -78,6 +79,6 @@ def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path):
         assert run["audit"]["lost"] == 0
         assert run["audit"]["duplicated"] == 0
         assert len(run["timeline"]) >= nodeloss.SMOKE.duration_s - 1
-    assert report["runs"]["steady"]["offered_rps"] > 0
-    assert "| drain n1 |" in (tmp_path / "nodeloss.md").read_text()
-    assert (tmp_path / "nodeloss.png").stat().st_size > 10_000
+    assert saved["runs"]["steady"]["offered_rps"] > 0
+    assert "| drain n1 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000
