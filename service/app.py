@@ -12,6 +12,7 @@ from service import domains, node
 from service.config import Settings
 from service.db.errors import is_unavailable
 from service.health import runtime as health
+from service.health.lifecycle import State
 from service.lifespan import lifespan
 from service.middleware import EdgeMiddleware
 from service.problems import Problem, install, problem_response
@@ -43,8 +44,12 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         close_connections=health.leaving(app),
     )
-    # Last, so outermost: spans, metrics and access log see every final status.
-    install_telemetry(app, Telemetry(settings))
+    telemetry = Telemetry(settings)
+    # The lifecycle as a metric: health owns the state, telemetry reports it.
+    lifecycle = node.lifecycle(app)
+    telemetry.observe_lifecycle([state.value for state in State], lambda: lifecycle.state.value)
+    # Last, so outermost: spans and metrics see every final status.
+    install_telemetry(app, telemetry)
     return app
 
 

@@ -1,34 +1,25 @@
 """Observability: OpenTelemetry traces and metrics, /metrics, and JSON logs.
 
-- core: `Telemetry`, one per app (`app.state.telemetry`): providers, exporters,
-  gauges, `export_status()` for /healthz;
-- tracing: resource, sampler, SQL spans; metrics: instruments and gauges;
-- middleware: the per-request server span, metrics and access log;
-- propagation: `inject`/`extract` of trace context for HTTP and bus messages;
-- logs: the JSON log format and the logging config uvicorn also uses;
-- exporting: OTLP exporters watched for failure; router: GET /metrics.
+Stock parts, configured: the OTel ASGI middleware (middleware), the SDK's
+providers and OTLP exporters read the standard OTEL_* variables (core,
+tracing), the SQLAlchemy instrumentation (tracing), python-json-logger (logs).
+What is cattle's own: providers per app, export watched and reported for
+/healthz (exporting), gauges for the node's state (metrics), GET /metrics
+(router).
 """
 
 from __future__ import annotations
 
+import os
+
 from fastapi import FastAPI
 
+from service.telemetry import middleware
 from service.telemetry.core import Telemetry
 from service.telemetry.exporting import ExportStatus, SignalStatus
-from service.telemetry.middleware import TelemetryMiddleware
-from service.telemetry.propagation import extract, inject, link_from
 from service.telemetry.router import router
 
-__all__ = [
-    "ExportStatus",
-    "SignalStatus",
-    "Telemetry",
-    "extract",
-    "inject",
-    "install",
-    "link_from",
-    "router",
-]
+__all__ = ["ExportStatus", "SignalStatus", "Telemetry", "install"]
 
 
 def install(app: FastAPI, telemetry: Telemetry) -> None:
@@ -37,12 +28,12 @@ def install(app: FastAPI, telemetry: Telemetry) -> None:
     Call after the other middleware is added, so this one is outermost and
     sees the final status of every response (the edge's 413s and 500s too).
     """
+    if os.environ.get("CATTLE_TELEMETRY_IMPL") == "handwritten":
+        from service.telemetry import handwritten
+
+        handwritten.install(app, handwritten.Telemetry(telemetry.settings))
+        return
     app.state.telemetry = telemetry
     app.include_router(router)
-    # The health package owns the lifecycle and the in-flight counter (probes
-    # excluded); read at collection time, whenever they exist.
-    state = app.state
-    telemetry.observe_lifecycle(lambda: getattr(getattr(state, "lifecycle", None), "state", None))
-    telemetry.observe_in_flight(lambda: getattr(getattr(state, "in_flight", None), "count", 0))
-    if telemetry.enabled or telemetry.requests.access_log is not None:
-        app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
+    if telemetry.enabled:
+        middleware.install(app, telemetry)

@@ -12,16 +12,16 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
+import service
 from service.config import Settings
 from service.telemetry import tracing
 from service.telemetry.exporting import (
@@ -33,141 +33,82 @@ from service.telemetry.exporting import (
     otlp_wanted,
     summarize,
 )
-from service.telemetry.logs import AccessLog
-from service.telemetry.metrics import (
-    HttpInstruments,
-    LifecycleSource,
-    NodeGauges,
-    ReplicaLag,
-    ReplicaLagSource,
-    build_meter_provider,
-    new_registry,
-)
-from service.telemetry.propagation import propagation_headers
-from service.telemetry.requests import RequestRecorder
+from service.telemetry.metrics import NodeGauges, ReplicaLag, build_meter_provider
 
 if TYPE_CHECKING:
     from service.db.engines import Database
 
-log = logging.getLogger("service.telemetry")
-
-INSTRUMENTATION_NAME = "cattle"
+log = logging.getLogger(__name__)
 
 
 class Telemetry:
     """Traces, metrics and their export for one app (`app.state.telemetry`).
 
     `enabled` is False with CATTLE_TELEMETRY_ENABLED=false or OTEL_SDK_DISABLED=true:
-    no spans, no instruments, an empty /metrics; the access log is separate
-    (CATTLE_ACCESS_LOG).
+    no providers, no middleware, an empty /metrics. The access log has its own
+    switch (CATTLE_ACCESS_LOG).
     """
 
-    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.environ: Mapping[str, str] = os.environ if environ is None else environ
-        sdk_disabled = self.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        sdk_disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         self.enabled = settings.telemetry_enabled and not sdk_disabled
-        # Finished requests, recorded in batches into the metrics and the access log.
-        self.requests = RequestRecorder()
-        if settings.access_log:
-            self.requests.access_log = AccessLog(settings.node_id)
-        self.resource = tracing.build_resource(settings)
-        # Built now (it starts no thread) so that tests and other parts of the
-        # node can add span processors or get tracers before the app starts.
+        self.registry = CollectorRegistry(auto_describe=False)
         self.tracer_provider: TracerProvider | None = None
-        # The provider's sampler: the configured one (`.inner`) behind a gate
-        # that drops every span until a span processor exists.
-        self.sampler_gate: tracing.ReceiverGate | None = None
-        if self.enabled:
-            self.tracer_provider, self.sampler_gate = tracing.build_tracer_provider(
-                self.resource, self.environ
-            )
-        self.server_tracer: trace.Tracer | None = (
-            self.tracer_provider.get_tracer(INSTRUMENTATION_NAME) if self.tracer_provider else None
-        )
-        # Read once: the propagators are set up when opentelemetry.propagate loads.
-        self.propagation_headers = propagation_headers()
-        self.registry = new_registry()
         self.meter_provider: MeterProvider | None = None
-        self.gauges = NodeGauges()
-        self.started = False
+        self.gauges: NodeGauges | None = None
+        if self.enabled:
+            # Providers now (they start no thread): the middleware takes them
+            # when the app is first called, before the lifespan runs.
+            resource = tracing.build_resource(settings.node_id)
+            self.tracer_provider = tracing.build_tracer_provider(resource)
+            self.meter_provider = build_meter_provider(resource, self.registry)
+            self.gauges = NodeGauges(self.meter_provider.get_meter(service.NAME))
         self._watches: list[ExportWatch] = []
-        self._span_processor: BatchSpanProcessor | None = None
-
-    # -- lifetime -------------------------------------------------------------
 
     def start(self) -> None:
-        """Create instruments and the OTLP exporters the environment asks for."""
-        if self.started:
-            return
-        if self.enabled:
-            self._start_metrics()
-            self._start_trace_export()
-        self.started = True
+        """Start the OTLP exporters the OTEL_* variables ask for (each its own thread).
 
-    def _start_metrics(self) -> None:
-        # PrometheusMetricReader is a pull reader: /metrics collects on demand.
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
-        readers: list[MetricReader] = [
-            PrometheusMetricReader(scope_info_enabled=False, registry=self.registry)
-        ]
-        watch = self._watch("metrics")
-        if watch is not None:
-            try:
-                # Imported here: nothing of the OTLP stack loads unless it is used.
-                from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                    OTLPMetricExporter,
-                )
-
-                metric_exporter = OTLPMetricExporter()
-                watch.endpoint = metric_exporter._endpoint
-                # Interval and timeout: OTEL_METRIC_EXPORT_INTERVAL/_TIMEOUT.
-                readers.append(
-                    PeriodicExportingMetricReader(WatchedMetricExporter(metric_exporter, watch))
-                )
-            except Exception as exc:  # a bad OTEL_* value must not stop the node serving
-                self._export_broken(watch, exc)
-        self.meter_provider = build_meter_provider(self.resource, readers, self.environ)
-        meter = self.meter_provider.get_meter(INSTRUMENTATION_NAME)
-        self.requests.http = HttpInstruments(meter)
-        self.gauges.register(meter)
-
-    def _start_trace_export(self) -> None:
-        assert self.tracer_provider is not None
-        watch = self._watch("traces")
-        if watch is None:
-            return
-        try:
+        The exporters read their endpoint, headers, timeout, batching and
+        interval from the same variables; a bad value is reported by
+        export_status(), never fatal.
+        """
+        if self.tracer_provider is not None and otlp_wanted("traces"):
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            span_exporter = OTLPSpanExporter()
-            watch.endpoint = span_exporter._endpoint
-            # A bounded queue (OTEL_BSP_MAX_QUEUE_SIZE, default 2048) drained by
-            # a background thread: when the collector is away, spans are
-            # dropped, never waited for.
-            self._span_processor = BatchSpanProcessor(WatchedSpanExporter(span_exporter, watch))
-        except Exception as exc:
-            self._export_broken(watch, exc)
-            return
-        self.add_span_processor(self._span_processor)
+            watch = self._watch("traces")
+            try:
+                span_exporter = OTLPSpanExporter()
+                watch.endpoint = span_exporter._endpoint
+                # A bounded queue (OTEL_BSP_MAX_QUEUE_SIZE): when the collector
+                # is away, spans are dropped, never waited for.
+                processor = BatchSpanProcessor(WatchedSpanExporter(span_exporter, watch))
+                self.tracer_provider.add_span_processor(processor)
+            except Exception as exc:  # a bad OTEL_* value must not stop the node serving
+                self._broken(watch, exc)
+        if self.meter_provider is not None and otlp_wanted("metrics"):
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter,
+            )
 
-    def _watch(self, signal: Signal) -> ExportWatch | None:
-        """A watch for `signal`'s OTLP export, if the environment asks for it."""
-        if not otlp_wanted(signal, self.environ):
-            return None
-        protocol = self.environ.get(
-            f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL",
-            self.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-        )
-        if protocol != "http/protobuf":
-            log.warning("OTLP over %s is not shipped; using http/protobuf", protocol)
+            watch = self._watch("metrics")
+            try:
+                metric_exporter = OTLPMetricExporter()
+                watch.endpoint = metric_exporter._endpoint
+                reader = PeriodicExportingMetricReader(
+                    WatchedMetricExporter(metric_exporter, watch)
+                )
+                self.meter_provider.add_metric_reader(reader)
+            except Exception as exc:
+                self._broken(watch, exc)
+
+    def _watch(self, signal: Signal) -> ExportWatch:
         watch = ExportWatch(signal, endpoint="(not set up)")
         self._watches.append(watch)
         return watch
 
     @staticmethod
-    def _export_broken(watch: ExportWatch, exc: Exception) -> None:
+    def _broken(watch: ExportWatch, exc: Exception) -> None:
         log.error("OTLP %s export is off: %s", watch.signal, exc)
         watch.failed_to_start(exc)
 
@@ -177,14 +118,10 @@ class Telemetry:
         The SDK's shutdowns wait up to 30 s for a collector that may be gone;
         each runs on a daemon thread and the node stops waiting at the bound.
         """
-        if not self.started:
-            return
-        self.started = False
-        self.requests.flush()
         timeout_s = self.settings.telemetry_shutdown_timeout_s
         closing: list[asyncio.Future[None]] = []
-        if self._span_processor is not None:
-            closing.append(_in_daemon_thread(self._span_processor.shutdown))
+        if self.tracer_provider is not None:
+            closing.append(_in_daemon_thread(self.tracer_provider.shutdown))
         if self.meter_provider is not None:
             provider = self.meter_provider
             closing.append(
@@ -196,74 +133,45 @@ class Telemetry:
         if pending:
             log.warning("telemetry did not close within %.1f s; leaving it behind", timeout_s)
 
-    # -- what other parts of the node use ------------------------------------
-
-    def add_span_processor(self, processor: SpanProcessor) -> None:
-        """Hand finished spans to `processor` too (an exporter, a test's memory).
-
-        Spans are sampled only once some processor receives them (see
-        tracing.ReceiverGate); before that every span is dropped.
-        """
-        if self.tracer_provider is None or self.sampler_gate is None:
-            raise RuntimeError("telemetry is disabled: there are no spans to process")
-        self.tracer_provider.add_span_processor(processor)
-        self.sampler_gate.open = True
-
-    def tracer(self, name: str) -> trace.Tracer:
-        """A tracer for a part of the node (e.g. the bus); no-op when disabled."""
-        if self.tracer_provider is None:
-            return trace.NoOpTracer()
-        return self.tracer_provider.get_tracer(name)
-
-    def meter(self, name: str) -> metrics.Meter:
-        """A meter for a part of the node (e.g. the bus, the read cache).
-
-        Real once the telemetry has started (the lifespan's first step), a
-        no-op before that and when telemetry is disabled.
-        """
-        if self.meter_provider is None:
-            return metrics.NoOpMeter(name)
-        return self.meter_provider.get_meter(name)
-
     def instrument_database(self, database: Database) -> None:
-        """SQL spans for the node's engines; pool use and replica lag in the metrics."""
-        engines = {"writer": database.writer, "reader": database.reader}
-        if database.reader.pool is database.writer.pool:
-            # A view of the writer (autocommit reads): its events and pool are
-            # the writer's, so traced and reported once.
-            del engines["reader"]
+        """SQL spans and pool use for the node's engines; replica lag in the metrics."""
+        engines = [database.writer, *(replica.engine for replica in database.replicas.replicas)]
+        if database.reader.pool is not database.writer.pool:
+            # Otherwise a view of the writer (autocommit reads): traced once.
+            engines.append(database.reader)
+        if self.tracer_provider is not None and self.meter_provider is not None:
+            # The instrument the SQLAlchemy instrumentation itself would create.
+            connections = self.meter_provider.get_meter(service.NAME).create_up_down_counter(
+                "db.client.connections.usage",
+                unit="{connection}",
+                description="Connections of each pool, by state (used or idle).",
+            )
+            for engine in engines:
+                tracing.trace_sql(engine, self.tracer_provider, connections)
         replicas = database.replicas.replicas
-        engines.update((replica.name, replica.engine) for replica in replicas)
-        if self.tracer_provider is not None:
-            for engine in engines.values():
-                tracing.trace_sql(engine, self.tracer_provider)
-        self.gauges.pools = lambda: {name: engine.pool for name, engine in engines.items()}
         self.observe_replica_lag(
             lambda: [ReplicaLag(r.name, r.lag_s, r.lag_bytes) for r in replicas]
         )
 
-    def observe_in_flight(self, source: Callable[[], int]) -> None:
-        """Report `source()` as the requests in flight (the health counter's)."""
-        self.gauges.in_flight = source
+    def observe_lifecycle(self, states: Sequence[str], current: Callable[[], str | None]) -> None:
+        """Report which of `states` the node is in (`current()`, read at collection).
 
-    def observe_lifecycle(self, source: LifecycleSource) -> None:
-        """Report the lifecycle state `source()` returns (a State, or None)."""
-        self.gauges.lifecycle = source
+        The health package owns the lifecycle; whoever builds the app plugs it in.
+        """
+        if self.gauges is not None:
+            self.gauges.states, self.gauges.current_state = states, current
 
-    def observe_replica_lag(self, source: ReplicaLagSource) -> None:
-        """Report replica lag: `source()` yields (replica name, lag in bytes)."""
-        self.gauges.replica_lag = source
+    def observe_replica_lag(self, source: Callable[[], Iterable[ReplicaLag]]) -> None:
+        if self.gauges is not None:
+            self.gauges.replica_lag = source
 
     def export_status(self) -> ExportStatus:
         """Whether OTLP export works: for /healthz, a warning when failing."""
         return summarize(self._watches)
 
     def render_metrics(self) -> bytes:
-        """The Prometheus text exposition of this app's metrics."""
-        if self.meter_provider is None:
-            return b""
-        self.requests.flush()  # every request finished so far is counted
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of this app's metrics (empty when disabled)."""
+        return generate_latest(self.registry) if self.meter_provider is not None else b""
 
 
 def _in_daemon_thread(close: Callable[[], object]) -> asyncio.Future[None]:

@@ -8,9 +8,10 @@ only shows up here, as a status /healthz reports as a warning.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -41,12 +42,13 @@ class _CaptureExportErrors(logging.Filter):
 _CAPTURE = _CaptureExportErrors()
 
 
-def otlp_wanted(signal: Signal, environ: Mapping[str, str]) -> bool:
+def otlp_wanted(signal: Signal) -> bool:
     """Whether the standard OTEL_* variables ask for OTLP export of `signal`.
 
     An endpoint must be set (no collector is assumed on a fleet node), and
     OTEL_<SIGNAL>_EXPORTER, when given, must name otlp (`none` switches off).
     """
+    environ = os.environ
     chosen = environ.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp")
     if "otlp" not in {part.strip().lower() for part in chosen.split(",")}:
         return False

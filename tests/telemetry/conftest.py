@@ -1,7 +1,9 @@
-"""Fixtures for telemetry tests: a node app whose spans land in memory.
+"""Fixtures for telemetry tests: a node app with no domain, whose spans land in memory.
 
 Each test builds its own app (the OTel globals are never touched), so tests
-also show that many apps in one process keep their telemetry apart.
+also show that many apps in one process keep their telemetry apart. The
+app serves no domain (telemetry must work for any): the routes that touch
+the database are mounted here.
 """
 
 from __future__ import annotations
@@ -16,16 +18,36 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Request
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from sqlalchemy import Integer, bindparam, text
 
 from service.app import create_app
 from service.config import Settings
+from service.db.engines import Database
 from service.telemetry import Telemetry
 from tests.conftest import serve_asgi
+
+ITEM_ROUTE = "/test/items/{item_id}"
+MISSING_ITEM = 404  # item ids at or above this are not found
+
+
+def add_item_route(app: FastAPI) -> None:
+    """GET /test/items/{item_id}: one SQL statement, 200, or 404 for a missing item."""
+
+    async def get_item(item_id: int, request: Request) -> dict[str, int]:
+        database: Database = request.state.database
+        async with database.read() as session:
+            statement = text("SELECT :id").bindparams(bindparam("id", type_=Integer))
+            found = (await session.execute(statement, {"id": item_id})).scalar_one()
+        if found >= MISSING_ITEM:
+            raise HTTPException(404, "no such item")
+        return {"id": found}
+
+    app.add_api_route(ITEM_ROUTE, get_item)
 
 
 @dataclass
@@ -51,18 +73,19 @@ class RunningNode:
 async def running_node(
     settings: Settings, prepare: Callable[[FastAPI], Any] | None = None
 ) -> AsyncIterator[RunningNode]:
-    """A node app with an in-memory span exporter, lifespan run, and a client.
-
-    `prepare(app)` runs before the lifespan: tests add a route of their own there.
-    """
-    app = create_app(settings)
+    """A node app (no domain, the item route) with an in-memory span exporter,
+    its lifespan run, and a client. `prepare(app)` adds routes of a test's own."""
+    app = create_app(settings, domains_served=())
+    add_item_route(app)
     exporter = InMemorySpanExporter()
     telemetry: Telemetry = app.state.telemetry
-    if telemetry.enabled:
-        telemetry.add_span_processor(SimpleSpanProcessor(exporter))
+    if telemetry.tracer_provider is not None:
+        telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     if prepare is not None:
         prepare(app)
     async with serve_asgi(app) as (http, state):
+        # Start-up's own statements (the schema check) are traces of their own.
+        exporter.clear()
         yield RunningNode(app, http, exporter, state)
 
 
@@ -74,16 +97,17 @@ def always_sample(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_ambient_otel(monkeypatch: pytest.MonkeyPatch) -> None:
-    # An OTEL_* variable in the developer's shell must not change what a test sees.
+    # An OTEL_* variable in the developer's shell must not change what a test
+    # sees; the semantic-convention choice is the app's own (set once per process).
     for name in list(os.environ):
-        if name.startswith("OTEL_"):
+        if name.startswith("OTEL_") and name != "OTEL_SEMCONV_STABILITY_OPT_IN":
             monkeypatch.delenv(name)
 
 
 @pytest.fixture
 def sqlite_settings(sqlite_template: Path, tmp_path: Path) -> Settings:
     """Settings for a node on a fresh, migrated SQLite file (backend-agnostic tests)."""
-    path = tmp_path / "cattle.db"
+    path = tmp_path / "node.db"
     shutil.copyfile(sqlite_template, path)
     return Settings(
         database_url=f"sqlite+aiosqlite:///{path}",
@@ -100,12 +124,3 @@ PARENT_SPAN_ID = "b7ad6b7169203331"
 
 def traceparent(sampled: bool = True) -> str:
     return f"00-{TRACE_ID}-{PARENT_SPAN_ID}-{'01' if sampled else '00'}"
-
-
-async def create_note(http: httpx.AsyncClient, **headers: str) -> str:
-    """Create a note; returns its path (the Location header)."""
-    response = await http.post(
-        "/v1/notes", json={"title": "observed", "body": "a note"}, headers=headers
-    )
-    assert response.status_code == 201, response.text
-    return response.headers["location"]

@@ -72,7 +72,7 @@ async def test_export_to_a_collector_reports_ok(
     endpoint, received = collector
     fast_export(monkeypatch, endpoint)
     async with running_node(sqlite_settings) as node:
-        await node.http.get("/v1/notes")
+        await node.http.get("/test/items/1")
         assert (
             wait_until(
                 lambda: {"/v1/traces", "/v1/metrics"} <= set(received),
@@ -107,7 +107,7 @@ async def test_an_unresponsive_collector_costs_requests_nothing_and_is_reported(
         slowest = 0.0
         for _ in range(30):
             started = time.monotonic()
-            assert (await node.http.get("/v1/notes")).status_code == 200
+            assert (await node.http.get("/test/items/1")).status_code == 200
             slowest = max(slowest, time.monotonic() - started)
             await node.http.get("/metrics")
         # An export blocks for its 1 s timeout; no request waited for one.
@@ -141,6 +141,6 @@ async def test_a_broken_exporter_setting_does_not_stop_the_node(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")
     async with running_node(sqlite_settings) as node:
-        assert (await node.http.get("/v1/notes")).status_code == 200
+        assert (await node.http.get("/test/items/1")).status_code == 200
         status = node.telemetry.export_status()
     assert status.status in ("ok", "failing")  # set up, or reported as broken: never fatal

@@ -23,8 +23,8 @@ import logging
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from service.telemetry.logs import AccessLog
-    from service.telemetry.metrics import HttpInstruments
+    from service.telemetry.handwritten.logs import AccessLog
+    from service.telemetry.handwritten.metrics import HttpInstruments
 
 log = logging.getLogger("service.telemetry")
 
