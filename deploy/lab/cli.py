@@ -45,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--no-retries", action="store_true", help="HAProxy without retries (to show what they buy)"
     )
+    up.add_argument(
+        "--no-observe",
+        action="store_true",
+        help="HAProxy takes a dead node out on its health checks only, not on live traffic",
+    )
 
     verbs.add_parser("status", parents=[common], help="show the lab").add_argument(
         "--json", action="store_true", help="lab.json plus live health, as JSON"
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     cpu=args.cpu,
                     drain_delay_s=args.drain_delay,
                     retries=not args.no_retries,
+                    observe=not args.no_observe,
                 )
             )
             _print_status(lab.status())

@@ -48,6 +48,7 @@ class LabOptions:
     drain_delay_s: float = 2.0
     shutdown_timeout_s: float = 10.0
     retries: bool = True
+    observe: bool = True  # HAProxy marks a server down on its first failed connection
     node_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -98,8 +99,13 @@ class Lab:
         return state
 
     def _save(self, state: dict[str, Any]) -> None:
+        # It holds the admin token and the cursor secret: owner only, from
+        # the first byte (created 0600, never chmod-ed after the fact).
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(state, indent=2) + "\n")
         tmp.replace(self.state_path)  # readers never see half a file
 
     def node(self, state: dict[str, Any], node_id: str) -> dict[str, Any]:
@@ -158,6 +164,7 @@ class Lab:
                 "front": options.front,
                 "cpu": options.cpu,
                 "retries": options.retries,
+                "observe": options.observe,
             },
             "front": None,
             "nodes": [],
@@ -344,6 +351,7 @@ class Lab:
             front_port=front_port,
             stats_port=stats_port,
             retries=options.retries,
+            observe=options.observe,
         )
         pid = haproxy.start(config, self.run_dir / "haproxy.log", front=("127.0.0.1", front_port))
         info: dict[str, Any] = {
@@ -353,6 +361,7 @@ class Lab:
             "front_url": f"http://127.0.0.1:{front_port}",
             "stats_url": f"http://127.0.0.1:{stats_port}/stats",
             "retries": options.retries,
+            "observe": options.observe,
         }
         haproxy.wait_servers(Path(info["socket"]), [s.name for s in servers], "UP", timeout_s=20)
         return info

@@ -56,6 +56,7 @@ def write_config(
     stats_port: int,
     front_host: str = "127.0.0.1",
     retries: bool = True,
+    observe: bool = True,
     balance: str = "leastconn",
 ) -> Path:
     text = render(
@@ -72,6 +73,11 @@ def write_config(
         text = text.replace("    retries 3\n", "    retries 0\n").replace(
             "    retry-on conn-failure empty-response response-timeout 503\n",
             "    retry-on none\n",
+        )
+    if not observe:
+        # The unprotected case: only the health checks take a dead server out.
+        text = text.replace(
+            "    default-server observe layer4 error-limit 1 on-error mark-down\n", ""
         )
     path = run_dir / "haproxy.cfg"
     path.write_text(text)

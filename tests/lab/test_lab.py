@@ -88,6 +88,8 @@ def test_lab_json_is_the_contract(lab):
         assert {"id", "url", "pid", "drain_file", "agent_port", "cgroup"} <= set(node)
     status = lab.status()
     assert all(n["running"] and n["health"]["status"] == "pass" for n in status["nodes"])
+    # It holds the admin token and the cursor secret.
+    assert lab.state_path.stat().st_mode & 0o777 == 0o600
 
 
 def test_up_refuses_a_run_dir_with_a_live_lab(lab):
@@ -158,17 +160,55 @@ async def test_kill_under_load_fails_nothing_with_retries(lab):
     _wait_in_rotation(lab, "n3")
 
 
-async def test_kill_without_retries_does_fail_requests():
-    """The unprotected case: the same kill, HAProxy with retries off."""
-    lab, base = _start_lab(LabOptions(nodes=3, backend="postgres", retries=False))
+def _seconds_until_down(socket_path: Path, node_id: str, since: float, timeout_s: float) -> float:
+    deadline = since + timeout_s
+    while time.monotonic() < deadline:
+        status = haproxy.server_states(socket_path).get(node_id, {}).get("status", "")
+        if status.startswith(("DOWN", "MAINT")):
+            return time.monotonic() - since
+        time.sleep(0.01)
+    return float("inf")
+
+
+async def _kill_without_retries(*, observe: bool) -> tuple[int, float, dict]:
+    """kill -9 one of 3 nodes under load, HAProxy retries off: (failed, seconds to DOWN, summary)."""
+    lab, base = _start_lab(LabOptions(nodes=3, backend="postgres", retries=False, observe=observe))
     try:
-        run, _, _ = await _load_with_event(lab, lambda: lab.kill("n3"), at_s=1.5, duration_s=5.0)
-        assert len(run.failures()) > 0, run.summary()
+        state = lab.load()
+        load = asyncio.create_task(
+            drive(state["front"], duration_s=5.0, concurrency=6, post_ratio=0.3)
+        )
+        await asyncio.sleep(1.5)
+        killed = time.monotonic()
+        await asyncio.to_thread(lab.kill, "n3")
+        down_s = await asyncio.to_thread(
+            _seconds_until_down, Path(state["haproxy"]["socket"]), "n3", killed, 3.0
+        )
+        run = await load
+        return len(run.failures()), down_s, run.summary()
     finally:
         state = lab.load()
         lab.down()
         _assert_nothing_left(lab, state)
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_killed_node_leaves_rotation_on_live_traffic():
+    """Retries off, so every failure reaches the client. HAProxy observes live
+    traffic: the first connection the dead node refuses marks it down, long
+    before its health checks would. The control, health checks alone, shows
+    the dead node drawing requests until then (leastconn favours a server
+    that refuses at once)."""
+    failed, down_s, summary = await _kill_without_retries(observe=True)
+    failed_control, down_control_s, summary_control = await _kill_without_retries(observe=False)
+    print(
+        f"observe layer4: {failed} failed, DOWN after {down_s:.3f} s ({summary}); "
+        f"checks only: {failed_control} failed, DOWN after {down_control_s:.3f} s "
+        f"({summary_control})"
+    )
+    assert down_s < 1.0
+    assert failed_control > 0, summary_control
+    assert failed < failed_control, (summary, summary_control)
 
 
 def _cpu_seconds(pid: int) -> float:
