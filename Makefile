@@ -17,7 +17,7 @@ endif
 PY := .venv/bin/python
 VENV_STAMP := .venv/.synced
 
-.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-telemetry-parts bench-efficiency failover scaleout nodeloss
+.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -77,9 +77,6 @@ lab-down: $(VENV_STAMP) ## stop the local cluster
 
 bench-telemetry: sysdeps $(VENV_STAMP) ## telemetry overhead benchmark -> docs/results/telemetry-overhead.*
 	$(PY) -m loadtests.benchmarks.telemetry
-
-bench-telemetry-parts: sysdeps $(VENV_STAMP) ## CPU per request of each part of telemetry -> docs/results/telemetry-parts.*
-	$(PY) -m loadtests.benchmarks.telemetry_parts
 
 bench-efficiency: sysdeps $(VENV_STAMP) ## req/s per core: cattle vs bare FastAPI, Starlette, raw ASGI -> docs/results/efficiency.*
 	$(PY) -m loadtests.benchmarks.efficiency

@@ -18,7 +18,6 @@ import pytest
 from loadtests import report as reports
 from loadtests.benchmarks import efficiency as bench_efficiency
 from loadtests.benchmarks import telemetry as bench_telemetry
-from loadtests.benchmarks import telemetry_parts
 from tests.support import require
 
 pytestmark = pytest.mark.cluster
@@ -82,7 +81,10 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert report["command"] in md
 
 
-TELEMETRY_CONFIGS = ["off", "default", "no-access-log", "otlp", "otlp-down"]
+TELEMETRY_CONFIGS = [
+    "off", "stock", "stock-no-access-log", "stock-otlp",
+    "handwritten", "handwritten-no-access-log", "handwritten-otlp",
+]  # fmt: skip
 
 
 def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
@@ -114,24 +116,3 @@ def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert 0 < cross["otlp_spans_exported"] <= 4 * cross["otlp_counted"]
     text = bench_telemetry.markdown(report)
     assert "# Telemetry overhead" in text and "Exporting to a live collector" in text
-
-
-def test_telemetry_parts_benchmark_writes_a_complete_report() -> None:
-    core, _ = _cores()
-    affinity = os.sched_getaffinity(0)
-    argv = ["--rounds", "1", "--requests", "16", "--concurrency", "4", "--core", str(core)]
-
-    report = telemetry_parts.run(telemetry_parts.parser().parse_args(argv), argv)
-
-    assert os.sched_getaffinity(0) == affinity  # the test process is not left pinned
-    assert reports.problems(report) == []
-    summary = report["summary"]
-    assert list(summary["variants"]) == ["off", *telemetry_parts.VARIANTS]
-    for name, row in summary["variants"].items():
-        assert row["cpu_us_per_request_median"] > 0, name
-    assert set(summary["parts_us"]) == {"access_log", "metrics", "span", "rest"}
-    sampled = summary["sampled"]
-    assert sampled["spans_per_sampled_request"] >= 2  # the server span and its SQL
-    assert sampled["export_us_per_span"] > 0
-    assert all(len(values) == 1 for values in report["samples_us"].values())  # one round
-    assert "# What each part of telemetry costs" in telemetry_parts.markdown(report)
