@@ -31,9 +31,8 @@ BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.postgres, pytest.mark.cluster, pytest.mark.timeout(420)]
 
-# Test folders that must not need the example domain. (tests/telemetry
-# drives notes routes today; it joins this list once it is domain-neutral.)
-INFRASTRUCTURE_TESTS = ["tests/health", "tests/idempotency", "tests/config"]
+# Test folders that must not need the example domain.
+INFRASTRUCTURE_TESTS = ["tests/health", "tests/idempotency", "tests/config", "tests/telemetry"]
 
 WIDGETS = {
     "service/widgets/__init__.py": '''
