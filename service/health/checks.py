@@ -123,8 +123,6 @@ class HealthChecker:
         # pressure, short enough that a dead checker is noticed within seconds.
         self.stale_after_s = 3 * self.interval_s + self.timeout_s
         self.started_at = time.monotonic()
-        self.started_wall = time.time()
-        # Later features (the node bus's peers, say) add their own checks here.
         self.checks: list[BackgroundCheck] = [self.check_primary]
         self._results: dict[str, CheckResult] = {}
         self._task: asyncio.Task[None] | None = None

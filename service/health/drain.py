@@ -21,11 +21,11 @@ from service.tasks import cancel_within
 
 log = logging.getLogger("service.health.drain")
 
-# os.stat of one path costs a few microseconds; 50 ms keeps the flip well
-# inside the 100 ms an operator (or the test) expects, at ~20 syscalls/s.
+# One os.stat per poll; half of the bound the drain-file test holds the flip
+# to (tests/system/test_drain.py, FLIP_BOUND_S).
 DRAIN_FILE_POLL_S = 0.05
 
-SIGNAL = "signal"
+# Drain sources besides these two are signal names (SIGTERM): NodeServer's.
 FILE = "file"
 ADMIN = "admin"
 

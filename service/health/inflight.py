@@ -17,13 +17,12 @@ PROBE_PREFIX = "/readyz/"
 
 
 class InFlight:
-    """How many requests are being served now, and how many have been."""
+    """How many requests are being served now."""
 
-    __slots__ = ("count", "total")
+    __slots__ = ("count",)
 
     def __init__(self) -> None:
         self.count = 0
-        self.total = 0
 
 
 class InFlightMiddleware:
@@ -39,7 +38,6 @@ class InFlightMiddleware:
             return
         counter = self.counter
         counter.count += 1
-        counter.total += 1
         try:
             await self.app(scope, receive, send)
         finally:

@@ -59,10 +59,5 @@ class Lifecycle:
         return True
 
     @property
-    def serving(self) -> bool:
-        """Whether proxies should send new work here."""
-        return self.state in (State.ready, State.degraded)
-
-    @property
     def leaving(self) -> bool:
         return self.state in (State.draining, State.stopping, State.stopped)

@@ -19,7 +19,7 @@ from service.app import create_app
 from service.config import Settings
 from service.health.agent import agent_reply
 from service.health.checks import HealthChecker, Status
-from service.health.drain import ADMIN, FILE, SIGNAL, CannotUndrain, DrainController
+from service.health.drain import ADMIN, FILE, CannotUndrain, DrainController
 from service.health.inflight import InFlight
 from service.health.lifecycle import Lifecycle, State
 
@@ -43,8 +43,8 @@ def test_the_node_stays_drained_while_any_source_holds_it() -> None:
 def test_a_stop_is_final() -> None:
     drain = DrainController(ready_lifecycle())
     drain.drain(FILE)
-    drain.request_stop(SIGNAL)
-    for source in (FILE, ADMIN, SIGNAL):
+    drain.request_stop("SIGTERM")
+    for source in (FILE, ADMIN, "SIGTERM"):
         with pytest.raises(CannotUndrain, match="stopping"):
             drain.undrain(source)
     assert drain.lifecycle.state is State.draining
