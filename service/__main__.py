@@ -39,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
         "--downgrade", metavar="REVISION", help="downgrade to REVISION (base: empty)"
     )
     commands.add_parser("check", help="exit 0 if the schema is current, 1 if not")
+    revision = commands.add_parser(
+        "revision", help="write the next migration of a package (service/<PACKAGE>/migrations)"
+    )
+    revision.add_argument("package", help="a domain or infrastructure package owning tables")
+    revision.add_argument("-m", "--message", required=True, help="what the migration does")
+    revision.add_argument(
+        "--autogenerate",
+        action="store_true",
+        help="draft it from the models against the database of the settings (at heads)",
+    )
     return parser
 
 
@@ -54,6 +64,17 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
         downgrade=downgrade,
     )
     print(f"schema: {before or 'empty'} -> {after or 'empty'}")
+    return 0
+
+
+def _revision(args: argparse.Namespace) -> int:
+    from service import domains
+    from service.db import migrate
+
+    path = migrate.new_revision(
+        domains.schema(), args.package, message=args.message, autogenerate=args.autogenerate
+    )
+    print(f"wrote {path}")
     return 0
 
 
@@ -90,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_migrate(settings, args))
         if args.command == "check":
             return asyncio.run(_check(settings))
+        if args.command == "revision":
+            return _revision(args)
         from service.app import create_app
         from service.lifespan import SchemaNotCurrent
         from service.server import serve

@@ -96,6 +96,33 @@ async def schema_state(engine: AsyncEngine, schema: Schema) -> SchemaState:
     return SchemaState(current=current, head=head_revision(schema))
 
 
+def new_revision(schema: Schema, package: str, *, message: str, autogenerate: bool) -> Path:
+    """Write the next migration of `package`'s branch; its first one starts the branch.
+
+    With `autogenerate` Alembic drafts the operations by comparing the models
+    with the database of the settings (which must be at `heads`): a draft to
+    read, not a finished migration.
+    """
+    location = next((path for path in schema.locations if path.parent.name == package), None)
+    if location is None:
+        raise ValueError(f"{package!r} owns no migrations: is it listed in service/domains.py?")
+    location.mkdir(parents=True, exist_ok=True)
+    count = len(list(location.glob("*.py")))
+    script = command.revision(
+        alembic_config(schema),
+        message=message,
+        autogenerate=autogenerate,
+        rev_id=f"{package}_{count + 1:04d}",
+        head=f"{package}@head" if count else "base",
+        branch_label=None if count else package,
+        version_path=str(location),
+    )
+    # One head, one new script: a list would mean several branches were named.
+    assert script is not None
+    assert not isinstance(script, list)
+    return Path(script.path)
+
+
 @asynccontextmanager
 async def _postgres_lock(connection: AsyncConnection, timeout_s: float) -> AsyncIterator[None]:
     deadline = time.monotonic() + timeout_s

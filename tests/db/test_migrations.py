@@ -103,3 +103,22 @@ def test_two_concurrent_migrate_runs_both_succeed(postgres):
         assert asyncio.run(_tables(asyncpg_url)) == set(SCHEMA.metadata.tables)
     finally:
         postgres.drop_database(name)
+
+
+async def test_a_new_package_gets_a_branch_of_its_own(tmp_path):
+    """`python -m service revision` starts a package's branch, then extends it."""
+    location = tmp_path / "widgets" / "migrations"
+    schema = migrate.Schema(SCHEMA.metadata, (*SCHEMA.locations, location))
+    first = migrate.new_revision(schema, "widgets", message="widgets", autogenerate=False)
+    second = migrate.new_revision(schema, "widgets", message="more", autogenerate=False)
+    assert first.parent == second.parent == location
+    assert "_widgets_0001_widgets.py" in first.name and "_widgets_0002_more.py" in second.name
+    assert "down_revision: str | None = None" in first.read_text()
+    assert "branch_labels: str | Sequence[str] | None = ('widgets',)" in first.read_text()
+    assert "down_revision: str | None = 'widgets_0001'" in second.read_text()
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cattle.db'}"
+    _, after = await migrate.migrate(url, schema)
+    assert after == migrate.head_revision(schema)
+    assert after is not None and "widgets_0002" in after.split(", ")
+    with pytest.raises(ValueError, match=r"service/domains\.py"):
+        migrate.new_revision(schema, "gadgets", message="x", autogenerate=False)
