@@ -28,7 +28,7 @@ def create_app(
     app = FastAPI(
         title=service.NAME,
         version=service.__version__,
-        summary="A stateless notes API built to run as many identical, disposable nodes.",
+        summary="A stateless API built to run as many identical, disposable nodes.",
         lifespan=lifespan,
     )
     node.hold(app, settings=settings)
