@@ -22,9 +22,13 @@ VENV_STAMP := .venv/.synced
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
 
+# Debian's python3 is "externally managed" (PEP 668): pip refuses --user
+# installs unless told that this one, into ~/.local, is meant.
+PIP_USER_FLAGS := --user --quiet $(shell python3 -c 'import os, sysconfig; print("--break-system-packages" if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else "")' 2>/dev/null)
+
 $(UV):
 	@echo "uv not found: installing it for this user with pip"
-	python3 -m pip install --user --quiet uv || python3 -m pip install --user --quiet --break-system-packages uv
+	python3 -m pip install $(PIP_USER_FLAGS) uv
 
 $(VENV_STAMP): pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen
