@@ -9,7 +9,7 @@ import sys
 from pydantic import ValidationError
 
 from service import NAME
-from service.config import Settings, UnsupportedDatabase, env_var
+from service.config import Settings, UnsupportedDatabase, env_var, redact_url
 
 
 def _load_settings() -> Settings:
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         print(
-            f"{NAME}: cannot reach the database at {settings.effective_database_url}: {exc}",
+            f"{NAME}: cannot reach the database at "
+            f"{redact_url(settings.effective_database_url)}: {exc}",
             file=sys.stderr,
         )
         return 2

@@ -42,6 +42,23 @@ SUPPORTED_DATABASE_URLS = (
 )
 
 
+def redact_url(url: str) -> str:
+    """`url` fit for a message or a log: any password replaced by `***`.
+
+    Works on what a person may have typed too (no scheme, several hosts), so
+    it never fails and never lets a password through.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***"  # not a URL: it may be anything, a password included
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hosts = authority.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    path = re.sub(r"(?i)(password=)[^&]*", r"\1***", path)  # libpq takes it as a parameter too
+    return f"{scheme}{sep}{userinfo}{at}{hosts}{slash}{path}"
+
+
 def normalize_database_url(url: str) -> str:
     """Map the URLs people write to the async drivers the service ships.
 
@@ -51,7 +68,9 @@ def normalize_database_url(url: str) -> str:
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise UnsupportedDatabase(f"{url!r} is not a URL; use {SUPPORTED_DATABASE_URLS}")
+        raise UnsupportedDatabase(
+            f"the value is not a URL (no scheme://); use {SUPPORTED_DATABASE_URLS}"
+        )
     base, _, driver = scheme.partition("+")
     if base in ("postgresql", "postgres") and driver in ("", "asyncpg"):
         return f"postgresql+asyncpg://{_multi_host_as_query(rest)}"
@@ -103,6 +122,23 @@ class Settings(BaseSettings):
     replica_check_interval_s: float = Field(default=0.5, gt=0)
 
     max_body_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+    # A node must survive clients that reach it directly (anycast, no proxy in
+    # front); service/server.py enforces these per connection. The head limits
+    # match HAProxy's defaults (a 16 KiB buffer, 101 headers), so a request
+    # gets the same answer with or without the proxy; 431 past them.
+    max_header_bytes: int = Field(default=16384, ge=1024, le=1024 * 1024)
+    max_header_count: int = Field(default=100, ge=16, le=10_000)
+    # 408 past these. The head comes in one or two packets from any real
+    # client, so seconds are generous; the body bound lets a max_body_bytes
+    # body arrive over a slow mobile link. HAProxy buffers whole requests
+    # (`timeout http-request`), so behind it neither is ever reached.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # The staged close after answering a request not read to its end (413,
+    # 431, 408): how long and how much of the rest the node reads and drops so
+    # the client reads the answer instead of a reset. Past either, it closes.
+    linger_timeout_s: float = Field(default=5.0, ge=0, le=60)
+    linger_max_bytes: int = Field(default=16 * 1024 * 1024, ge=0, le=1024 * 1024 * 1024)
     page_limit_default: int = Field(default=20, ge=1)
     page_limit_max: int = Field(default=100, ge=1, le=1000)
     cursor_secret: SecretStr = SecretStr(DEV_CURSOR_SECRET)

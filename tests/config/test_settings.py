@@ -10,6 +10,7 @@ from service.config import (
     Settings,
     UnsupportedDatabase,
     normalize_database_url,
+    redact_url,
 )
 
 
@@ -58,3 +59,31 @@ def test_settings_come_from_cattle_variables(monkeypatch):
     monkeypatch.setenv("CATTLE_MAX_BODY_BYTES", "4096")
     settings = Settings()
     assert (settings.port, settings.node_id, settings.max_body_bytes) == (9001, "n7", 4096)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:s3cret@db:5432/app", "postgresql://app:***@db:5432/app"),
+        (
+            "postgresql+asyncpg://app:s3cret@h1:5432,h2:5432/app?target_session_attrs=read-write",
+            "postgresql+asyncpg://app:***@h1:5432,h2:5432/app?target_session_attrs=read-write",
+        ),
+        (
+            "postgresql://app@db/app?password=s3cret&sslmode=require",
+            "postgresql://app@db/app?password=***&sslmode=require",
+        ),
+        ("postgresql://app:p@ss@db/app", "postgresql://app:***@db/app"),
+        ("s3cret", "***"),
+        ("sqlite+aiosqlite:///var/cattle.db", "sqlite+aiosqlite:///var/cattle.db"),
+    ],
+)
+def test_urls_in_messages_never_show_a_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "s3cret" not in redact_url(url)
+
+
+def test_a_value_that_is_not_a_url_is_not_echoed() -> None:
+    with pytest.raises(UnsupportedDatabase) as caught:
+        normalize_database_url("hunter2hunter2")
+    assert "hunter2" not in str(caught.value)

@@ -58,3 +58,14 @@ def test_migrate_then_check(tmp_path):
     assert migrated.returncode == 0 and "-> " in migrated.stdout
     checked = run("check", **env)
     assert checked.returncode == 0 and "head is" in checked.stdout
+
+
+def test_an_unreachable_database_is_named_without_its_password(tmp_path):
+    # Port 9 on loopback (discard) refuses: nothing listens there in a test.
+    url = "postgresql://app:s3cret-pw@127.0.0.1:9/app"
+    for command in ("migrate", "check", "serve"):
+        result = run(command, CATTLE_DATABASE_URL=url, CATTLE_DATA_DIR=str(tmp_path), timeout=60)
+        assert result.returncode != 0, command
+        assert "s3cret-pw" not in result.stdout + result.stderr, (command, result.stderr)
+        assert "app:***@127.0.0.1:9" in result.stderr, (command, result.stderr)
+        assert "Traceback" not in result.stderr, (command, result.stderr)
