@@ -12,9 +12,12 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -67,71 +70,62 @@ class Telemetry:
         self._watches: list[ExportWatch] = []
 
     def start(self) -> None:
-        """Start the OTLP exporters the OTEL_* variables ask for (each its own thread).
+        """Start the OTLP exporters the OTEL_* variables ask for (each on its own thread).
 
-        The exporters read their endpoint, headers, timeout, batching and
-        interval from the same variables; a bad value is reported by
-        export_status(), never fatal.
+        The exporters read endpoint, headers, timeout, batching and interval
+        from the same variables; a bad value is reported by export_status(),
+        never fatal: telemetry must not stop a node serving.
         """
         if self.tracer_provider is not None and otlp_wanted("traces"):
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            watch = self._watch("traces")
-            try:
+            with self._watched("traces") as watch:
                 span_exporter = OTLPSpanExporter()
-                watch.endpoint = span_exporter._endpoint
+                watch.status.endpoint = span_exporter._endpoint
                 # A bounded queue (OTEL_BSP_MAX_QUEUE_SIZE): when the collector
                 # is away, spans are dropped, never waited for.
                 processor = BatchSpanProcessor(WatchedSpanExporter(span_exporter, watch))
                 self.tracer_provider.add_span_processor(processor)
-            except Exception as exc:  # a bad OTEL_* value must not stop the node serving
-                self._broken(watch, exc)
+                tracing.open_gate(self.tracer_provider)
         if self.meter_provider is not None and otlp_wanted("metrics"):
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                OTLPMetricExporter,
-            )
-
-            watch = self._watch("metrics")
-            try:
+            with self._watched("metrics") as watch:
                 metric_exporter = OTLPMetricExporter()
-                watch.endpoint = metric_exporter._endpoint
-                reader = PeriodicExportingMetricReader(
-                    WatchedMetricExporter(metric_exporter, watch)
-                )
-                self.meter_provider.add_metric_reader(reader)
-            except Exception as exc:
-                self._broken(watch, exc)
+                watch.status.endpoint = metric_exporter._endpoint
+                exporter = WatchedMetricExporter(metric_exporter, watch)
+                self.meter_provider.add_metric_reader(PeriodicExportingMetricReader(exporter))
 
-    def _watch(self, signal: Signal) -> ExportWatch:
-        watch = ExportWatch(signal, endpoint="(not set up)")
+    @contextlib.contextmanager
+    def _watched(self, signal: Signal) -> Iterator[ExportWatch]:
+        watch = ExportWatch(signal)
         self._watches.append(watch)
-        return watch
-
-    @staticmethod
-    def _broken(watch: ExportWatch, exc: Exception) -> None:
-        log.error("OTLP %s export is off: %s", watch.signal, exc)
-        watch.failed_to_start(exc)
+        try:
+            yield watch
+        except Exception as exc:
+            log.error("OTLP %s export is off: %s", signal, exc)
+            watch.failed(f"exporter could not be set up: {exc}")
 
     async def shutdown(self) -> None:
         """Flush what can be flushed within telemetry_shutdown_timeout_s, then let go.
 
-        The SDK's shutdowns wait up to 30 s for a collector that may be gone;
-        each runs on a daemon thread and the node stops waiting at the bound.
+        The SDK's shutdowns wait up to 30 s for a collector that may be gone.
+        Each runs on a daemon thread (never joined, unlike asyncio.to_thread's
+        executor when the loop closes) and the node stops waiting at the bound.
         """
         timeout_s = self.settings.telemetry_shutdown_timeout_s
-        closing: list[asyncio.Future[None]] = []
-        if self.tracer_provider is not None:
-            closing.append(_in_daemon_thread(self.tracer_provider.shutdown))
-        if self.meter_provider is not None:
-            provider = self.meter_provider
-            closing.append(
-                _in_daemon_thread(lambda: provider.shutdown(timeout_millis=timeout_s * 1000))
+        closing = [
+            threading.Thread(target=close, name="telemetry-close", daemon=True)
+            for close in (
+                self.tracer_provider and self.tracer_provider.shutdown,
+                self.meter_provider and self.meter_provider.shutdown,
             )
-        if not closing:
-            return
-        _done, pending = await asyncio.wait(closing, timeout=timeout_s)
-        if pending:
-            log.warning("telemetry did not close within %.1f s; leaving it behind", timeout_s)
+            if close
+        ]
+        for thread in closing:
+            thread.start()
+        deadline = time.monotonic() + timeout_s
+        while any(thread.is_alive() for thread in closing):
+            if time.monotonic() > deadline:
+                log.warning("telemetry did not close within %.1f s; leaving it behind", timeout_s)
+                return
+            await asyncio.sleep(0.02)
 
     def instrument_database(self, database: Database) -> None:
         """SQL spans and pool use for the node's engines; replica lag in the metrics."""
@@ -172,29 +166,3 @@ class Telemetry:
     def render_metrics(self) -> bytes:
         """The Prometheus text exposition of this app's metrics (empty when disabled)."""
         return generate_latest(self.registry) if self.meter_provider is not None else b""
-
-
-def _in_daemon_thread(close: Callable[[], object]) -> asyncio.Future[None]:
-    """Run `close` on a daemon thread; the future completes when it returns.
-
-    Not asyncio.to_thread: the default executor is joined without a bound
-    when the event loop closes, and a daemon thread never holds up the exit.
-    """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def finished() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    def run() -> None:
-        try:
-            close()
-        except Exception:
-            log.warning("closing telemetry failed", exc_info=True)
-        finally:
-            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
-                loop.call_soon_threadsafe(finished)
-
-    threading.Thread(target=run, name="telemetry-close", daemon=True).start()
-    return done

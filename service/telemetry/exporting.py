@@ -7,6 +7,7 @@ only shows up here, as a status /healthz reports as a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -20,22 +21,19 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 R = TypeVar("R")
-
 Signal = Literal["traces", "metrics"]
 
-log = logging.getLogger("service.telemetry")
-
 # The OTLP exporters report why an export failed only in log records (the
-# export call returns a bare FAILURE); the watcher exporting on a thread
+# export call returns a bare FAILURE); the watch exporting on a thread
 # registers itself here so the filter below can hand it that reason.
 _exporting = threading.local()
 
 
 class _CaptureExportErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        watcher: ExportWatch | None = getattr(_exporting, "watch", None)
-        if watcher is not None and record.levelno >= logging.WARNING:
-            watcher.note_reason(record.getMessage())
+        watch: ExportWatch | None = getattr(_exporting, "watch", None)
+        if watch is not None and record.levelno >= logging.WARNING:
+            watch.reasons.append(record.getMessage())
         return True
 
 
@@ -48,33 +46,35 @@ def otlp_wanted(signal: Signal) -> bool:
     An endpoint must be set (no collector is assumed on a fleet node), and
     OTEL_<SIGNAL>_EXPORTER, when given, must name otlp (`none` switches off).
     """
-    environ = os.environ
-    chosen = environ.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp")
+    chosen = os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp")
     if "otlp" not in {part.strip().lower() for part in chosen.split(",")}:
         return False
     return bool(
-        environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
-        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class SignalStatus:
     signal: Signal
-    endpoint: str
-    ok: bool
-    last_error: str | None
-    consecutive_failures: int
-    last_success_at: float | None  # unix time
-    last_failure_at: float | None
+    endpoint: str = "(not set up)"
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    last_success_at: float | None = None  # unix time
+    last_failure_at: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.consecutive_failures == 0
 
 
 @dataclass(frozen=True)
 class ExportStatus:
     """What /healthz shows: `failing` is a warning, never a reason to stop serving.
 
-    status is "off" when no OTLP export is configured (only /metrics is served),
-    "ok" when every configured export last succeeded (or has not run yet), and
+    "off" when no OTLP export is configured (only /metrics is served), "ok"
+    when every configured export last succeeded (or has not run yet),
     "failing" when the last attempt of any signal failed; last_error says why.
     """
 
@@ -88,90 +88,55 @@ class ExportStatus:
 
 
 class ExportWatch:
-    """The outcome of one signal's exports, written by an exporter thread."""
+    """The outcome of one signal's exports, written by its exporter's thread."""
 
-    def __init__(self, signal: Signal, endpoint: str) -> None:
-        self.signal = signal
-        self.endpoint = endpoint
-        self.last_error: str | None = None
-        self.consecutive_failures = 0
-        self.last_success_at: float | None = None
-        self.last_failure_at: float | None = None
-        self._reasons: list[str] = []
-
-    def note_reason(self, message: str) -> None:
-        # The first message names the cause (e.g. the connection error), the
-        # last one the verdict (gave up after retries); keep both.
-        if len(self._reasons) < 2:
-            self._reasons.append(message)
-        else:
-            self._reasons[-1] = message
+    def __init__(self, signal: Signal) -> None:
+        self.status = SignalStatus(signal)
+        self.reasons: list[str] = []
 
     def run(self, export: Callable[[], R], success: R, failure: R) -> R:
-        """Run one export on this (the exporter's) thread and record its outcome.
-
-        While it runs, what the exporter logs about a failure is kept as its
-        reason; an exception counts as a failure and returns `failure`.
-        """
-        self._reasons = []
+        """Run one export on this (the exporter's) thread and record its outcome."""
+        self.reasons = []
         _exporting.watch = self
         try:
             result = export()
         except Exception as exc:
-            self._end(False, repr(exc))
-            return failure
+            result, self.reasons = failure, [repr(exc)]
         finally:
             _exporting.watch = None
-        self._end(result is success)
+        status = self.status
+        if result is success:
+            status.consecutive_failures, status.last_success_at = 0, time.time()
+        else:
+            # The first message names the cause (a connection error), the last
+            # the verdict (gave up after retries).
+            reason = " / ".join(dict.fromkeys(self.reasons[:1] + self.reasons[-1:]))
+            self.failed(f"export to {status.endpoint} failed: {reason or 'no reason given'}")
         return result
 
-    def _end(self, success: bool, error: str | None = None) -> None:
-        if success:
-            self.consecutive_failures = 0
-            self.last_success_at = time.time()
-            return
-        self.consecutive_failures += 1
-        self.last_failure_at = time.time()
-        reason = error or " / ".join(self._reasons) or "the exporter gave no reason"
-        self.last_error = f"{self.signal} export to {self.endpoint} failed: {reason}"
-
-    def failed_to_start(self, error: BaseException) -> None:
-        self.consecutive_failures = 1
-        self.last_failure_at = time.time()
-        self.last_error = f"{self.signal} exporter could not be set up: {error}"
-
-    def snapshot(self) -> SignalStatus:
-        return SignalStatus(
-            signal=self.signal,
-            endpoint=self.endpoint,
-            ok=self.consecutive_failures == 0,
-            last_error=self.last_error,
-            consecutive_failures=self.consecutive_failures,
-            last_success_at=self.last_success_at,
-            last_failure_at=self.last_failure_at,
-        )
+    def failed(self, error: str) -> None:
+        self.status.consecutive_failures += 1
+        self.status.last_failure_at = time.time()
+        self.status.last_error = f"{self.status.signal} {error}"
 
 
 def summarize(watches: Sequence[ExportWatch]) -> ExportStatus:
-    signals = tuple(w.snapshot() for w in watches)
-    if not signals:
-        return ExportStatus(status="off", last_error=None, signals=())
+    signals = tuple(dataclasses.replace(watch.status) for watch in watches)
     failing = [s for s in signals if not s.ok]
-    if not failing:
-        return ExportStatus(status="ok", last_error=None, signals=signals)
-    return ExportStatus(status="failing", last_error=failing[0].last_error, signals=signals)
+    if failing:
+        return ExportStatus("failing", failing[0].last_error, signals)
+    return ExportStatus("ok" if signals else "off", None, signals)
 
 
 def _watch_logger_of(exporter: object) -> None:
     # addFilter is idempotent, so every app may call it; the filter only acts
-    # while one of our watchers is exporting on the current thread.
+    # while a watch is exporting on the current thread.
     logging.getLogger(type(exporter).__module__).addFilter(_CAPTURE)
 
 
 class WatchedSpanExporter(SpanExporter):
     def __init__(self, inner: SpanExporter, watch: ExportWatch) -> None:
-        self.inner = inner
-        self.watch = watch
+        self.inner, self.watch = inner, watch
         _watch_logger_of(inner)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -193,8 +158,7 @@ class WatchedMetricExporter(MetricExporter):
             preferred_temporality=inner._preferred_temporality,
             preferred_aggregation=inner._preferred_aggregation,
         )
-        self.inner = inner
-        self.watch = watch
+        self.inner, self.watch = inner, watch
         _watch_logger_of(inner)
 
     def export(

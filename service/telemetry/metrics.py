@@ -65,19 +65,16 @@ class NodeGauges:
             callbacks=[self._observe_state],
             description="1 for the node's current lifecycle state, 0 for the others.",
         )
-        meter.create_observable_gauge(
-            f"{service.NAME}.db.replica.lag",
-            callbacks=[self._observe_lag_s],
-            unit="s",
-            description="How far each read replica is behind the primary, in time "
-            "(what decides whether it serves reads).",
-        )
-        meter.create_observable_gauge(
-            f"{service.NAME}.db.replica.lag_wal",
-            callbacks=[self._observe_lag_bytes],
-            unit="By",
-            description="How far each read replica is behind the primary, in WAL bytes.",
-        )
+        for name, unit, field, how in (
+            ("lag", "s", "seconds", "in time (what decides whether it serves reads)"),
+            ("lag_wal", "By", "wal_bytes", "in WAL bytes"),
+        ):
+            meter.create_observable_gauge(
+                f"{service.NAME}.db.replica.{name}",
+                callbacks=[self._lag_of(field)],
+                unit=unit,
+                description=f"How far each read replica is behind the primary, {how}.",
+            )
 
     def _observe_state(self, _options: CallbackOptions) -> Iterable[Observation]:
         current = self.current_state()
@@ -85,16 +82,9 @@ class NodeGauges:
             return []
         return [Observation(int(state == current), {"state": state}) for state in self.states]
 
-    def _observe_lag_s(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [
-            Observation(lag.seconds, {"replica": lag.replica})
-            for lag in self.replica_lag()
-            if lag.seconds is not None
-        ]
+    def _lag_of(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            lags = ((lag.replica, getattr(lag, field)) for lag in self.replica_lag())
+            return [Observation(lag, {"replica": name}) for name, lag in lags if lag is not None]
 
-    def _observe_lag_bytes(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [
-            Observation(lag.wal_bytes, {"replica": lag.replica})
-            for lag in self.replica_lag()
-            if lag.wal_bytes is not None
-        ]
+        return observe
