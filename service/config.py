@@ -113,8 +113,29 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     database_url: str | None = None
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    # Client-side bounds on every database call, so a frozen or half-open
+    # server costs a request a 503 within db_request_timeout_s, never a hang.
+    # service/db/engines.py applies all of them. The server-side statement
+    # timeout cannot fire in a frozen server; these are the ones that can.
+    # Waiting for a pooled connection: past it the pool is exhausted (logged,
+    # counted, and the node's agent weight lowered) and the request is 503.
     db_pool_timeout_s: float = Field(default=5.0, gt=0)
+    # Opening a connection (TCP and authentication): a server that cannot
+    # do that within seconds will not serve the request in time either.
+    db_connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    # Server-side statement_timeout (and SQLite's busy timeout): a slow query
+    # is cancelled cleanly by the server itself.
     db_statement_timeout_s: float = Field(default=10.0, gt=0)
+    # asyncpg's command_timeout, per statement: above the statement timeout so
+    # a live server's clean cancellation comes first; this one is for a server
+    # that cannot answer at all.
+    db_command_timeout_s: float = Field(default=11.0, gt=0, le=300)
+    # The whole of one request's database work (checkout, connect, every
+    # statement, commit). A connection that overran it is discarded, never
+    # reused. Must stay below the proxy's `timeout server`
+    # (deploy/haproxy/haproxy.cfg.tmpl, checked by tests/db/test_timeouts.py),
+    # so a client never loses its connection on a write that then commits.
+    db_request_timeout_s: float = Field(default=20.0, gt=0, le=300)
     # Streaming replicas for reads, comma separated; writes always go to database_url.
     # NoDecode: a plain comma separated string, not JSON.
     read_database_urls: Annotated[list[str], NoDecode] = []

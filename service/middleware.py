@@ -1,5 +1,8 @@
 """The edge of every request: node attribution, body limit, last-resort errors.
 
+The limits below the application (request head size, slow clients, the
+staged close) are the connection's, in service/server.py.
+
 Written as plain ASGI (not BaseHTTPMiddleware) because it wraps every request
 of a node that is meant to be CPU-bound on its own work.
 """
@@ -45,6 +48,10 @@ class EdgeMiddleware:
             return
 
         started = False
+        # After a 413 the rest of the body is not wanted: the connection
+        # closes, and the server reads and drops what is still coming within
+        # its linger bounds (a staged close), so the client reads the 413.
+        too_large = False
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started
@@ -52,13 +59,14 @@ class EdgeMiddleware:
                 started = True
                 headers = list(message.get("headers", []))
                 headers.append(self.served_by)
-                if self.close_connections():
+                if too_large or self.close_connections():
                     headers.append((b"connection", b"close"))
                 message["headers"] = headers
             await send(message)
 
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
+            too_large = True
             await self._send_problem(send_with_headers, 413, self._too_large(declared))
             return
 
@@ -66,11 +74,12 @@ class EdgeMiddleware:
         limit = self.max_body_bytes
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    too_large = True
                     # FastAPI re-raises HTTPException from body reading, so this
                     # reaches the problem+json handler as a 413.
                     raise HTTPException(413, self._too_large(received))
