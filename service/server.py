@@ -1,4 +1,5 @@
-"""Run one node: uvicorn with uvloop and httptools, one process, and the drain sequence.
+"""Run one node: uvicorn with uvloop and httptools, one process, the drain sequence
+and the limits of a connection (GuardedHttpToolsProtocol, below).
 
 uvicorn on its own closes the listener the moment SIGTERM arrives, which
 turns every request a proxy has not yet rerouted into a connection error.

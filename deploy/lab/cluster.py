@@ -49,6 +49,8 @@ class LabOptions:
     shutdown_timeout_s: float = 10.0
     retries: bool = True
     observe: bool = True  # HAProxy marks a server down on its first failed connection
+    # HAProxy's per-client limit (429 past it); the default never throttles the lab's load.
+    rate_limit_per_10s: int = haproxy.DEFAULT_RATE_LIMIT_PER_10S
     node_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -352,6 +354,7 @@ class Lab:
             stats_port=stats_port,
             retries=options.retries,
             observe=options.observe,
+            rate_limit_per_10s=options.rate_limit_per_10s,
         )
         pid = haproxy.start(config, self.run_dir / "haproxy.log", front=("127.0.0.1", front_port))
         info: dict[str, Any] = {
@@ -362,6 +365,7 @@ class Lab:
             "stats_url": f"http://127.0.0.1:{stats_port}/stats",
             "retries": options.retries,
             "observe": options.observe,
+            "rate_limit_per_10s": options.rate_limit_per_10s,
         }
         haproxy.wait_servers(Path(info["socket"]), [s.name for s in servers], "UP", timeout_s=20)
         return info

@@ -14,6 +14,12 @@ from pathlib import Path
 from deploy.lab import procs
 from deploy.lab.render import render
 
+# Requests one client address may send in 10 s before HAProxy answers 429.
+# The lab's load generator is one address for all its simulated users, so the
+# lab's limit sits far above any rate it can send; tests that show the limit
+# set a low one (LabOptions.rate_limit_per_10s).
+DEFAULT_RATE_LIMIT_PER_10S = 1_000_000
+
 
 class HAProxyError(RuntimeError):
     pass
@@ -58,6 +64,7 @@ def write_config(
     retries: bool = True,
     observe: bool = True,
     balance: str = "leastconn",
+    rate_limit_per_10s: int = DEFAULT_RATE_LIMIT_PER_10S,
 ) -> Path:
     text = render(
         "haproxy/haproxy.cfg.tmpl",
@@ -66,6 +73,7 @@ def write_config(
         front_port=front_port,
         stats_port=stats_port,
         balance=balance,
+        rate_limit_per_10s=rate_limit_per_10s,
         servers=server_lines(servers),
     )
     if not retries:
