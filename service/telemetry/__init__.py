@@ -10,8 +10,6 @@ What is cattle's own: providers per app, export watched and reported for
 
 from __future__ import annotations
 
-import os
-
 from fastapi import FastAPI
 
 from service.telemetry import middleware
@@ -28,11 +26,6 @@ def install(app: FastAPI, telemetry: Telemetry) -> None:
     Call after the other middleware is added, so this one is outermost and
     sees the final status of every response (the edge's 413s and 500s too).
     """
-    if os.environ.get("CATTLE_TELEMETRY_IMPL") == "handwritten":
-        from service.telemetry import handwritten
-
-        handwritten.install(app, handwritten.Telemetry(telemetry.settings))
-        return
     app.state.telemetry = telemetry
     app.include_router(router)
     if telemetry.enabled:

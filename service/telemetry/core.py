@@ -84,7 +84,6 @@ class Telemetry:
                 # is away, spans are dropped, never waited for.
                 processor = BatchSpanProcessor(WatchedSpanExporter(span_exporter, watch))
                 self.tracer_provider.add_span_processor(processor)
-                tracing.open_gate(self.tracer_provider)
         if self.meter_provider is not None and otlp_wanted("metrics"):
             with self._watched("metrics") as watch:
                 metric_exporter = OTLPMetricExporter()

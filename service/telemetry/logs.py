@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import logging.config
-import os
 from typing import Any
 
 from opentelemetry import trace
@@ -75,10 +74,6 @@ def log_config(settings: Settings) -> dict[str, Any]:
     uvicorn writes its access log when CATTLE_ACCESS_LOG is on (service.server
     passes the switch), in this format.
     """
-    if os.environ.get("CATTLE_TELEMETRY_IMPL") == "handwritten":
-        from service.telemetry.handwritten.logs import log_config as handwritten
-
-        return handwritten(settings)
     level = settings.log_level.upper()
     return {
         "version": 1,
