@@ -211,6 +211,33 @@ async def test_a_killed_node_leaves_rotation_on_live_traffic():
     assert failed < failed_control, (summary, summary_control)
 
 
+async def _lose_a_node_with_only_the_drain_to_protect(how: str) -> dict:
+    """Take n2 out of 3 under load, `how` = "drain" (SIGTERM) or "kill" (-9), with
+    HAProxy's retries and live-traffic checks off: the run's summary."""
+    lab, base = _start_lab(LabOptions(nodes=3, backend="postgres", retries=False, observe=False))
+    event = lab.drain if how == "drain" else lab.kill
+    try:
+        run, _, _ = await _load_with_event(lab, lambda: event("n2"), at_s=1.5, duration_s=5.0)
+        return run.summary()
+    finally:
+        state = lab.load()
+        lab.down()
+        _assert_nothing_left(lab, state)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_drain_fails_nothing_without_retries():
+    """The drain is graceful on its own: with HAProxy's retries and live-traffic
+    checks off it still fails nothing, so the proxy's protections are not what
+    makes the zero. The control takes the same node out the same way under
+    the same load without a drain (kill -9), and fails requests."""
+    drained = await _lose_a_node_with_only_the_drain_to_protect("drain")
+    killed = await _lose_a_node_with_only_the_drain_to_protect("kill")
+    print(f"retries and observe off: drain {drained}; kill -9 {killed}")
+    assert drained["failed"] == 0, drained
+    assert killed["failed"] > 0, killed
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
