@@ -30,6 +30,9 @@ def create_app(
         version=service.__version__,
         summary="A stateless API built to run as many identical, disposable nodes.",
         lifespan=lifespan,
+        # Starlette's trailing-slash redirect builds its Location from the
+        # Host header, which a client controls: an unknown path is a 404.
+        redirect_slashes=False,
     )
     node.hold(app, settings=settings)
     # Lifecycle, in-flight counter, drain controller, probe and admin routes.

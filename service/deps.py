@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+import pydantic_core
+from fastapi import Depends, Header, Request, Response
+from fastapi.routing import APIRoute
 
 from service import node
 from service.config import Settings
@@ -25,6 +28,34 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 
 JSON_TYPES = ("application/json", "application/merge-patch+json")
+
+
+class JSONRequest(Request):
+    """A request whose JSON body is read by pydantic's parser, strictly.
+
+    Python's json module (FastAPI's default) takes UTF-16, NaN and lone
+    surrogates (which neither database can store), and reports a too-deep
+    or too-long number only as "There was an error parsing the body". pydantic's parser
+    takes RFC 8259 JSON in UTF-8 only, and its error says what and where;
+    problems.py turns that error into the 400's detail.
+    """
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = pydantic_core.from_json(await self.body(), allow_inf_nan=False)
+        return self._json
+
+
+class JSONRoute(APIRoute):
+    """The route class of a router whose bodies are JSON (`route_class=JSONRoute`)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            return await handle(JSONRequest(request.scope, request.receive))
+
+        return handler
 
 
 async def require_json(content_type: Annotated[str | None, Header()] = None) -> None:

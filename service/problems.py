@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from http import HTTPStatus
+from http import HTTPMethod, HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service import NAME
 
@@ -20,6 +21,57 @@ PROBLEM_JSON = "application/problem+json"
 def problem_type(slug: str) -> str:
     """The `type` URI of one kind of problem; documented in docs/api.md."""
     return f"urn:{NAME}:problem:{slug}"
+
+
+# For a route's `responses=`: how a problem of each status is documented in
+# OpenAPI, so the description lists every status and content type a client
+# can meet. Statuses a proxy or the server answers (413, 431, 429) are
+# listed too: a client sees them on these routes all the same.
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string", "description": "A URN naming the kind of problem"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string", "description": "What went wrong, and what to do"},
+        "instance": {"type": "string"},
+    },
+}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
+}
+_WHEN = {
+    400: "Malformed request: JSON, cursor, entity tag or Consistency-Token",
+    404: "No such resource",
+    409: "The same Idempotency-Key is still in flight",
+    412: "If-Match does not match the current ETag",
+    413: "Request body too large",
+    415: "The body is not declared application/json",
+    422: "Request validation failed (or an Idempotency-Key reused with another body)",
+    428: "If-Match is required",
+    429: "Too many requests from this client",
+    431: "Request header fields too large",
+    503: "The database is unavailable or the node is leaving; retry",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for these statuses, each application/problem+json."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {
+            "description": _WHEN.get(status, HTTPStatus(status).phrase),
+            "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
+        }
+        if status in (409, 503):
+            entry["headers"] = {
+                name: {**spec, "required": True} for name, spec in _RETRY_AFTER.items()
+            }
+        elif status == 429:
+            entry["headers"] = _RETRY_AFTER
+        documented[status] = entry
+    return documented
 
 
 class Problem(Exception):
@@ -80,17 +132,22 @@ def _json_pointer(loc: Sequence[Any]) -> str:
     return "#/" + "/".join(parts)
 
 
+def malformed_json(reason: str) -> Problem:
+    return Problem(400, f"the request body is not valid JSON: {reason}", slug="malformed-json")
+
+
 def validation_problem(exc: RequestValidationError) -> Problem:
     errors = []
     for error in exc.errors():
         loc = tuple(error.get("loc", ()))
         if error.get("type") == "json_invalid":
-            reason = (error.get("ctx") or {}).get("error", "invalid JSON")
-            return Problem(
-                400,
-                f"the request body is not valid JSON: {reason} at position {loc[-1]}",
-                slug="malformed-json",
-            )
+            # The parser's own message names the line, column and character
+            # offset ("Expecting value: line 1 column 11 (char 10)").
+            cause = exc.__cause__
+            reason = str(cause) if cause else (error.get("ctx") or {}).get("error", "invalid")
+            return malformed_json(reason)
+        if error.get("type") == "missing" and loc == ("body",):
+            return malformed_json("the body is empty; send a JSON object")
         where = loc[0] if loc else "body"
         entry: dict[str, Any] = {"detail": error.get("msg", "invalid"), "location": where}
         if where == "body":
@@ -110,6 +167,24 @@ def validation_problem(exc: RequestValidationError) -> Problem:
     )
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of this path accepts (RFC 9110 section 15.5.6).
+
+    Starlette's 405 names the methods of the first route whose path matched;
+    a path served by several routes (GET, PATCH and DELETE apart) has them
+    all. Each method is tried against the routes the way routing would.
+    """
+    allowed = [
+        method.value
+        for method in HTTPMethod
+        if any(
+            route.matches({**request.scope, "method": method.value})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
+
+
 def install(app: FastAPI) -> None:
     """Route every error FastAPI or Starlette raises through problem+json."""
 
@@ -123,7 +198,15 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no resource at {request.url.path}"
         elif exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}"
+            allowed = _allowed_methods(request)
+            detail = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+            return problem_response(
+                Problem(405, detail, headers={**(exc.headers or {}), "Allow": allowed}), request
+            )
+        elif exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+            # FastAPI answers a body its parser refused with a bare "There was
+            # an error parsing the body"; the parser's reason is the cause.
+            return problem_response(malformed_json(str(exc.__cause__)), request)
         return problem_response(Problem(exc.status_code, detail, headers=exc.headers), request)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:

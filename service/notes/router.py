@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -12,17 +12,34 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service import conditional
 from service.db import consistency
 from service.db.engines import consistency_token
-from service.deps import DatabaseDep, MinLsnDep, SettingsDep, require_json
+from service.deps import DatabaseDep, JSONRoute, MinLsnDep, SettingsDep, require_json
 from service.idempotency import http as idempotency
 from service.notes import service
 from service.notes.models import Note
 from service.notes.schemas import NoteCreate, NoteOut, NotePage, NotePatch
 from service.pagination import CursorCodec, InvalidCursor
-from service.problems import Problem
+from service.problems import Problem, problem_responses
 
-router = APIRouter(prefix="/v1/notes", tags=["notes"])
+# JSONRoute: bodies are parsed strictly, and a parse error says what and where.
+router = APIRouter(prefix="/v1/notes", tags=["notes"], route_class=JSONRoute)
 
 JSON = "application/json"
+
+
+def _header(description: str, *, required: bool = False) -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": {"type": "string"}}
+
+
+# What the responses carry, for the OpenAPI description (and schemathesis).
+_ETAG = {"ETag": _header('The note\'s version as a strong ETag ("3")', required=True)}
+_TOKEN = {
+    consistency.HEADER: _header(
+        "Send back on a read to see this write (absent when the backend has no WAL position)"
+    )
+}
+_SOURCE = {consistency.READ_SOURCE: _header("Which source served the read")}
+_BY_ANY = (429, 431, 503)
+_WITH_BODY = (400, 413, 415, 422)
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,7 +63,9 @@ def _not_found(note_id: uuid.UUID, headers: dict[str, str] | None = None) -> Pro
 def _precondition_failed(current_version: int) -> Problem:
     return Problem(
         412,
-        "the note has changed since you read it; GET it again and retry with its ETag",
+        f"If-Match matches none of the note's current ETag {conditional.etag(current_version)}: "
+        "the note has changed since you read it, or the tag is not one this service issued; "
+        "GET it again and retry with its ETag",
         slug="precondition-failed",
         current_etag=conditional.etag(current_version),
     )
@@ -68,7 +87,18 @@ def _note_response(
     status_code=201,
     response_model=NoteOut,
     dependencies=[Depends(require_json)],
-    responses=idempotency.RESPONSES,
+    responses={
+        201: {
+            "headers": {
+                **_ETAG,
+                "Location": _header("The note's URL, relative", required=True),
+                **_TOKEN,
+                idempotency.REPLAYED: _header("true when this is the first response, replayed"),
+            }
+        },
+        **idempotency.RESPONSES,
+        **problem_responses(*_WITH_BODY, 409, *_BY_ANY),
+    },
 )
 async def create_note(
     payload: NoteCreate, request: Request, write: idempotency.IdempotentWriteDep
@@ -84,7 +114,19 @@ async def create_note(
     return await write.run(create, body=payload)
 
 
-@router.get("/{note_id}", response_model=NoteOut, responses={304: {"description": "Not Modified"}})
+@router.head("/{note_id}", include_in_schema=False)
+@router.get(
+    "/{note_id}",
+    response_model=NoteOut,
+    responses={
+        200: {"headers": {**_ETAG, **_SOURCE}},
+        304: {
+            "description": "Not Modified: If-None-Match matched",
+            "headers": {**_ETAG, **_SOURCE},
+        },
+        **problem_responses(400, 404, 422, *_BY_ANY),
+    },
+)
 async def get_note(
     note_id: uuid.UUID,
     db: DatabaseDep,
@@ -111,7 +153,12 @@ async def get_note(
     return _note_response(note, headers=consistency.headers(source=source))
 
 
-@router.get("", response_model=NotePage)
+@router.head("", include_in_schema=False)
+@router.get(
+    "",
+    response_model=NotePage,
+    responses={200: {"headers": _SOURCE}, **problem_responses(400, 422, *_BY_ANY)},
+)
 async def list_notes(
     db: DatabaseDep,
     settings: SettingsDep,
@@ -150,7 +197,10 @@ async def list_notes(
     "/{note_id}",
     response_model=NoteOut,
     dependencies=[Depends(require_json)],
-    responses={412: {"description": "ETag mismatch"}, 428: {"description": "If-Match missing"}},
+    responses={
+        200: {"headers": {**_ETAG, **_TOKEN}},
+        **problem_responses(*_WITH_BODY, 404, 412, 428, *_BY_ANY),
+    },
 )
 async def update_note(
     note_id: uuid.UUID,
@@ -180,7 +230,11 @@ async def update_note(
     return _note_response(note, headers=consistency.headers(token=consistency_token(session)))
 
 
-@router.delete("/{note_id}", status_code=204, responses={412: {"description": "ETag mismatch"}})
+@router.delete(
+    "/{note_id}",
+    status_code=204,
+    responses={204: {"headers": _TOKEN}, **problem_responses(400, 404, 412, 422, *_BY_ANY)},
+)
 async def delete_note(
     note_id: uuid.UUID,
     db: DatabaseDep,

@@ -6,10 +6,26 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-Title = Annotated[str, Field(min_length=1, max_length=200, examples=["Groceries"])]
-Body = Annotated[str, Field(max_length=10_000, examples=["milk, eggs"])]
+
+def _no_nul(text: str) -> str:
+    # PostgreSQL's text cannot hold U+0000 (SQLite's can): refused here, both
+    # backends answer alike, with a 422 that says why.
+    if "\x00" in text:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return text
+
+
+# The pattern documents the rule in OpenAPI; the validator enforces it with
+# a message a client can act on.
+_TEXT = Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})
+Title = Annotated[
+    str, Field(min_length=1, max_length=200, examples=["Groceries"]), _TEXT, AfterValidator(_no_nul)
+]
+Body = Annotated[
+    str, Field(max_length=10_000, examples=["milk, eggs"]), _TEXT, AfterValidator(_no_nul)
+]
 
 
 class NoteCreate(BaseModel):

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 router = APIRouter()
 
 
+@router.head("/metrics", include_in_schema=False)
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     # Collecting runs the observable gauges' callbacks; all of them read
