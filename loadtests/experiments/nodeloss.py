@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import contextlib
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.lab import haproxy
 from deploy.lab.cluster import Lab, LabOptions
 from loadtests import report as reports
 from loadtests.experiments.audit import audit
@@ -75,18 +79,49 @@ SMOKE = Plan(
 )
 
 
-def _action(lab: Lab, nodes: list[dict[str, Any]], event: str, target: str) -> Callable[[], Any]:
+# HAProxy statuses of a server that gets no new requests.
+OUT_OF_ROTATION = ("DOWN", "DRAIN", "MAINT", "NOLB")
+
+
+def _out_of_rotation_after(socket_path: Path, node_id: str, timeout_s: float = 5.0) -> float | None:
+    """Seconds from now until HAProxy stops giving `node_id` new requests; None past the bound."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        with contextlib.suppress(OSError):
+            status = haproxy.server_states(socket_path).get(node_id, {}).get("status", "")
+            if status.startswith(OUT_OF_ROTATION):
+                return time.monotonic() - started
+        time.sleep(0.01)
+    return None
+
+
+def _action(
+    lab: Lab,
+    nodes: list[dict[str, Any]],
+    event: str,
+    target: str,
+    out_of_rotation_s: dict[str, float | None],
+) -> Callable[[], Any]:
     def refresh() -> None:
         # The sampler reads these dicts: point them at the restarted process.
         fresh = {n["id"]: n for n in lab.load()["nodes"]}
         for node in nodes:
             node.update(fresh[node["id"]])
 
+    def leave(how: Callable[[str], Any]) -> None:
+        # Watched from the moment of the signal, beside it: a drain blocks
+        # until the node has exited, long after HAProxy stopped using it.
+        socket_path = Path(lab.load()["haproxy"]["socket"])
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            watch = pool.submit(_out_of_rotation_after, socket_path, target)
+            how(target)
+            out_of_rotation_s[f"{event} {target}"] = watch.result()
+
     def act() -> None:
         if event == "drain":
-            lab.drain(target)
+            leave(lab.drain)
         elif event == "kill":
-            lab.kill(target)
+            leave(lab.kill)
         elif event == "restart":
             lab.restart(target)
             refresh()
@@ -101,15 +136,19 @@ def _action(lab: Lab, nodes: list[dict[str, Any]], event: str, target: str) -> C
     return act
 
 
-def drill(lab: Lab, plan: Plan, *, rate_per_user: float | None) -> LoadResult:
+def drill(
+    lab: Lab, plan: Plan, *, rate_per_user: float | None
+) -> tuple[LoadResult, dict[str, float | None]]:
+    """The load with the plan's events; also how long each leaving node took to leave rotation."""
     state = lab.load()
     nodes = [dict(n) for n in state["nodes"]]
+    out_of_rotation_s: dict[str, float | None] = {}
     schedule = [
-        (at, f"{event} {target}", _action(lab, nodes, event, target))
+        (at, f"{event} {target}", _action(lab, nodes, event, target, out_of_rotation_s))
         for at, event, target in plan.schedule
         if event != "kill-primary" or plan.backend == "patroni"
     ]
-    return run_load(
+    result = run_load(
         state["front"],
         nodes,
         users=plan.users,
@@ -117,9 +156,15 @@ def drill(lab: Lab, plan: Plan, *, rate_per_user: float | None) -> LoadResult:
         rate_per_user=rate_per_user,
         schedule=schedule,
     )
+    return result, out_of_rotation_s
 
 
-def analyse(result: LoadResult, plan: Plan, audit_result: dict[str, int]) -> dict[str, Any]:
+def analyse(
+    result: LoadResult,
+    plan: Plan,
+    audit_result: dict[str, int],
+    out_of_rotation_s: dict[str, float | None],
+) -> dict[str, Any]:
     timeline = analysis.per_second(result)
     b0, b1 = plan.baseline_s
     baseline = statistics.fmean(s["ok"] for s in timeline[int(b0) : int(b1)]) if timeline else 0.0
@@ -138,6 +183,9 @@ def analyse(result: LoadResult, plan: Plan, audit_result: dict[str, int]) -> dic
             "failed": figures["failed"],
             "failed_by_kind": _failed_by_kind(result, rows),
         }
+        if event["label"] in out_of_rotation_s:
+            left = out_of_rotation_s[event["label"]]
+            entry["out_of_rotation_s"] = None if left is None else round(left, 3)
         if event["label"].startswith(("kill n", "drain")):
             # Capacity with a node gone: after detection, until the restart.
             settled = [s["ok"] for s in timeline[int(start) + 3 : int(end)]]
@@ -230,20 +278,24 @@ def run(plan: Plan, command: str) -> dict[str, Any]:
         )
         try:
             front = lab.load()["front"]
-            saturated = drill(lab, plan, rate_per_user=None)
+            saturated, left = drill(lab, plan, rate_per_user=None)
             runs["saturation"] = analyse(
                 saturated,
                 plan,
                 asyncio.run(audit(front, acknowledged(saturated), prefix=saturated.prefix)),
+                left,
             )
             print(
                 f"saturation: baseline {runs['saturation']['baseline_rps']:.0f} req/s", flush=True
             )
             _restore(lab, plan)
             rate = plan.steady_fraction * runs["saturation"]["baseline_rps"] / plan.users
-            steady = drill(lab, plan, rate_per_user=rate)
+            steady, left = drill(lab, plan, rate_per_user=rate)
             runs["steady"] = analyse(
-                steady, plan, asyncio.run(audit(front, acknowledged(steady), prefix=steady.prefix))
+                steady,
+                plan,
+                asyncio.run(audit(front, acknowledged(steady), prefix=steady.prefix)),
+                left,
             )
             runs["steady"]["offered_rps"] = rate * plan.users
         finally:
@@ -342,17 +394,20 @@ def markdown(report: dict[str, Any]) -> str:
             f"{data['requests']} requests, **{data['failed']} failed**. Audit of every "
             f"acknowledged create: {data['audit']}.",
             "",
-            "| event | at s | took s | requests until next event | failed (by kind) "
-            "| capacity after loss | recovery s |",
-            "|---|---:|---:|---:|---|---:|---:|",
+            "| event | at s | took s | out of HAProxy's rotation after s "
+            "| requests until next event | failed (by kind) | capacity after loss | recovery s |",
+            "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
         for e in data["events"]:
             capacity = e.get("capacity_after_loss")
             cap = f"{capacity:.2f} (expected {expected:.2f})" if capacity is not None else ""
             recovery = e.get("recovery_s")
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(e["failed_by_kind"].items()))
+            left = e.get("out_of_rotation_s", "")
+            left = "not within 5 s" if left is None else left
             lines.append(
-                f"| {e['event']} | {e['at_s']:.1f} | {e['took_s']:.1f} | {e['requests']} | "
+                f"| {e['event']} | {e['at_s']:.1f} | {e['took_s']:.1f} | {left} "
+                f"| {e['requests']} | "
                 f"{e['failed']}{f' ({kinds})' if kinds else ''} | {cap} | "
                 f"{'' if recovery is None else recovery} |"
             )

@@ -75,6 +75,13 @@ def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path):
         events = [e["event"] for e in run["events"]]
         assert events == ["drain n1", "restart n1", "kill n2", "restart n2"], name
         assert all(e["error"] is None for e in run["events"]), run["events"]
+        # A killed node is out of HAProxy's rotation within a second (it
+        # observes live traffic), a drained one as soon as its agent says so.
+        left = {
+            e["event"]: e["out_of_rotation_s"] for e in run["events"] if "out_of_rotation_s" in e
+        }
+        assert set(left) == {"drain n1", "kill n2"}, run["events"]
+        assert all(s is not None and s < 1.0 for s in left.values()), left
         assert run["audit"]["acknowledged"] > 0
         assert run["audit"]["lost"] == 0
         assert run["audit"]["duplicated"] == 0
