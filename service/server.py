@@ -233,7 +233,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     - head limits: a request line and headers over max_header_bytes, or more
       than max_header_count headers, get a 431 problem. A head still
       incomplete after several reads is counted by the bytes read, so one
-      endless header costs at most the limit plus one read;
+      endless header costs at most the limit plus two reads (the first read
+      of a request is not counted: it may end a previous, pipelined one);
     - deadlines: the head must be complete header_timeout_s after the
       connection opened or the request's first bytes arrived, the body
       body_timeout_s after the head. Past either, a 408 problem (or, for a
@@ -444,6 +445,9 @@ def serve(app: FastAPI, settings: Settings) -> None:
         port=settings.port,
         loop="uvloop",
         http=protocol_class(settings),
+        # No route is a WebSocket: an upgrade request is served as plain HTTP,
+        # and no connection outlives the limits of GuardedHttpToolsProtocol.
+        ws="none",
         lifespan="on",
         server_header=False,
         # JSON lines on stdout for uvicorn's loggers too, its access log
