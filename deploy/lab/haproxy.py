@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import shutil
@@ -132,6 +133,22 @@ def server_states(socket_path: Path) -> dict[str, dict[str, str]]:
         for row in rows
         if row.get("pxname") == "nodes" and row.get("svname") not in ("FRONTEND", "BACKEND")
     }
+
+
+# Statuses of a server that gets no new requests.
+OUT_OF_ROTATION = ("DOWN", "DRAIN", "MAINT", "NOLB")
+
+
+def seconds_until_out(socket_path: Path, name: str, timeout_s: float = 5.0) -> float | None:
+    """Seconds from now until HAProxy stops giving `name` new requests; None past the bound."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        with contextlib.suppress(OSError):
+            status = server_states(socket_path).get(name, {}).get("status", "")
+            if status.startswith(OUT_OF_ROTATION):
+                return time.monotonic() - started
+        time.sleep(0.01)
+    return None
 
 
 def wait_servers(socket_path: Path, names: list[str], status: str, timeout_s: float) -> None:

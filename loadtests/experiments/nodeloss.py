@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,22 +77,6 @@ SMOKE = Plan(
 )
 
 
-# HAProxy statuses of a server that gets no new requests.
-OUT_OF_ROTATION = ("DOWN", "DRAIN", "MAINT", "NOLB")
-
-
-def _out_of_rotation_after(socket_path: Path, node_id: str, timeout_s: float = 5.0) -> float | None:
-    """Seconds from now until HAProxy stops giving `node_id` new requests; None past the bound."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        with contextlib.suppress(OSError):
-            status = haproxy.server_states(socket_path).get(node_id, {}).get("status", "")
-            if status.startswith(OUT_OF_ROTATION):
-                return time.monotonic() - started
-        time.sleep(0.01)
-    return None
-
-
 def _action(
     lab: Lab,
     nodes: list[dict[str, Any]],
@@ -113,7 +95,7 @@ def _action(
         # until the node has exited, long after HAProxy stopped using it.
         socket_path = Path(lab.load()["haproxy"]["socket"])
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            watch = pool.submit(_out_of_rotation_after, socket_path, target)
+            watch = pool.submit(haproxy.seconds_until_out, socket_path, target)
             how(target)
             out_of_rotation_s[f"{event} {target}"] = watch.result()
 

@@ -7,6 +7,7 @@ HAProxy's retries switched off does fail requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -39,12 +40,21 @@ def _require_lab_parts() -> None:
     )
 
 
-def _start_lab(options: LabOptions) -> tuple[Lab, Path]:
+@contextlib.contextmanager
+def _running_lab(options: LabOptions, prefix: str = "cattle-lab-") -> Iterator[Lab]:
+    """A lab of the test's own, torn down afterwards, leaving nothing behind."""
     _require_lab_parts()
-    base = scratch_dir("cattle-lab-")
+    base = scratch_dir(prefix)
     lab = Lab(base / "run")
     lab.up(options)
-    return lab, base
+    try:
+        yield lab
+    finally:
+        state = lab.load()
+        lab.down()
+        _assert_nothing_left(lab, state)
+        assert lab.down() == []  # safe to run twice
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _assert_nothing_left(lab: Lab, state: dict) -> None:
@@ -62,15 +72,8 @@ def _assert_nothing_left(lab: Lab, state: dict) -> None:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab, base = _start_lab(LabOptions(nodes=3, backend="postgres", drain_delay_s=2.0))
-    try:
-        yield lab
-    finally:
-        state = lab.load()
-        lab.down()
-        _assert_nothing_left(lab, state)
-        assert lab.down() == []  # safe to run twice
-        shutil.rmtree(base, ignore_errors=True)
+    with _running_lab(LabOptions(nodes=3, backend="postgres", drain_delay_s=2.0)) as running:
+        yield running
 
 
 def _wait_in_rotation(lab: Lab, node_id: str, timeout_s: float = 20) -> None:
@@ -160,37 +163,22 @@ async def test_kill_under_load_fails_nothing_with_retries(lab):
     _wait_in_rotation(lab, "n3")
 
 
-def _seconds_until_down(socket_path: Path, node_id: str, since: float, timeout_s: float) -> float:
-    deadline = since + timeout_s
-    while time.monotonic() < deadline:
-        status = haproxy.server_states(socket_path).get(node_id, {}).get("status", "")
-        if status.startswith(("DOWN", "MAINT")):
-            return time.monotonic() - since
-        time.sleep(0.01)
-    return float("inf")
-
-
 async def _kill_without_retries(*, observe: bool) -> tuple[int, float, dict]:
     """kill -9 one of 3 nodes under load, HAProxy retries off: (failed, seconds to DOWN, summary)."""
-    lab, base = _start_lab(LabOptions(nodes=3, backend="postgres", retries=False, observe=observe))
-    try:
+    options = LabOptions(nodes=3, backend="postgres", retries=False, observe=observe)
+    with _running_lab(options) as lab:
         state = lab.load()
         load = asyncio.create_task(
             drive(state["front"], duration_s=5.0, concurrency=6, post_ratio=0.3)
         )
         await asyncio.sleep(1.5)
-        killed = time.monotonic()
-        await asyncio.to_thread(lab.kill, "n3")
-        down_s = await asyncio.to_thread(
-            _seconds_until_down, Path(state["haproxy"]["socket"]), "n3", killed, 3.0
+        watch = asyncio.create_task(
+            asyncio.to_thread(haproxy.seconds_until_out, Path(state["haproxy"]["socket"]), "n3")
         )
+        await asyncio.to_thread(lab.kill, "n3")
+        down_s = await watch
         run = await load
-        return len(run.failures()), down_s, run.summary()
-    finally:
-        state = lab.load()
-        lab.down()
-        _assert_nothing_left(lab, state)
-        shutil.rmtree(base, ignore_errors=True)
+        return len(run.failures()), down_s if down_s is not None else float("inf"), run.summary()
 
 
 async def test_a_killed_node_leaves_rotation_on_live_traffic():
@@ -214,16 +202,11 @@ async def test_a_killed_node_leaves_rotation_on_live_traffic():
 async def _lose_a_node_with_only_the_drain_to_protect(how: str) -> dict:
     """Take n2 out of 3 under load, `how` = "drain" (SIGTERM) or "kill" (-9), with
     HAProxy's retries and live-traffic checks off: the run's summary."""
-    lab, base = _start_lab(LabOptions(nodes=3, backend="postgres", retries=False, observe=False))
-    event = lab.drain if how == "drain" else lab.kill
-    try:
+    options = LabOptions(nodes=3, backend="postgres", retries=False, observe=False)
+    with _running_lab(options) as lab:
+        event = lab.drain if how == "drain" else lab.kill
         run, _, _ = await _load_with_event(lab, lambda: event("n2"), at_s=1.5, duration_s=5.0)
         return run.summary()
-    finally:
-        state = lab.load()
-        lab.down()
-        _assert_nothing_left(lab, state)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_a_drain_fails_nothing_without_retries():
@@ -248,11 +231,8 @@ async def test_cpu_cap_holds_a_node_near_its_share():
         cgroups.check_available()
     except cgroups.CgroupsUnavailable as exc:
         require(False, str(exc))
-    _require_lab_parts()
-    base = scratch_dir("cattle-lab-cpu-")
-    lab = Lab(base / "run")
-    lab.up(LabOptions(nodes=1, backend="sqlite", front="none", cpu=0.2))
-    try:
+    options = LabOptions(nodes=1, backend="sqlite", front="none", cpu=0.2)
+    with _running_lab(options, prefix="cattle-lab-cpu-") as lab:
         node = lab.load()["nodes"][0]
         group = cgroups.CpuGroup(Path(node["cgroup"]))
         assert node["pid"] in group.pids() or any(Path(f"/proc/{p}").exists() for p in group.pids())
@@ -268,8 +248,3 @@ async def test_cpu_cap_holds_a_node_near_its_share():
         await load
         assert 0.12 <= used <= 0.25, f"node used {used:.2f} of a core under a 0.2 cap"
         assert throttled > 0, "the node was never throttled: it was not saturated"
-    finally:
-        state = lab.load()
-        lab.down()
-        _assert_nothing_left(lab, state)
-        shutil.rmtree(base, ignore_errors=True)
