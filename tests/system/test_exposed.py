@@ -271,3 +271,17 @@ def test_a_body_shorter_than_its_content_length_gets_a_408_within_the_bound(
     assert "CATTLE_BODY_TIMEOUT_S" in str(document["detail"])
     assert took < BODY_TIMEOUT_S + SLACK_S
     assert node.get("/livez").status == 200
+
+
+def test_a_connection_that_sends_nothing_is_closed_within_the_head_bound(
+    start_node: StartNode,
+) -> None:
+    node = start_node(ENV)
+    with _connect(node) as sock:
+        opened = time.monotonic()
+        sock.settimeout(HEADER_TIMEOUT_S + 10)
+        data = sock.recv(65536)  # b"" when the node closes: nothing was asked
+        took = time.monotonic() - opened
+    print(f"a silent connection was closed after {took:.2f} s with {data!r}")
+    assert data == b""
+    assert HEADER_TIMEOUT_S * 0.9 < took < HEADER_TIMEOUT_S + SLACK_S
