@@ -23,6 +23,12 @@ _ELEMENT = re.compile(r'[ \t]*(?:((?:W/)?"[\x21\x23-\x7e\x80-\xff]*")[ \t]*)?(,|
 _VERSION = re.compile(r'"(0|[1-9][0-9]{0,17})"')
 
 
+# The same grammar for OpenAPI: `*`, or a list of entity tags.
+LIST_PATTERN = (
+    r'^(\*|[ \t]*((W/)?"[\x21\x23-\x7e]*"[ \t]*)?(,[ \t]*((W/)?"[\x21\x23-\x7e]*"[ \t]*)?)*)$'
+)
+
+
 class InvalidEntityTags(Problem):
     """An If-Match / If-None-Match value that is not a list of entity tags, or too long."""
 

@@ -58,7 +58,10 @@ class JSONRoute(APIRoute):
         return handler
 
 
-async def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
+async def require_json(
+    # Not a parameter in OpenAPI: the request body's content types say it.
+    content_type: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> None:
     """415 unless the body is declared JSON: never guess at a body's format."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     if media_type not in JSON_TYPES:
@@ -76,6 +79,9 @@ async def min_lsn(
         Header(
             alias=consistency.HEADER,
             description="From a write response: read at least what that write left behind.",
+            # Documented, not enforced here: a token of another shape gets
+            # the 400 problem below rather than a generic 422.
+            json_schema_extra={"type": "string", "pattern": consistency.TOKEN_PATTERN},
         ),
     ] = None,
 ) -> int | None:

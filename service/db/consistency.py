@@ -13,6 +13,7 @@ import re
 HEADER = "Consistency-Token"
 # Which source served a read ("primary" or a replica's name), for attribution.
 READ_SOURCE = "X-Read-Source"
+TOKEN_PATTERN = r"^w1\.[0-9a-f]{1,16}$"  # noqa: S105 (a format, not a secret)
 _TOKEN = re.compile(r"^w1\.([0-9a-f]{1,16})$")
 
 

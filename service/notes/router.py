@@ -131,7 +131,13 @@ async def get_note(
     note_id: uuid.UUID,
     db: DatabaseDep,
     min_lsn: MinLsnDep,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[
+        str | None,
+        Header(
+            description="An ETag you hold: 304 when the note still has it",
+            json_schema_extra={"type": "string", "pattern": conditional.LIST_PATTERN},
+        ),
+    ] = None,
 ) -> Response:
     """Read a note. Send its ETag in `If-None-Match` to get 304 when unchanged,
     and a write's `Consistency-Token` to be sure to see that write."""
@@ -206,7 +212,13 @@ async def update_note(
     note_id: uuid.UUID,
     patch: NotePatch,
     db: DatabaseDep,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: Annotated[
+        str | None,
+        Header(
+            description="Required (428 without): the ETag you read; 412 when it is stale",
+            json_schema_extra={"type": "string", "pattern": conditional.LIST_PATTERN},
+        ),
+    ] = None,
 ) -> Response:
     """Change title and/or body. `If-Match` with the note's ETag is required."""
     if if_match is None:
@@ -238,7 +250,13 @@ async def update_note(
 async def delete_note(
     note_id: uuid.UUID,
     db: DatabaseDep,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: Annotated[
+        str | None,
+        Header(
+            description="The ETag you read: 412 when it is stale",
+            json_schema_extra={"type": "string", "pattern": conditional.LIST_PATTERN},
+        ),
+    ] = None,
 ) -> Response:
     """Delete a note; `If-Match` is honoured when given."""
     expected = None if if_match is None else conditional.matching_versions(if_match)

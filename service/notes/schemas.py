@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -35,10 +35,19 @@ class NoteCreate(BaseModel):
     body: Body = ""
 
 
+def _patch_schema(schema: dict[str, Any]) -> None:
+    # What a client may send: one field or both, never null (a merge patch's
+    # null would delete the field, and both are required on a note).
+    schema["minProperties"] = 1
+    for field in schema["properties"].values():
+        field.update(next(s for s in field.pop("anyOf") if s.get("type") != "null"))
+        field.pop("default", None)
+
+
 class NotePatch(BaseModel):
     """A JSON merge patch of the client-owned fields; at least one is given."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_patch_schema)
 
     title: Title | None = None
     body: Body | None = None
