@@ -66,6 +66,8 @@ def run_schemathesis(base_url: str, report: Path) -> subprocess.CompletedProcess
             "--report-dir",
             str(report),
         ],
+        # schemathesis keeps state in .schemathesis/ of its working directory.
+        cwd=report.parent,
         capture_output=True,
         text=True,
         timeout=BUDGET_S * 3,
