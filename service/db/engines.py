@@ -6,12 +6,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -22,7 +25,8 @@ from sqlalchemy.util import await_only
 from service import NAME
 from service.config import Settings
 from service.db import consistency
-from service.db.errors import is_unavailable
+from service.db.errors import DatabaseTimeout, is_unavailable
+from service.db.pool import PoolWatch
 from service.db.replicas import Replica, ReplicaSet, replica_name
 
 log = logging.getLogger("service.db")
@@ -42,12 +46,15 @@ def create_engine(url: str, settings: Settings, *, role: str) -> AsyncEngine:
     if sa_url.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url, settings, role=role)
     if sa_url.get_driver_name() == "asyncpg":
+        # The client-side bounds (reasons in service/config.py): a frozen
+        # server answers nothing, so only the client can stop waiting.
         kwargs["connect_args"] = {
             "server_settings": {
                 "application_name": f"{NAME}:{settings.node_id}:{role}",
                 "statement_timeout": str(int(settings.db_statement_timeout_s * 1000)),
             },
-            "timeout": settings.db_pool_timeout_s,
+            "timeout": settings.db_connect_timeout_s,
+            "command_timeout": settings.db_command_timeout_s,
         }
     if role == "reader":
         kwargs["isolation_level"] = "AUTOCOMMIT"  # single-statement reads need no BEGIN
@@ -150,6 +157,7 @@ class Database:
             if self.is_postgres
             else create_engine(self.url, settings, role="reader")
         )
+        self.pool_watch = PoolWatch()
         self._writer_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         self._reader_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
         self.replicas = ReplicaSet(
@@ -162,33 +170,105 @@ class Database:
         )
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncSession]:
+    async def bounded(self) -> AsyncIterator[None]:
+        """Bound the database work inside to db_request_timeout_s, and watch the pool.
+
+        Past the bound the work is cancelled and DatabaseTimeout raised (a
+        503 at the edge). Nested uses keep the outermost deadline.
+        """
+        if _DEADLINE.get() is not None:
+            yield
+            return
+        bound_s = self.settings.db_request_timeout_s
+        deadline = _DEADLINE.set(asyncio.get_running_loop().time() + bound_s)
+        try:
+            async with asyncio.timeout(bound_s):
+                yield
+        except PoolTimeout as exc:
+            self.pool_watch.exhausted(exc)
+            raise
+        except TimeoutError as exc:
+            raise DatabaseTimeout(
+                "the database did not answer within "
+                f"{self.settings.db_request_timeout_s} s (CATTLE_DB_REQUEST_TIMEOUT_S)"
+            ) from exc
+        finally:
+            _DEADLINE.reset(deadline)
+
+    async def connect(self) -> AsyncConnection:
+        """A writer connection of the caller's own; the caller closes it."""
+        async with self.bounded():
+            return await self.writer.connect()
+
+    @asynccontextmanager
+    async def write(
+        self, *, connection: AsyncConnection | None = None
+    ) -> AsyncIterator[AsyncSession]:
         """A session in a transaction on the primary, committed on success.
 
         After the commit, `consistency_token(session)` gives the token that
-        lets any node read this write back.
+        lets any node read this write back. With `connection`, the session
+        runs on it (a caller that holds one already needs no second). A
+        connection that failed or overran the bound is discarded without
+        another command: a frozen server would make even the ROLLBACK wait,
+        and a discarded connection can commit nothing when the server wakes.
         """
-        async with self._writer_sessions() as session:
-            async with session.begin():
+        if connection is not None:
+            session = AsyncSession(bind=connection, expire_on_commit=False)
+        else:
+            session = self._writer_sessions()
+        async with self.bounded():
+            try:
                 yield session
-            session.info[_TOKEN_KEY] = await self.current_token()
+                await session.commit()
+                session.info[_TOKEN_KEY] = await self.current_token(connection=connection)
+            except BaseException as exc:
+                if _dead(exc):
+                    await session.invalidate()
+                else:
+                    await session.rollback()
+                raise
+            finally:
+                await session.close()
 
-    async def current_token(self) -> str | None:
-        """A token covering everything committed so far on the primary."""
+    async def current_token(self, *, connection: AsyncConnection | None = None) -> str | None:
+        """A token covering everything committed so far on the primary.
+
+        Bounded within the request's bound: a write that committed is never
+        failed because its token could not be read.
+        """
         if not self.is_postgres:
             return consistency.encode(0)  # one database: every read sees every write
+        # The insert position, read after our commit, is at or past the end
+        # of our commit record even with synchronous_commit=off, where the
+        # write position (pg_current_wal_lsn) may not have reached it yet.
+        query = text("SELECT pg_current_wal_insert_lsn()::text")
         try:
-            # Any connection to the primary will do: the WAL position is global.
-            # The insert position, read after our commit, is at or past the end
-            # of our commit record even with synchronous_commit=off, where the
-            # write position (pg_current_wal_lsn) may not have reached it yet.
-            async with self.writer.connect() as conn:
-                position = await conn.scalar(text("SELECT pg_current_wal_insert_lsn()::text"))
-        except Exception:
+            async with asyncio.timeout(self.time_left_s()):
+                if connection is not None:
+                    position = await connection.scalar(query)
+                    await connection.rollback()
+                else:
+                    # Any connection to the primary will do: the WAL position is global.
+                    async with self.writer.connect() as conn:
+                        position = await conn.scalar(query)
+        except (Exception, TimeoutError):
             # The write is committed; failing it now would invite a duplicate.
             log.warning("no consistency token: WAL position unavailable", exc_info=True)
+            if connection is not None:
+                await connection.invalidate()  # it may be mid-command: never reused
             return None
         return consistency.encode(consistency.parse_lsn(str(position)))
+
+    def time_left_s(self) -> float:
+        """What is left of the request's bound (at most one command's timeout),
+        less a margin to answer in: for work after a commit, which must give
+        up before the bound turns a committed write into a 503."""
+        left = self.settings.db_command_timeout_s
+        deadline = _DEADLINE.get()
+        if deadline is not None:
+            left = min(left, deadline - asyncio.get_running_loop().time() - _TOKEN_MARGIN_S)
+        return max(0.0, left)
 
     async def run_read(
         self, read: Callable[[AsyncSession], Awaitable[T]], *, min_lsn: int | None = None
@@ -199,15 +279,16 @@ class Database:
         the read is taken out of rotation and the read runs again on the
         primary, so losing a replica costs no request.
         """
-        try:
-            async with self.read(min_lsn=min_lsn) as session:
+        async with self.bounded():
+            try:
+                async with self.read(min_lsn=min_lsn) as session:
+                    return await read(session), read_source(session)
+            except Exception as exc:
+                if not self.replicas.replicas or not is_unavailable(exc):
+                    raise
+                log.info("read failed on a replica; running it on the primary", exc_info=True)
+            async with self.read(primary=True) as session:
                 return await read(session), read_source(session)
-        except Exception as exc:
-            if not self.replicas.replicas or not is_unavailable(exc):
-                raise
-            log.info("read failed on a replica; running it on the primary", exc_info=True)
-        async with self.read(primary=True) as session:
-            return await read(session), read_source(session)
 
     @asynccontextmanager
     async def read(
@@ -219,31 +300,40 @@ class Database:
         that fails is taken out of rotation (and the error raised: use
         `run_read` to have the read retried on the primary).
         """
-        replica = None if primary else self.replicas.pick(min_lsn)
-        if replica is None and min_lsn is not None and not primary:
-            replica = await self._replica_caught_up_now(min_lsn)
-        if replica is not None:
-            session = replica.sessions()
-            try:
-                await session.connection()
-            except Exception as exc:
-                if not is_unavailable(exc):
-                    raise
-                replica.mark_unreachable(exc)
-                await session.close()
-            else:
-                session.info[_SOURCE_KEY] = replica.name
-                async with session:
-                    try:
-                        yield session
-                    except Exception as exc:
-                        if is_unavailable(exc):
-                            replica.mark_unreachable(exc)
+        async with self.bounded():
+            replica = None if primary else self.replicas.pick(min_lsn)
+            if replica is None and min_lsn is not None and not primary:
+                replica = await self._replica_caught_up_now(min_lsn)
+            if replica is not None:
+                session = replica.sessions()
+                try:
+                    await session.connection()
+                except Exception as exc:
+                    if not is_unavailable(exc):
                         raise
-                return
-        async with self._reader_sessions() as session:
-            session.info[_SOURCE_KEY] = "primary"
-            yield session
+                    replica.mark_unreachable(exc)
+                    await session.invalidate()
+                else:
+                    session.info[_SOURCE_KEY] = replica.name
+                    async with session:
+                        try:
+                            yield session
+                        except BaseException as exc:
+                            if is_unavailable(exc):
+                                replica.mark_unreachable(exc)
+                            if _dead(exc):
+                                await session.invalidate()
+                            raise
+                    return
+            async with self._reader_sessions() as session:
+                session.info[_SOURCE_KEY] = "primary"
+                try:
+                    yield session
+                except BaseException as exc:
+                    if _dead(exc):
+                        # Mid-command or gone: back in the pool it would hang the next user.
+                        await session.invalidate()
+                    raise
 
     async def _replica_caught_up_now(self, min_lsn: int) -> Replica | None:
         """Ask one usable replica for its live position: the cached one may be
@@ -269,6 +359,18 @@ class Database:
         await self.writer.dispose()
         if not self.is_postgres:
             await self.reader.dispose()
+
+
+# The loop time by which the current request's database work must end
+# (Database.bounded); per task, so nested calls share their request's bound.
+_DEADLINE: ContextVar[float | None] = ContextVar("database_deadline", default=None)
+# Left for answering once the token's read gave up, inside the request's bound.
+_TOKEN_MARGIN_S = 0.25
+
+
+def _dead(exc: BaseException) -> bool:
+    """The connection may be mid-command or gone: only discarding it is safe."""
+    return is_unavailable(exc) or isinstance(exc, asyncio.CancelledError)
 
 
 _TOKEN_KEY = "consistency_token"  # noqa: S105 (a dict key, not a secret)

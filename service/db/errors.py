@@ -25,6 +25,14 @@ _ASYNCPG_UNAVAILABLE = (
 )
 
 
+class DatabaseTimeout(ConnectionError):
+    """The database did not answer within the node's client-side bound.
+
+    A ConnectionError, so the app answers it 503 database-unavailable with
+    Retry-After like any other unreachable database.
+    """
+
+
 def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, OSError | TimeoutError | PoolTimeout):
         return True

@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings, env_var
+from service.db.pool import PoolWatch
 from service.db.replicas import ReplicaSet
 from service.health.inflight import InFlight
 from service.health.lifecycle import Lifecycle, State
@@ -103,8 +104,11 @@ class HealthChecker:
         primary: AsyncEngine,
         replicas: ReplicaSet | None = None,
         telemetry_status: Callable[[], ExportStatus] | None = None,
+        pool: PoolWatch | None = None,
     ) -> None:
         self.lifecycle = lifecycle
+        # Request-pool exhaustion, counted by the database layer; read from memory.
+        self.pool = pool
         # Read from memory: the exporter threads record their own outcomes.
         self.telemetry_status = telemetry_status
         self.in_flight = in_flight
@@ -274,7 +278,28 @@ class HealthChecker:
         results = self._fresh()
         if self.replicas is not None:
             results["replicas"] = self._replicas_result(self.replicas)
+        if self.pool is not None:
+            results["pool"] = self._pool_result(self.pool)
         return results
+
+    def _pool_exhausted(self) -> bool:
+        # As long as a stale check counts: long enough for every proxy's
+        # agent check to see it, short enough to recover within seconds.
+        return self.pool is not None and self.pool.exhausted_within(self.stale_after_s)
+
+    def _pool_result(self, pool: PoolWatch) -> CheckResult:
+        # Exhaustion degrades the node and lowers its weight, never makes it
+        # unready: every node under the same burst would drop out at once.
+        exhausted = self._pool_exhausted()
+        return self._result(
+            "pool",
+            Status.warn if exhausted else Status.ok,
+            pool.exhausted_total,
+            "requests",
+            output=f"requests found the pool exhausted ({env_var('db_pool_size')})"
+            if exhausted
+            else "",
+        )
 
     def _replicas_result(self, replicas: ReplicaSet) -> CheckResult:
         # Out-of-rotation replicas degrade the node (reads fall back to the
@@ -349,8 +374,11 @@ class HealthChecker:
         """The HAProxy agent weight: the share of CATTLE_MAX_IN_FLIGHT still free.
 
         Never below 1 %: a busy but healthy node should get less new work,
-        not none (weight 0 is what `drain` is for).
+        not none (weight 0 is what `drain` is for). 1 % while its database
+        pool has lately been exhausted.
         """
+        if self._pool_exhausted():
+            return 1  # it is turning requests away already: send it the least
         free = 1.0 - self.in_flight.count / self.max_in_flight
         return max(1, min(100, round(100 * free)))
 
@@ -361,6 +389,7 @@ _KINDS: dict[str, tuple[str, str, bool]] = {
     "primary": ("primary:responseTime", "datastore", True),
     "event_loop": ("event_loop:lag", "system", False),
     "replicas": ("replicas:lag", "datastore", False),
+    "pool": ("pool:exhausted", "datastore", False),
     "in_flight": ("http:inFlight", "system", False),
     "uptime": ("uptime", "system", False),
     "telemetry": ("telemetry:export", "component", False),

@@ -68,6 +68,7 @@ async def running(app: FastAPI, database: Database) -> AsyncIterator[HealthCheck
         primary=engine,
         replicas=database.replicas,
         telemetry_status=_telemetry_status(app),
+        pool=database.pool_watch,
     )
     watcher = DrainFileWatcher(settings.drain_file, drain) if settings.drain_file else None
     agent = AgentServer(lifecycle, checker) if settings.agent_port else None

@@ -12,7 +12,6 @@ Consistency-Token.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -76,26 +75,29 @@ class IdempotentWrite:
             return _with_token(response, consistency_token(session))
 
         wait_s = self.settings.idempotency_wait_s
-        async with service.key_lock(self.db, self.key, wait_s=wait_s) as holder:
-            claimed = await self._claim(holder, body)
+        # Every step runs on the lock's connection: one pooled connection per
+        # request, all of it within the node's database bound.
+        async with self.db.bounded(), service.key_lock(self.db, self.key, wait_s=wait_s) as lock:
+            connection = lock.connection
+            claimed = await self._claim(lock, body)
             if isinstance(claimed, service.StoredResponse):
                 # The first response's write is committed: a token for "now" covers it.
-                return _replay(claimed, await self.db.current_token())
+                return _replay(claimed, await self.db.current_token(connection=connection))
             try:
-                async with self.db.write() as session:
+                async with self.db.write(connection=connection) as session:
                     response = await work(session)
                     # In the work's transaction: the response and its effects commit together.
                     await service.complete(session, claimed, _stored(response))
             except service.LeaseLost:
                 raise in_flight(self.settings.idempotency_lease_s) from None
-            except BaseException:
+            except BaseException as exc:
                 # Shielded so a cancelled request still gives its key back.
-                await asyncio.shield(service.release(self.db, claimed))
+                await lock.release(self.db, claimed, after=exc)
                 raise
         return _with_token(response, consistency_token(session))
 
     async def _claim(
-        self, holder: service.Holder, body: Any
+        self, lock: service.KeyLock, body: Any
     ) -> service.Lease | service.StoredResponse:
         payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
         assert self.key is not None
@@ -106,7 +108,8 @@ class IdempotentWrite:
                 fingerprint=service.fingerprint(self.method, self.path, payload),
                 lease_s=self.settings.idempotency_lease_s,
                 ttl_s=self.settings.idempotency_ttl_s,
-                holder=holder,
+                holder=lock.holder,
+                connection=lock.connection,
             )
         except service.KeyReused:
             raise Problem(

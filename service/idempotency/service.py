@@ -2,7 +2,10 @@
 
 The flow for a keyed request:
 0. on PostgreSQL, `key_lock` takes an advisory lock on the key that dies
-   with the node, so an orphaned key is known to be orphaned at once;
+   with the node, so an orphaned key is known to be orphaned at once; the
+   connection holding it carries every later step too, so a keyed request
+   needs one pooled connection, like any other (a burst cannot exhaust the
+   pool by holding locks while waiting for a second connection);
 1. `claim` commits an in-flight record in its own short transaction, so every
    other node sees the key is taken (and answers 409) while work goes on;
 2. the caller does its work and calls `complete` in the same transaction as
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,8 +36,11 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db.engines import Database
+from service.db.errors import is_unavailable
 from service.db.types import utcnow
 from service.idempotency.models import IdempotencyRecord
+
+log = logging.getLogger("service.idempotency")
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,50 @@ _LOCK_NAMESPACE = 0x696B
 _LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
 
 
+@dataclass
+class KeyLock:
+    """What `key_lock` found, and the connection every step of the request uses.
+
+    `connection` is None on SQLite (no lock, each step takes a pooled
+    connection of its own, one at a time).
+    """
+
+    holder: Holder
+    connection: AsyncConnection | None = None
+    # Set once the connection failed: it is discarded, not asked again (a
+    # frozen server would make every further command wait its full timeout).
+    broken: bool = False
+    _pending: asyncio.Future[None] | None = None
+
+    async def release(self, db: Database, lease: Lease, *, after: BaseException) -> None:
+        """`release` on the lock's connection, shielded; never raises.
+
+        A failed release costs nothing lasting: on PostgreSQL the key's lock
+        dies with the connection (which is then discarded), elsewhere the
+        lease runs out. `after` is the failure: when it says the database is
+        unreachable, the connection is not asked again.
+        """
+        if self.connection is not None and is_unavailable(after):
+            self.broken = True
+            return
+        self._pending = asyncio.ensure_future(self._release(db, lease))
+        await asyncio.shield(self._pending)
+
+    async def _release(self, db: Database, lease: Lease) -> None:
+        try:
+            await release(db, lease, connection=self.connection)
+        except Exception:
+            log.warning("could not give idempotency key back; its lock or lease will free it",
+                        exc_info=True)  # fmt: skip
+
+
+# A test-only switch: False makes `key_lock` claim the lock without taking it,
+# which is what the race test's control needs to show the lock is what works.
+LOCKING = True
+
+
 @asynccontextmanager
-async def key_lock(db: Database, key: str, *, wait_s: float = 1.0) -> AsyncIterator[Holder]:
+async def key_lock(db: Database, key: str, *, wait_s: float = 1.0) -> AsyncIterator[KeyLock]:
     """Hold a PostgreSQL advisory lock on `key` while the request works on it.
 
     The lock lives on a connection of this node: if the node dies (kill -9,
@@ -92,35 +141,62 @@ async def key_lock(db: Database, key: str, *, wait_s: float = 1.0) -> AsyncItera
     answering 409 until the lease runs out. Waiting up to `wait_s` for the
     lock covers both a holder about to finish (we then replay its response)
     and the moment PostgreSQL takes to notice a dead node's connection.
+
+    The request's claim, work and release run on the same connection
+    (`KeyLock.connection`), so a keyed request holds one pooled connection.
     """
     if not db.is_postgres:
-        yield Holder.UNKNOWN
+        yield KeyLock(Holder.UNKNOWN)
         return
     args = {"ns": _LOCK_NAMESPACE, "key": key}
-    async with db.writer.connect() as conn:
+    conn = await db.connect()
+    lock = KeyLock(Holder.NONE_ALIVE, conn)
+    try:
         try:
             async with conn.begin():
                 await conn.execute(text(f"SET LOCAL lock_timeout = {max(1, int(wait_s * 1000))}"))
-                await conn.execute(text("SELECT pg_advisory_lock(:ns, hashtext(:key))"), args)
+                if LOCKING:
+                    await conn.execute(text("SELECT pg_advisory_lock(:ns, hashtext(:key))"), args)
         except DBAPIError as exc:
             if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
                 raise
-            yield Holder.ALIVE
-            return
-        try:
-            yield Holder.NONE_ALIVE
-        finally:
-            await asyncio.shield(_unlock(conn, args))
+            lock.holder = Holder.ALIVE
+        yield lock
+    except BaseException as exc:
+        # Cancelled mid-command (the request's bound) is as broken as gone.
+        lock.broken = lock.broken or is_unavailable(exc) or isinstance(exc, asyncio.CancelledError)
+        raise
+    finally:
+        # One shielded task ends the connection's use in order (a release
+        # still running, the unlock, the return to the pool), so a cancelled
+        # request neither leaves a lock behind nor runs two commands at once.
+        await asyncio.shield(_finish(db, lock, args))
 
 
-async def _unlock(conn: AsyncConnection, args: dict[str, Any]) -> None:
+async def _finish(db: Database, lock: KeyLock, args: dict[str, Any]) -> None:
+    conn = lock.connection
+    assert conn is not None
+    if lock._pending is not None:
+        await asyncio.gather(lock._pending, return_exceptions=True)
+    if lock.broken:
+        await conn.invalidate()
+        await conn.close()
+        return
     try:
-        await conn.execute(text("SELECT pg_advisory_unlock(:ns, hashtext(:key))"), args)
-        await conn.commit()
-    except Exception:
+        # Bounded inside the request's bound: the work may have committed,
+        # and a server that froze since must not turn that into a 503. Closing
+        # the connection releases the lock as surely as the unlock does.
+        async with asyncio.timeout(db.time_left_s()):
+            if conn.in_transaction():
+                await conn.rollback()
+            if lock.holder is Holder.NONE_ALIVE and LOCKING:
+                await conn.execute(text("SELECT pg_advisory_unlock(:ns, hashtext(:key))"), args)
+                await conn.commit()
+    except (Exception, TimeoutError):
         # Session locks outlive rollback: a connection that may still hold
         # one must never go back to the pool.
         await conn.invalidate()
+    await conn.close()
 
 
 async def claim(
@@ -131,10 +207,12 @@ async def claim(
     lease_s: float,
     ttl_s: float,
     holder: Holder = Holder.UNKNOWN,
+    connection: AsyncConnection | None = None,
 ) -> Lease | StoredResponse:
     """Take `key` for this request, or return the response it already produced.
 
-    Raises KeyReused (different request, same key) or KeyInFlight.
+    Raises KeyReused (different request, same key) or KeyInFlight. With
+    `connection` (the key lock's), every transaction runs on it.
     """
     for _ in range(3):  # a record may vanish (purged) between insert and read
         now = utcnow()
@@ -142,6 +220,7 @@ async def claim(
         # With a live holder the key is not ours to create: only read its state.
         if holder is not Holder.ALIVE and await _insert(
             db,
+            connection,
             IdempotencyRecord(
                 key=key,
                 fingerprint=fingerprint,
@@ -152,7 +231,7 @@ async def claim(
             ),
         ):
             return lease
-        async with db.write() as session:
+        async with db.write(connection=connection) as session:
             record = await session.get(IdempotencyRecord, key, with_for_update=True)
             if record is None:
                 if holder is Holder.ALIVE:
@@ -187,10 +266,12 @@ async def claim(
     raise KeyInFlight(1.0)
 
 
-async def _insert(db: Database, record: IdempotencyRecord) -> bool:
+async def _insert(
+    db: Database, connection: AsyncConnection | None, record: IdempotencyRecord
+) -> bool:
     """Insert a new key; False if it already exists."""
     try:
-        async with db.write() as session:
+        async with db.write(connection=connection) as session:
             session.add(record)
     except IntegrityError:
         return False
@@ -220,9 +301,9 @@ async def complete(session: AsyncSession, lease: Lease, response: StoredResponse
         raise LeaseLost(lease.key)
 
 
-async def release(db: Database, lease: Lease) -> None:
+async def release(db: Database, lease: Lease, *, connection: AsyncConnection | None = None) -> None:
     """Give the key back after a failure, so a retry need not wait for the lease."""
-    async with db.write() as session:
+    async with db.write(connection=connection) as session:
         await session.execute(
             delete(IdempotencyRecord).where(
                 IdempotencyRecord.key == lease.key,

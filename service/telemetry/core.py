@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -141,6 +142,15 @@ class Telemetry:
             )
             for engine in engines:
                 tracing.trace_sql(engine, self.tracer_provider, connections)
+        if self.meter_provider is not None:
+            # Counted by the database layer (service/db/pool.py); read at collection.
+            watch = database.pool_watch
+            self.meter_provider.get_meter(service.NAME).create_observable_counter(
+                f"{service.NAME}.db.pool.exhausted",
+                callbacks=[lambda _options: [Observation(watch.exhausted_total)]],
+                unit="{request}",
+                description="Requests that got no pooled connection within the pool timeout.",
+            )
         replicas = database.replicas.replicas
         self.observe_replica_lag(
             lambda: [ReplicaLag(r.name, r.lag_s, r.lag_bytes) for r in replicas]

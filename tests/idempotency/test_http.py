@@ -166,16 +166,17 @@ async def _claim_elsewhere(settings: Settings, key: str, *, lease_s: float, hold
     """Claim `key` as another node would; with `hold`, that node is still alive."""
     database = Database(settings)
     stack = contextlib.AsyncExitStack()
-    holder = idempotency.Holder.UNKNOWN
+    lock = idempotency.KeyLock(idempotency.Holder.UNKNOWN)
     if hold:
-        holder = await stack.enter_async_context(idempotency.key_lock(database, key))
+        lock = await stack.enter_async_context(idempotency.key_lock(database, key))
     await idempotency.claim(
         database,
         key=key,
         fingerprint=idempotency.fingerprint("POST", PATH, {"text": "a"}),
         lease_s=lease_s,
         ttl_s=3600,
-        holder=holder,
+        holder=lock.holder,
+        connection=lock.connection,
     )
 
     async def release() -> None:
@@ -288,3 +289,18 @@ async def test_requests_that_wait_for_an_in_flight_key_get_its_response(settings
     else:
         # They waited on the key's lock (idempotency_wait_s) and replayed.
         assert statuses == [201] * N, statuses
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_the_same_race_with_the_key_lock_disabled_does_the_work_more_than_once(
+    settings, monkeypatch
+):
+    """The control of the race above: without the key's lock (each request
+    believing it holds it), in-flight keys are taken over and the work runs
+    again, so the lock is what makes the protected race do it once."""
+    monkeypatch.setattr(idempotency, "LOCKING", False)
+    work = Work(delay_s=0.3)
+    async with node(settings.model_copy(update={"idempotency_wait_s": 0.05}), work) as client:
+        responses = await _race(client)
+    assert len(work.runs) > 1, [r.status_code for r in responses]
