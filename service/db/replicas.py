@@ -5,6 +5,13 @@ interval; reads consult the cached result, so routing costs no round trip.
 A replica is usable when it is in recovery, reachable, and its replay lag is
 within CATTLE_REPLICA_MAX_LAG_S. Unreachable or lagging replicas are skipped
 and come back by themselves at the next check that finds them fine.
+
+Lag is measured against the primary positions the checks saw: how long
+before the primary's last known moment the primary was last at a position
+the replica has replayed. While the primary is down, that moment is the last
+check that reached it, so a replica that had caught up stays fresh and keeps
+serving reads (a primary that is down takes no writes for it to miss);
+"time since the replica last replayed" would grow without end instead.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -70,6 +78,10 @@ class ReplicaSet:
         self.max_lag_s = max_lag_s
         self.check_timeout_s = check_timeout_s
         self.primary_lsn: int | None = None
+        # (monotonic time, primary WAL position) of recent checks that reached
+        # the primary, oldest first; kept for a little over the lag bound.
+        self._positions: deque[tuple[float, int]] = deque()
+        self._primary_reached = False
         self._turn = itertools.count()
 
     @property
@@ -101,6 +113,10 @@ class ReplicaSet:
                 )
         except Exception:  # the primary's own check reports this; keep the last value
             log.debug("primary WAL position unavailable", exc_info=True)
+            self._primary_reached = False
+        else:
+            self._primary_reached = True
+            self._remember(time.monotonic(), self.primary_lsn)
         await asyncio.gather(*(self._check_one(r) for r in self.replicas))
 
     async def _check_one(self, replica: Replica) -> None:
@@ -122,9 +138,12 @@ class ReplicaSet:
         primary = self.primary_lsn
         if primary is not None and replica.replay_lsn >= primary:
             replica.lag_s, replica.lag_bytes = 0.0, 0
-        else:
-            # Behind: the lag is how long ago it last replayed a transaction.
+        elif self._positions:
             replica.lag_bytes = None if primary is None else primary - replica.replay_lsn
+            replica.lag_s = self.lag_s(replica.replay_lsn, replay_age_s)
+        else:
+            # The primary was never reached: how long ago it last replayed a transaction.
+            replica.lag_bytes = None
             replica.lag_s = float(replay_age_s) if replay_age_s is not None else float("inf")
         was_usable = replica.usable
         replica.usable = replica.lag_s <= self.max_lag_s
@@ -136,6 +155,35 @@ class ReplicaSet:
                 "back in" if replica.usable else "out of",
                 replica.lag_s,
             )
+
+    def _remember(self, now: float, position: int) -> None:
+        self._positions.append((now, position))
+        # Samples older than twice the bound are not needed to tell a lag past
+        # the bound; the newest one is always kept.
+        while len(self._positions) > 1 and now - self._positions[1][0] > 2 * self.max_lag_s:
+            self._positions.popleft()
+
+    def lag_s(self, replay_lsn: int, replay_age_s: float | None = None) -> float:
+        """How far `replay_lsn` is behind the primary as last known, in seconds.
+
+        The reference is now while the primary answers, else the last check
+        that reached it. The lag is the time from the newest known moment the
+        primary was at or below `replay_lsn` to that reference: the replica
+        holds everything the primary held then (an upper bound, by at most
+        one check interval). Behind every remembered position, it is at least
+        as old as the oldest one; until the memory spans the bound, the time
+        since it last replayed a transaction (`replay_age_s`) stands in.
+        """
+        reference = time.monotonic() if self._primary_reached else self._positions[-1][0]
+        if replay_lsn >= self._positions[-1][1]:
+            return 0.0
+        caught_up = [at for at, position in self._positions if position <= replay_lsn]
+        if caught_up:
+            return max(0.0, reference - caught_up[-1])
+        oldest = self._positions[0][0]
+        if self._positions[-1][0] - oldest >= 2 * self.max_lag_s or replay_age_s is None:
+            return max(0.0, reference - oldest)
+        return max(reference - oldest, float(replay_age_s))
 
     async def run(self, interval_s: float) -> None:
         while True:
