@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
@@ -53,7 +55,41 @@ def create_app(
     telemetry.observe_lifecycle([state.value for state in State], lambda: lifecycle.state.value)
     # Last, so outermost: spans and metrics see every final status.
     install_telemetry(app, telemetry)
+    _describe_parameters_as_sent(app)
     return app
+
+
+def _describe_parameters_as_sent(app: FastAPI) -> None:
+    """Optional parameters in OpenAPI without FastAPI's `null` branch.
+
+    FastAPI documents `str | None = None` as `anyOf: [string, null]`. On the
+    wire a header or query value is always a string and absence is said by
+    `required: false`, so the null branch invites clients (and fuzzers) to
+    send the literal text "null", which the pattern in the string branch
+    would have excluded. The schema becomes the string branch alone.
+    """
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        first = app.openapi_schema is None
+        schema = generate()  # FastAPI caches it in app.openapi_schema
+        if first:
+            for path_item in schema.get("paths", {}).values():
+                for operation in path_item.values():
+                    for parameter in operation.get("parameters", []):
+                        parameter["schema"] = _without_null(parameter.get("schema", {}))
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    branches = [b for b in schema.get("anyOf", []) if b != {"type": "null"}]
+    if len(branches) != 1 or len(branches) == len(schema.get("anyOf", [])):
+        return schema
+    rest = {key: value for key, value in schema.items() if key != "anyOf"}
+    return {**rest, **branches[0]}
 
 
 def _install_database_errors(app: FastAPI) -> None:

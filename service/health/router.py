@@ -17,13 +17,58 @@ import service
 from service import node
 from service.health.checks import HealthChecker, Status
 from service.health.lifecycle import Lifecycle, State
-from service.problems import Problem
+from service.problems import Problem, problem_responses
 
 router = APIRouter(tags=["health"])
 Endpoint = Callable[..., Awaitable[Response]]
 
 HEALTH_JSON = "application/health+json"
 NO_STORE = {"Cache-Control": "no-store"}
+
+# OpenAPI: what the probes answer (every answer is `no-store`).
+_NO_STORE_HEADER = {
+    "Cache-Control": {
+        "description": "Always `no-store`: a cached probe answer is stale by design",
+        "required": True,
+        "schema": {"type": "string", "enum": ["no-store"]},
+    }
+}
+_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+_HEALTH_DOCUMENT = {
+    HEALTH_JSON: {
+        "schema": {
+            "type": "object",
+            "required": ["status", "checks"],
+            "properties": {
+                "status": {"type": "string", "enum": [str(s) for s in Status]},
+                "version": {"type": "string"},
+                "serviceId": {"type": "string"},
+                "nodeId": {"type": "string"},
+                "description": {"type": "string"},
+                "lifecycle": {"type": "string"},
+                "checks": {
+                    "type": "object",
+                    "additionalProperties": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+        }
+    }
+}
+
+
+class HealthJSONResponse(JSONResponse):
+    """JSON under its health media type, so OpenAPI names that type alone."""
+
+    media_type = HEALTH_JSON
+
+
+def _probe_responses(
+    ok: str, unavailable: str, content: dict[str, Any] = _TEXT
+) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"description": ok, "content": content, "headers": _NO_STORE_HEADER},
+        503: {"description": unavailable, "content": content, "headers": _NO_STORE_HEADER},
+    }
 
 
 def probe(path: str, **kwargs: Any) -> Callable[[Endpoint], Endpoint]:
@@ -56,7 +101,12 @@ def _text(body: str, status_code: int) -> PlainTextResponse:
     return PlainTextResponse(body + "\n", status_code=status_code, headers=NO_STORE)
 
 
-@probe("/livez", summary="Liveness: is the process alive?")
+@probe(
+    "/livez",
+    summary="Liveness: is the process alive?",
+    response_class=PlainTextResponse,
+    responses=_probe_responses("Alive: `ok`", "The health checker died: restart the node"),
+)
 async def livez(request: Request, lifecycle: LifecycleDep) -> Response:
     """200 while the event loop answers; no dependency is checked, and draining is alive.
 
@@ -71,14 +121,26 @@ async def livez(request: Request, lifecycle: LifecycleDep) -> Response:
     return _text("ok", 200)
 
 
-@probe("/startupz", summary="Startup: has start-up finished?")
+@probe(
+    "/startupz",
+    summary="Startup: has start-up finished?",
+    response_class=PlainTextResponse,
+    responses=_probe_responses("Started: `ok`", "Still starting"),
+)
 async def startupz(lifecycle: LifecycleDep) -> Response:
     if lifecycle.state is State.starting:
         return _text("starting", 503)
     return _text("ok", 200)
 
 
-@probe("/readyz", summary="Readiness: send work here?")
+@probe(
+    "/readyz",
+    summary="Readiness: send work here?",
+    response_class=PlainTextResponse,
+    responses=_probe_responses(
+        "Ready: `ok`, or one line per check", "Not ready: the failing checks"
+    ),
+)
 async def readyz(
     checker: CheckerDep,
     verbose: Annotated[str | None, Query(description="any value: one line per check")] = None,
@@ -98,7 +160,15 @@ async def readyz(
     return _text("\n".join(lines), status_code)
 
 
-@probe("/readyz/{check}", summary="One readiness check by name")
+@probe(
+    "/readyz/{check}",
+    summary="One readiness check by name",
+    response_class=PlainTextResponse,
+    responses={
+        **_probe_responses("The check passes or warns", "The check fails"),
+        **problem_responses(404),
+    },
+)
 async def readyz_check(check: str, checker: CheckerDep) -> Response:
     """200 when the check passes or warns, 503 when it fails; 404 for an unknown name."""
     snapshot = checker.snapshot()
@@ -115,7 +185,12 @@ async def readyz_check(check: str, checker: CheckerDep) -> Response:
 @probe(
     "/healthz",
     summary="Every check with observed values (application/health+json)",
-    response_class=JSONResponse,
+    response_class=HealthJSONResponse,
+    responses=_probe_responses(
+        "Ready: `pass`, or `warn` when a check warns",
+        "Not ready: `fail`",
+        _HEALTH_DOCUMENT,
+    ),
 )
 async def healthz(request: Request, checker: CheckerDep, lifecycle: LifecycleDep) -> Response:
     """The draft-inadarei-api-health-check document; status codes as /readyz."""
