@@ -35,6 +35,7 @@ from sqlalchemy import CursorResult, Executable, delete, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from service import advisory_lock_id
 from service.db.engines import Database
 from service.db.errors import is_unavailable
 from service.db.types import utcnow
@@ -84,8 +85,8 @@ class Holder(Enum):
     UNKNOWN = "unknown"  # no lock available (SQLite): the lease decides
 
 
-# pg_advisory_lock(int4, int4) namespace for key locks ("ik").
-_LOCK_NAMESPACE = 0x696B
+# pg_advisory_lock(int4, int4) namespace for key locks, derived from service.NAME.
+_LOCK_NAMESPACE = advisory_lock_id("idempotency-keys", bits=32)
 _LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
 
 
