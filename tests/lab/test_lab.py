@@ -153,6 +153,7 @@ async def test_restart_brings_the_node_back(lab):
 async def test_kill_under_load_fails_nothing_with_retries(lab):
     run, _, _ = await _load_with_event(lab, lambda: lab.kill("n3"), at_s=1.5, duration_s=6.0)
     summary = run.summary()
+    print(f"kill -9 under load, retries on: {summary}")
     assert summary["failed_get"] == 0, summary
     assert summary["failed_post"] == 0, summary
     assert run.served_by()["n3"] > 0  # it was in the mix until it died
