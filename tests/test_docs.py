@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -42,3 +43,29 @@ def test_every_include_names_a_file_of_the_repo() -> None:
     for doc in DOCS:
         for match in INCLUDE.finditer(doc.read_text()):
             assert (REPO / match["path"]).is_file(), f"{doc.name}: no file {match['path']}"
+
+
+# The overhead table of docs/observability.md, row label by the benchmark's configuration.
+OVERHEAD_ROWS = {
+    "default": "defaults (no OTLP endpoint)",
+    "no-access-log": "defaults, access log off",
+    "otlp": "OTLP to a live collector, 10% of traces exported",
+    "otlp-down": "OTLP to a collector that never answers",
+}
+
+
+def test_the_telemetry_cost_quoted_is_the_committed_result() -> None:
+    """The figures were typed from docs/results/telemetry-overhead.json: a re-run
+    that changes the result must change the page too."""
+    result = json.loads((REPO / "docs/results/telemetry-overhead.json").read_text())
+    page = (REPO / "docs/observability.md").read_text()
+    summary = result["summary"]
+    assert f"a node keeps {summary['default']['ratio_median']:.1%} of the throughput" in page
+    assert f"commit {result['commit']}" in page
+    for name, label in OVERHEAD_ROWS.items():
+        row = summary[name]
+        expected = (
+            f"| {label} | {row['ratio_median']:.1%} ({row['ratio_min']:.1%}-"
+            f"{row['ratio_max']:.1%}) | {row['cpu_ratio_median']:.2f} |"
+        )
+        assert expected in page, expected
