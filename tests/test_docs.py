@@ -69,3 +69,26 @@ def test_the_telemetry_cost_quoted_is_the_committed_result() -> None:
             f"{row['ratio_max']:.1%}) | {row['cpu_ratio_median']:.2f} |"
         )
         assert expected in page, expected
+
+
+def _kept(row: dict) -> str:
+    return f"{row['ratio_median']:.1%} ({row['ratio_min']:.1%}-{row['ratio_max']:.1%})"
+
+
+def test_the_stock_and_hand_written_comparisons_quoted_are_the_committed_results() -> None:
+    page = (REPO / "docs/observability.md").read_text()
+    both = json.loads((REPO / "docs/results/telemetry-stock-vs-handwritten.json").read_text())
+    rows = both["summary"]
+    for label, suffix in (("defaults", ""), ("access log off", "-no-access-log"),
+                          ("OTLP to a live collector", "-otlp")):  # fmt: skip
+        expected = (
+            f"| {label} | {_kept(rows['stock' + suffix])} | {_kept(rows['handwritten' + suffix])} |"
+        )
+        assert expected in page, expected
+    parts = json.loads((REPO / "docs/results/telemetry-stock-parts.json").read_text())["summary"]
+    for label, name in (("stock path", "stock"),
+                        ("+ no span recorded until an exporter receives spans", "stock+gate"),
+                        ("+ SQL spans only inside a recorded span", "stock+gate+lean-sql"),
+                        ("the whole hand-written path", "handwritten")):  # fmt: skip
+        expected = f"| {label} | {_kept(parts[name])} |"
+        assert expected in page, expected
