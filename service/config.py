@@ -183,6 +183,25 @@ class Settings(BaseSettings):
     health_loop_lag_warn_ms: float = Field(default=250.0, gt=0)
     max_in_flight: int = Field(default=100, ge=1, le=100_000)  # in-flight for agent weight 1 %
 
+    # The node bus (service/bus/): ZeroMQ PUB/SUB between nodes, no broker.
+    # CATTLE_BUS=off turns it off. Peers: comma separated tcp://host:port
+    # and/or dns://name:port (resolved by the node, re-resolved on an interval).
+    bus: bool = True
+    bus_bind: str = "tcp://127.0.0.1:*"
+    bus_peers: Annotated[list[str], NoDecode] = []
+    bus_heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
+    bus_suspect_after_s: float = Field(default=3.0, gt=0, le=600)
+    bus_dead_after_s: float = Field(default=10.0, gt=0, le=3600)
+    bus_dns_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    bus_dns_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    bus_hwm: int = Field(default=10_000, ge=1, le=10_000_000)
+    bus_linger_s: float = Field(default=1.0, ge=0, le=60)
+
+    # The per-node read cache (service/cache/). CATTLE_CACHE=off turns it off.
+    cache: bool = True
+    cache_max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    cache_ttl_s: float = Field(default=1.0, gt=0, le=3600)
+
     # Traces and metrics (OTel SDK). Exporters, sampling and resource follow the
     # standard OTEL_* variables; these only switch and bound what the service owns.
     telemetry_enabled: bool = True
@@ -205,6 +224,13 @@ class Settings(BaseSettings):
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
         return None if value in (None, "") else normalize_database_url(value)
+
+    @field_validator("bus_peers", mode="before")
+    @classmethod
+    def _split_bus_peers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
 
     @field_validator("read_database_urls", mode="before")
     @classmethod
