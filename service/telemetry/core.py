@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 import service
 from service.config import Settings
 from service.telemetry import tracing
+from service.telemetry.batching import Batch, parts
 from service.telemetry.exporting import (
     ExportStatus,
     ExportWatch,
@@ -61,6 +62,7 @@ class Telemetry:
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
         self.gauges: NodeGauges | None = None
+        self.batch = Batch() if "batched-metrics" in parts() else None
         if self.enabled:
             # Providers now (they start no thread): the middleware takes them
             # when the app is first called, before the lifespan runs.
@@ -109,6 +111,8 @@ class Telemetry:
         Each runs on a daemon thread (never joined, unlike asyncio.to_thread's
         executor when the loop closes) and the node stops waiting at the bound.
         """
+        if self.batch is not None:
+            self.batch.flush()
         timeout_s = self.settings.telemetry_shutdown_timeout_s
         closing = [
             threading.Thread(target=close, name="telemetry-close", daemon=True)
@@ -174,4 +178,6 @@ class Telemetry:
 
     def render_metrics(self) -> bytes:
         """The Prometheus text exposition of this app's metrics (empty when disabled)."""
+        if self.batch is not None:
+            self.batch.flush()
         return generate_latest(self.registry) if self.meter_provider is not None else b""
