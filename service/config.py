@@ -194,8 +194,45 @@ class Settings(BaseSettings):
     bus_dead_after_s: float = Field(default=10.0, gt=0, le=3600)
     bus_dns_interval_s: float = Field(default=5.0, gt=0, le=3600)
     bus_dns_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    # Per connection, in messages: past it PUB drops (receivers see the gap)
+    # rather than buffer without bound for a peer that does not read.
     bus_hwm: int = Field(default=10_000, ge=1, le=10_000_000)
-    bus_linger_s: float = Field(default=1.0, ge=0, le=60)
+    # How long queued messages (the last `bye` included) may hold the close.
+    bus_linger_s: float = Field(default=0.5, ge=0, le=60)
+
+    @field_validator("bus_bind")
+    @classmethod
+    def _check_bus_bind(cls, value: str) -> str:
+        if not re.fullmatch(r"tcp://(\*|\[[0-9a-fA-F:.]+\]|[^:/\s]+):(\*|\d{1,5})", value):
+            raise ValueError(
+                "give tcp://<address>:<port> (e.g. tcp://0.0.0.0:7400), "
+                "or port * for any free port"
+            )
+        return value
+
+    @field_validator("bus_peers")
+    @classmethod
+    def _check_bus_peers(cls, value: list[str]) -> list[str]:
+        for peer in value:
+            if not re.fullmatch(r"(tcp|dns)://(\[[0-9a-fA-F:.]+\]|[^:/\s\[\]]+):\d{1,5}", peer):
+                raise ValueError(
+                    f"{peer!r} is not a peer: give tcp://host:port or dns://name:port, "
+                    "comma separated"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_bus_timings(self) -> Settings:
+        if self.bus_dead_after_s <= self.bus_suspect_after_s:
+            raise ValueError(
+                f"{env_var('bus_dead_after_s')} must exceed {env_var('bus_suspect_after_s')}"
+            )
+        if self.bus_suspect_after_s < 2 * self.bus_heartbeat_interval_s:
+            raise ValueError(
+                f"{env_var('bus_suspect_after_s')} must be at least twice "
+                f"{env_var('bus_heartbeat_interval_s')}: one late heartbeat is not a failure"
+            )
+        return self
 
     # The per-node read cache (service/cache/). CATTLE_CACHE=off turns it off.
     cache: bool = True

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service import domains, node
+from service.bus import runtime as bus_runtime
 from service.config import Environment, Settings
 from service.db import migrate
 from service.db.engines import Database
@@ -85,8 +86,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
                 )
             )
         try:
-            async with health.running(app, database) as checker:
-                yield node.started(database=database, health=checker)
+            # The bus first: the move to READY is announced to the peers, and
+            # its `bye` goes out after the last request's invalidations.
+            async with (
+                bus_runtime.running(app) as bus,
+                health.running(app, database) as checker,
+            ):
+                yield node.started(database=database, health=checker, bus=bus)
         finally:
             for task in background:
                 await cancel_within(task, settings.close_timeout_s)

@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
 if TYPE_CHECKING:
+    from service.bus import Bus
     from service.config import Settings
     from service.db.engines import Database
     from service.health.checks import HealthChecker
@@ -87,9 +88,11 @@ def hold(
 # Opened by the lifespan, on each request.
 
 
-def started(*, database: Database, health: HealthChecker) -> dict[str, Any]:
+def started(
+    *, database: Database, health: HealthChecker, bus: Bus | None = None
+) -> dict[str, Any]:
     """The lifespan state to yield: what requests of a started node can reach."""
-    return {"database": database, "health": health}
+    return {"database": database, "health": health, "bus": bus}
 
 
 def database(connection: HTTPConnection) -> Database:
@@ -102,3 +105,8 @@ def database(connection: HTTPConnection) -> Database:
 def health(connection: HTTPConnection) -> HealthChecker | None:
     """None before the lifespan started the checker (an app served without lifespan)."""
     return cast("HealthChecker | None", getattr(connection.state, "health", None))
+
+
+def bus(connection: HTTPConnection) -> Bus | None:
+    """None with CATTLE_BUS=off, or before the lifespan started it."""
+    return cast("Bus | None", getattr(connection.state, "bus", None))

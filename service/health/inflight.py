@@ -17,12 +17,13 @@ PROBE_PREFIX = "/readyz/"
 
 
 class InFlight:
-    """How many requests are being served now."""
+    """How many requests are being served now, and how many ever began (for a rate)."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "total")
 
     def __init__(self) -> None:
         self.count = 0
+        self.total = 0
 
 
 class InFlightMiddleware:
@@ -38,6 +39,7 @@ class InFlightMiddleware:
             return
         counter = self.counter
         counter.count += 1
+        counter.total += 1
         try:
             await self.app(scope, receive, send)
         finally:

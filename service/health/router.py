@@ -34,6 +34,45 @@ _NO_STORE_HEADER = {
     }
 }
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
+# The node bus as this node sees it (absent with CATTLE_BUS=off). Peers are
+# advisory: their states never change this node's status.
+_BUS_DOCUMENT = {
+    "type": "object",
+    "description": "The node bus (absent when it is off): this node's endpoint and its peers",
+    "required": ["endpoint", "epoch", "peers"],
+    "properties": {
+        "endpoint": {"type": "string", "description": "the bound PUB endpoint, tcp://host:port"},
+        "epoch": {"type": "integer", "description": "random per process start"},
+        "seq": {"type": "integer", "description": "messages sent so far"},
+        "connections": {
+            "type": "object",
+            "description": "each endpoint this node subscribes to, and its link",
+            "additionalProperties": {"type": "string", "enum": ["up", "connecting", "down"]},
+        },
+        "peers": {
+            "type": "object",
+            "description": "by node id",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["state"],
+                "properties": {
+                    "state": {
+                        "type": "string",
+                        "enum": ["alive", "suspect", "dead", "draining", "left"],
+                    },
+                    "lifecycle": {"type": ["string", "null"]},
+                    "link": {
+                        "type": ["string", "null"],
+                        "enum": ["up", "connecting", "down", None],
+                    },
+                    "silentS": {"type": "number"},
+                    "losses": {"type": "integer"},
+                    "endpoint": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+}
 _HEALTH_DOCUMENT = {
     HEALTH_JSON: {
         "schema": {
@@ -50,6 +89,7 @@ _HEALTH_DOCUMENT = {
                     "type": "object",
                     "additionalProperties": {"type": "array", "items": {"type": "object"}},
                 },
+                "bus": _BUS_DOCUMENT,
             },
         }
     }
@@ -212,6 +252,9 @@ async def healthz(request: Request, checker: CheckerDep, lifecycle: LifecycleDep
         "lifecycle": str(lifecycle.state),
         "checks": {r.key: [r.to_health_json()] for r in snapshot.values()},
     }
+    bus = node.bus(request)
+    if bus is not None:
+        body["bus"] = bus.snapshot()
     return JSONResponse(
         body, status_code=200 if ready else 503, media_type=HEALTH_JSON, headers=NO_STORE
     )
