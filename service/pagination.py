@@ -29,6 +29,9 @@ def _unb64(text: str) -> bytes:
 
 class CursorCodec:
     MAX_LENGTH = 512
+    # The shape of every cursor encode() issues, for the OpenAPI description:
+    # two unpadded base64url parts joined by one dot.
+    PATTERN = r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"
     _SIGNATURE_BYTES = 16
 
     def __init__(self, secret: bytes, *, purpose: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from service.pagination import CursorCodec, InvalidCursor
@@ -17,3 +19,12 @@ def test_cursor_round_trip_and_tamper_evidence():
         CursorCodec(b"secret", purpose="other-listing").decode(cursor)
     with pytest.raises(InvalidCursor):
         codec.decode("x" * 1000)
+
+
+def test_every_issued_cursor_has_the_documented_shape() -> None:
+    # The OpenAPI description states this shape; schemathesis trusts it.
+    codec = CursorCodec(b"s" * 32, purpose="notes")
+    for after in ("", "x", "01a214fa-a11d-778e-9b9d-57cccfa17b14", "ü" * 40):
+        cursor = codec.encode({"after": after})
+        assert re.fullmatch(CursorCodec.PATTERN, cursor), cursor
+        assert len(cursor) <= CursorCodec.MAX_LENGTH

@@ -33,9 +33,12 @@ def _header(description: str, *, required: bool = False) -> dict[str, Any]:
 # What the responses carry, for the OpenAPI description (and schemathesis).
 _ETAG = {"ETag": _header('The note\'s version as a strong ETag ("3")', required=True)}
 _TOKEN = {
-    consistency.HEADER: _header(
-        "Send back on a read to see this write (absent when the backend has no WAL position)"
-    )
+    consistency.HEADER: {
+        **_header(
+            "Send back on a read to see this write (absent when the backend has no WAL position)"
+        ),
+        "schema": {"type": "string", "pattern": consistency.TOKEN_PATTERN},
+    }
 }
 _SOURCE = {consistency.READ_SOURCE: _header("Which source served the read")}
 _BY_ANY = (429, 431, 503)
@@ -173,7 +176,19 @@ async def list_notes(
     limit: Annotated[
         int | None, Query(ge=1, description="Page size; capped at the maximum")
     ] = None,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            description="`next_cursor` of the previous page",
+            # Documented, not enforced here: a cursor of another shape, or
+            # one this service did not sign, gets the 400 problem below.
+            json_schema_extra={
+                "type": "string",
+                "pattern": CursorCodec.PATTERN,
+                "maxLength": CursorCodec.MAX_LENGTH,
+            },
+        ),
+    ] = None,
 ) -> Response:
     """List notes oldest first, one page at a time."""
     page_size = min(limit or settings.page_limit_default, settings.page_limit_max)
