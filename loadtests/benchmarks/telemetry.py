@@ -30,8 +30,13 @@ writes docs/results/telemetry-parts.{md,json}:
   batched-log       log lines formatted and written in batches (one write each)
   views             SDK views dropping active requests and body sizes
   lean-instruments  the middleware given no active-requests or body-size instrument
+  batched+lean      the three above together
 A part is worth keeping when it buys KEEP_POINTS of throughput (ratio to off)
 over `default`, in the median of its per-round differences.
+
+With --together, each configuration runs at the same time as `off`, both
+nodes on the server core, and is compared with that run: on a machine whose
+speed drifts within seconds (a shared VM), the two see the same drift.
 
 A run is valid when its repeats agree: the verdict (the target for `default`,
 keep or not for a part) is the same in the odd rounds and in the even rounds.
@@ -53,6 +58,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +77,10 @@ PARTS = {
     "batched-log": "default + log lines formatted and written in batches",
     "views": "default + SDK views dropping active requests and body sizes",
     "lean-instruments": "default + no active-requests or body-size instrument in the middleware",
+    "batched+lean": "default + batched-metrics, batched-log and lean-instruments together",
 }
+# The CATTLE_TELEMETRY_PARTS value of each part (its name, but for the combination).
+PARTS_ENV = {"batched+lean": "batched-metrics,batched-log,lean-instruments"}
 
 
 @dataclass
@@ -96,7 +105,10 @@ def configs(collector_url: str, black_hole_url: str, *, parts: bool = False) -> 
                 "telemetry and access log off",
             ),
             Config(HEADLINE, {}, "defaults: server spans (10% recorded), metrics, JSON access log"),
-            *(Config(name, {"CATTLE_TELEMETRY_PARTS": name}, note) for name, note in PARTS.items()),
+            *(
+                Config(name, {"CATTLE_TELEMETRY_PARTS": PARTS_ENV.get(name, name)}, note)
+                for name, note in PARTS.items()
+            ),
         ]
     return [
         Config(
@@ -316,7 +328,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Per-round throughput (req/s); within a round the configurations ran in a rotated order, "
-        "`off` between each two:",
+        + ("each beside a run of `off`:" if setup.get("together") else "`off` between each two:"),
         "",
         "| round | " + " | ".join(f"`{n}`" for n in s) + " |",
         "| --- | " + " | ".join("---:" for _ in s) + " |",
@@ -337,9 +349,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"-d{setup['seconds']}s --latency` against `GET /v1/notes/{{id}}` on 127.0.0.1, "
         f"after a {setup['warmup_seconds']} s warm-up per node.",
         f"- {setup['rounds']} rounds; every round runs each configuration once, in a rotated "
-        "order, each between two runs of `off`, and divides its figures by the mean of those "
-        "two (drift of the machine's speed cancels); the table shows the median and range of "
-        "those ratios over rounds. `off`'s own figures per round are the median of its runs.",
+        + (
+            "order, each at the same time as a run of `off`, both nodes on the server core "
+            "(two wrk processes on the client core), and divides its figures by that run's: "
+            "the two nodes share the core's speed at every moment, so its drift cancels (req/s "
+            "are each node's half of the core); "
+            if setup.get("together")
+            else "order, each between two runs of `off`, and divides its figures by the mean of "
+            "those two (drift of the machine's speed cancels); "
+        )
+        + "the table shows the median and range of those ratios over rounds. `off`'s own "
+        "figures per round are the median of its runs.",
         "- CPU µs/request is the node process's CPU time (user + system, all its threads) over "
         "the responses wrk counted, per round; its ratio is taken within each round as well.",
         "- `default` is the OTel ASGI middleware with the app's own providers (probes and "
@@ -406,6 +426,11 @@ def parser() -> argparse.ArgumentParser:
     parser.set_defaults(rounds=5)
     parser.add_argument(
         "--parts", action="store_true", help="measure the candidate parts (see above)"
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="run each configuration at the same time as `off`, both on the server core",
     )
     parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
     return parser
@@ -506,9 +531,24 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                 print(f"{config.name:14s} {result['rps']:8.0f} req/s", flush=True)
                 return result
 
+            def drive_beside_baseline(config: Config) -> None:
+                with ThreadPoolExecutor(2) as pool:
+                    mine, off = pool.submit(drive, config), pool.submit(drive, baseline)
+                    result, off_result = mine.result(), off.result()
+                result["baseline_rps"] = off_result["rps"]
+                result["baseline_cpu_us"] = cpu_us_per_request(off_result)
+                config.rounds.append(result)
+                off_runs.append(off_result)
+
             for round_no in range(args.rounds):
                 print(f"round {round_no + 1}", flush=True)
                 shift = round_no % len(measured)
+                if args.together:
+                    off_runs: list[dict[str, Any]] = []
+                    for config in measured[shift:] + measured[:shift]:
+                        drive_beside_baseline(config)
+                    baseline.rounds.append(merge_runs(off_runs))
+                    continue
                 # Every configuration runs between two runs of the baseline and
                 # is compared with their mean: the machine's drift cancels.
                 before = drive(baseline)
@@ -562,6 +602,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "setup": {
             **wrkbench.setup_of(args, loadavg_before),
             "database": "SQLite (embedded)",
+            "together": args.together,
         },
         "summary": (summary := summarize(all_configs)),
         "judged": judge(summary),
