@@ -201,7 +201,8 @@ class Bus:
 
     @property
     def _linger_ms(self) -> int:
-        return round(self.settings.bus_linger_s * 1000)
+        # Below zero only in a test's broken variant: libzmq's "wait forever".
+        return -1 if self.settings.bus_linger_s < 0 else round(self.settings.bus_linger_s * 1000)
 
     def _heartbeat_options(self, sock: zmq.Socket[Any]) -> None:
         # ZMTP PINGs: a peer that stops answering (SIGSTOP, a dropped route)
@@ -252,10 +253,14 @@ class Bus:
         self._sub = sub
         self._sub_sync: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
 
-    async def close(self, timeout_s: float) -> None:
-        """Say goodbye, close every socket and the context, all within `timeout_s`."""
+    async def close(self, timeout_s: float) -> bool:
+        """Say goodbye, close every socket and the context, all within `timeout_s`.
+
+        False when the context had not terminated by then (it is left behind
+        on a daemon thread: the node exits anyway).
+        """
         if self._closed:
-            return
+            return True
         deadline = time.monotonic() + timeout_s
         for task in self._tasks:
             await cancel_within(task, max(0.05, deadline - time.monotonic()))
@@ -265,7 +270,7 @@ class Bus:
         self._closed = True
         context = self._context
         if context is None:
-            return
+            return True
         if self._sub is not None:
             with contextlib.suppress(zmq.ZMQError):
                 self._sub.disable_monitor()
@@ -288,11 +293,13 @@ class Bus:
                 loop.call_soon_threadsafe(_settle, done)
 
         threading.Thread(target=terminate, name="bus-term", daemon=True).start()
+        self._context = None
         try:
             await asyncio.wait_for(done, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             log.warning("bus: context did not close within %.1f s; leaving it behind", timeout_s)
-        self._context = None
+            return False
+        return True
 
     # -- sending ---------------------------------------------------------------------
 

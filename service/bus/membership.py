@@ -65,7 +65,7 @@ class Peer:
     last_seq: int
     heard_at: float  # on the membership's net clock
     state: PeerState = PeerState.alive
-    changed_at: float = field(default_factory=time.monotonic)
+    changed_at: float = 0.0  # on the plain clock (the membership's `clock`)
     endpoint: str | None = None  # the bus endpoint it says it bound
     status: Mapping[str, Any] = field(default_factory=dict)  # its last heartbeat body
     gaps: int = 0  # losses seen from it (every kind)
@@ -126,7 +126,7 @@ class Membership:
         peer = self.peers.get(header.node)
         loss: Loss | None = None
         if peer is None:
-            peer = Peer(header.node, header.epoch, header.seq, now)
+            peer = Peer(header.node, header.epoch, header.seq, now, changed_at=self.clock())
             self.peers[header.node] = peer
             if header.seq != 1:
                 loss = Loss.late_join
@@ -169,7 +169,7 @@ class Membership:
     def tick(self) -> None:
         """Promote silent peers to SUSPECT and DEAD; forget long-gone ones."""
         now = self.now()
-        wall = time.monotonic()
+        wall = self.clock()
         for node, peer in list(self.peers.items()):
             if peer.state in (PeerState.dead, PeerState.left):
                 if wall - peer.changed_at > self.forget_after_s:
@@ -186,7 +186,7 @@ class Membership:
         if new is old:
             return
         peer.state = new
-        peer.changed_at = time.monotonic()
+        peer.changed_at = self.clock()
         level = logging.WARNING if new in (PeerState.suspect, PeerState.dead) else logging.INFO
         log.log(level, "bus: peer %s %s -> %s", peer.node, old, new)
         for listener in self.transitions:

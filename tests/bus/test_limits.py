@@ -1,0 +1,131 @@
+"""What the bus costs its node when something goes wrong: its own loop stalls,
+a subscriber that never reads (memory, and the close at shutdown).
+
+Each runs the broken variant too, so the test shows what it guards against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+import zmq
+
+from service.bus import PeerState, membership
+from service.bus.membership import Peer
+from tests.bus.conftest import PeerProcess, StartBus, until
+
+# The peer beats every 0.1 s, the observer suspects after 0.35 s of silence,
+# and its loop stalls 0.4 s at a time: every stall is longer than the
+# threshold, so only netting the stall out keeps the peer ALIVE.
+STALL_S = 0.4
+QUICK_PEER = {"CATTLE_BUS_HEARTBEAT_INTERVAL_S": "0.1"}
+OBSERVER = {"bus_heartbeat_interval_s": 0.1, "bus_suspect_after_s": 0.35, "bus_dead_after_s": 3.0}
+
+
+async def _suspicions_during_stalls(
+    start_bus: StartBus, peer_process: Callable[..., PeerProcess]
+) -> list[str]:
+    peer = peer_process("p", env=QUICK_PEER)
+    observer = await start_bus("me", bus_peers=[peer.endpoint], **OBSERVER)
+    assert await until(lambda: "p" in observer.membership.peers, 5.0) is not None
+    await asyncio.sleep(0.5)
+    suspected: list[str] = []
+
+    def record(peer: Peer, _old: PeerState, new: PeerState) -> None:
+        if new in (PeerState.suspect, PeerState.dead):
+            suspected.append(f"{peer.node} {new}")
+
+    observer.membership.transitions.append(record)
+    for _ in range(4):
+        time.sleep(STALL_S)  # the observer's own loop is held
+        await asyncio.sleep(0.8)
+    return suspected
+
+
+async def test_own_loop_stalls_make_no_false_suspect(
+    start_bus: StartBus, peer_process: Callable[..., PeerProcess]
+) -> None:
+    assert await _suspicions_during_stalls(start_bus, peer_process) == []
+
+
+async def test_counting_own_stalls_as_silence_suspects_a_healthy_peer(
+    start_bus: StartBus, peer_process: Callable[..., PeerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(membership, "NET_OF_STALLS", False)
+    assert await _suspicions_during_stalls(start_bus, peer_process) != []
+
+
+# A subscriber that connects and never reads: 1000 messages of 8 KB a second
+# for 6 s (48 MB) published at it. Two things bound what the publisher holds
+# for it: the high-water mark, and the ZMTP heartbeat (its PING waits behind
+# the unread data, no PONG comes back, and the connection is closed with its
+# queue). The HWM tests switch the heartbeats off to see the HWM alone.
+RATE = 1000
+KEY_BYTES = 8000
+HWM = 200
+SECONDS = 6.0
+SLACK_BYTES = 8 * 1024 * 1024  # allocator noise, one pipe's batching
+
+
+def _flood_a_reader_that_never_reads(publisher: PeerProcess) -> tuple[int, dict[str, object]]:
+    """RSS growth of the publisher over the flood, and its close report after it."""
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 100)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(publisher.endpoint)
+    try:
+        time.sleep(0.5)
+        before = publisher.rss_bytes()
+        publisher.go()
+        time.sleep(SECONDS)
+        grown = publisher.rss_bytes() - before
+        report = publisher.terminate_and_report(timeout_s=15)
+    finally:
+        sub.close()
+        context.term()
+    return grown, report
+
+
+def test_the_high_water_mark_bounds_memory_and_the_close_is_bounded(
+    peer_process: Callable[..., PeerProcess],
+) -> None:
+    publisher = peer_process(
+        "pub", "--rate", str(RATE), "--key-bytes", str(KEY_BYTES), "--hwm", str(HWM),
+        "--linger-s", "0.5", "--close-timeout-s", "3", "--no-zmtp-heartbeats",
+    )  # fmt: skip
+    grown, report = _flood_a_reader_that_never_reads(publisher)
+    bound = HWM * (KEY_BYTES + 200) + SLACK_BYTES
+    assert grown <= bound, f"publisher grew {grown / 2**20:.1f} MiB, bound {bound / 2**20:.1f}"
+    assert report["closed"] is True, report
+    assert float(str(report["close_s"])) < 0.5 + 0.5, report
+
+
+def test_without_a_high_water_mark_or_a_linger_the_publisher_grows_and_hangs(
+    peer_process: Callable[..., PeerProcess],
+) -> None:
+    publisher = peer_process(
+        "pub", "--rate", str(RATE), "--key-bytes", str(KEY_BYTES), "--hwm", "0",
+        "--linger-s", "-1", "--close-timeout-s", "3", "--no-zmtp-heartbeats",
+    )  # fmt: skip
+    grown, report = _flood_a_reader_that_never_reads(publisher)
+    bound = HWM * (KEY_BYTES + 200) + SLACK_BYTES
+    assert grown > bound, f"publisher grew only {grown / 2**20:.1f} MiB without a HWM"
+    assert report["closed"] is False, "LINGER -1 closed anyway: the test cannot tell"
+
+
+def test_zmtp_heartbeats_alone_free_a_reader_that_never_reads(
+    peer_process: Callable[..., PeerProcess],
+) -> None:
+    """The second bound: even with no HWM at all, the stuck connection is closed."""
+    publisher = peer_process(
+        "pub", "--rate", str(RATE), "--key-bytes", str(KEY_BYTES), "--hwm", "0",
+        "--close-timeout-s", "3",
+    )  # fmt: skip
+    grown, report = _flood_a_reader_that_never_reads(publisher)
+    assert grown <= HWM * (KEY_BYTES + 200) + SLACK_BYTES, f"grew {grown / 2**20:.1f} MiB"
+    assert report["closed"] is True, report
