@@ -21,7 +21,7 @@ from service.db.base import Base
 DOMAINS: tuple[str, ...] = ("notes",)
 
 # Infrastructure packages that own tables, with migrations of their own.
-INFRASTRUCTURE: tuple[str, ...] = ("idempotency",)
+INFRASTRUCTURE: tuple[str, ...] = ("idempotency", "cache")
 
 _ROOT = Path(__file__).parent
 

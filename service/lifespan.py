@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from service import domains, node
 from service.bus import runtime as bus_runtime
+from service.cache import runtime as cache_runtime
 from service.config import Environment, Settings
 from service.db import migrate
 from service.db.engines import Database
@@ -68,6 +69,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     telemetry.start()
     database = Database(settings)
     telemetry.instrument_database(database)
+    cache = cache_runtime.build(app)  # None with CATTLE_CACHE=off
     try:
         await ensure_schema(settings, database)
         background = [
@@ -92,7 +94,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
                 bus_runtime.running(app) as bus,
                 health.running(app, database) as checker,
             ):
-                yield node.started(database=database, health=checker, bus=bus)
+                yield node.started(database=database, health=checker, bus=bus, cache=cache)
         finally:
             for task in background:
                 await cancel_within(task, settings.close_timeout_s)

@@ -21,6 +21,7 @@ from starlette.requests import HTTPConnection
 
 if TYPE_CHECKING:
     from service.bus import Bus
+    from service.cache import ReadCache
     from service.config import Settings
     from service.db.engines import Database
     from service.health.checks import HealthChecker
@@ -89,10 +90,14 @@ def hold(
 
 
 def started(
-    *, database: Database, health: HealthChecker, bus: Bus | None = None
+    *,
+    database: Database,
+    health: HealthChecker,
+    bus: Bus | None = None,
+    cache: ReadCache | None = None,
 ) -> dict[str, Any]:
     """The lifespan state to yield: what requests of a started node can reach."""
-    return {"database": database, "health": health, "bus": bus}
+    return {"database": database, "health": health, "bus": bus, "cache": cache}
 
 
 def database(connection: HTTPConnection) -> Database:
@@ -110,3 +115,8 @@ def health(connection: HTTPConnection) -> HealthChecker | None:
 def bus(connection: HTTPConnection) -> Bus | None:
     """None with CATTLE_BUS=off, or before the lifespan started it."""
     return cast("Bus | None", getattr(connection.state, "bus", None))
+
+
+def cache(connection: HTTPConnection) -> ReadCache | None:
+    """None with CATTLE_CACHE=off, or before the lifespan built it."""
+    return cast("ReadCache | None", getattr(connection.state, "cache", None))

@@ -1,8 +1,9 @@
 """Consistency tokens: read-your-writes across nodes without sticky sessions.
 
 A write answers with `Consistency-Token`, the primary's WAL position after
-its commit. A read that sends the token back is served only by a source that
-has replayed at least that position. The token is opaque to clients; inside
+its commit (on SQLite, the commit counter its transaction set). A read that
+sends the token back is served only by a source that has replayed at least
+that position. The token is opaque to clients; inside
 it is `w1.<LSN as hex>`, versioned so its format can change.
 """
 
@@ -11,8 +12,12 @@ from __future__ import annotations
 import re
 
 HEADER = "Consistency-Token"
-# Which source served a read ("primary" or a replica's name), for attribution.
+# Which source served a read ("primary", a replica's name, or "cache"), for attribution.
 READ_SOURCE = "X-Read-Source"
+# On SQLite the position is a commit counter in this one-row table (bumped by
+# every write transaction, service/db/engines.py), so tokens order commits
+# across every process sharing the file.
+COMMIT_COUNTER = "commit_counter"
 TOKEN_PATTERN = r"^w1\.[0-9a-f]{1,16}$"  # noqa: S105 (a format, not a secret)
 _TOKEN = re.compile(r"^w1\.([0-9a-f]{1,16})$")
 

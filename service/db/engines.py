@@ -220,8 +220,15 @@ class Database:
         async with self.bounded():
             try:
                 yield session
-                await session.commit()
-                session.info[_TOKEN_KEY] = await self.current_token(connection=connection)
+                if self.is_postgres:
+                    await session.commit()
+                    token = await self.current_token(connection=connection)
+                else:
+                    # In the transaction: the position commits with the write.
+                    position = await session.scalar(_BUMP_COMMIT_COUNTER)
+                    await session.commit()
+                    token = None if position is None else consistency.encode(position)
+                session.info[_TOKEN_KEY] = token
             except BaseException as exc:
                 if _dead(exc):
                     await session.invalidate()
@@ -237,14 +244,17 @@ class Database:
         Bounded within the request's bound: a write that committed is never
         failed because its token could not be read.
         """
-        if not self.is_postgres:
-            return consistency.encode(0)  # one database: every read sees every write
         # The insert position, read after our commit, is at or past the end
         # of our commit record even with synchronous_commit=off, where the
         # write position (pg_current_wal_lsn) may not have reached it yet.
         query = text("SELECT pg_current_wal_insert_lsn()::text")
         try:
             async with asyncio.timeout(self.time_left_s()):
+                if not self.is_postgres:
+                    # Every write committed its position with it: the counter covers them all.
+                    async with self.reader.connect() as conn:
+                        counter = await conn.scalar(_READ_COMMIT_COUNTER)
+                    return None if counter is None else consistency.encode(counter)
                 if connection is not None:
                     position = await connection.scalar(query)
                     await connection.rollback()
@@ -279,16 +289,70 @@ class Database:
         the read is taken out of rotation and the read runs again on the
         primary, so losing a replica costs no request.
         """
+        value, source, _ = await self._run_read(read, min_lsn=min_lsn, stamped=False)
+        return value, source
+
+    async def run_stamped_read(
+        self, read: Callable[[AsyncSession], Awaitable[T]], *, min_lsn: int | None = None
+    ) -> tuple[T, str, int | None]:
+        """`run_read`, plus the source's position read before `read`, in its session.
+
+        The position (see `position`) is one every write whose consistency
+        token is at or below it is visible to `read`: what a cache stamps
+        the result with. None when the source has none to give.
+        """
+        return await self._run_read(read, min_lsn=min_lsn, stamped=True)
+
+    async def _run_read(
+        self, read: Callable[[AsyncSession], Awaitable[T]], *, min_lsn: int | None, stamped: bool
+    ) -> tuple[T, str, int | None]:
         async with self.bounded():
             try:
                 async with self.read(min_lsn=min_lsn) as session:
-                    return await read(session), read_source(session)
+                    stamp = await self.position(session) if stamped else None
+                    return await read(session), read_source(session), stamp
             except Exception as exc:
                 if not self.replicas.replicas or not is_unavailable(exc):
                     raise
                 log.info("read failed on a replica; running it on the primary", exc_info=True)
             async with self.read(primary=True) as session:
-                return await read(session), read_source(session)
+                stamp = await self.position(session) if stamped else None
+                return await read(session), read_source(session), stamp
+
+    async def position(self, session: AsyncSession) -> int | None:
+        """The position of `session`'s source, read now: every write whose token
+        is at or below it is visible to the session's next statement.
+
+        The next statement takes its snapshot after this one (reads run in
+        autocommit), on the same connection, so on the same source.
+
+        - SQLite: the commit counter. Each write bumps it inside its own
+          transaction, so the counter and the write become visible together,
+          in every process sharing the file.
+        - A replica: `pg_last_wal_replay_lsn()`. Replay applies a commit
+          record (the transaction becomes visible) before it advances this
+          position, so every commit at or below it is visible.
+        - The primary: `pg_current_wal_insert_lsn() - 1`, deliberately below
+          the position. On the primary a commit record is in the WAL (and the
+          insert, write and flush positions past it) while its transaction
+          still waits to become visible: for the WAL flush and for
+          synchronous standbys. So "at or below the insert position" does
+          not mean visible, and neither does the write position. But a
+          token is read after its write became visible, from the same
+          position that only rises: a position read now that is strictly
+          above a token was read after that token, hence after the write
+          became visible. Hence minus one: "at or below the stamp" becomes
+          "strictly below the position". The cost: a read right after the
+          last write, with no WAL since, is not stored for that write's token.
+        """
+        if not self.is_postgres:
+            position = await session.scalar(_READ_COMMIT_COUNTER)
+            return None if position is None else int(position)
+        if read_source(session) == "primary":
+            lsn = await session.scalar(text("SELECT pg_current_wal_insert_lsn()::text"))
+            return None if lsn is None else consistency.parse_lsn(str(lsn)) - 1
+        lsn = await session.scalar(text("SELECT pg_last_wal_replay_lsn()::text"))
+        return None if lsn is None else consistency.parse_lsn(str(lsn))
 
     @asynccontextmanager
     async def read(
@@ -372,6 +436,15 @@ def _dead(exc: BaseException) -> bool:
     """The connection may be mid-command or gone: only discarding it is safe."""
     return is_unavailable(exc) or isinstance(exc, asyncio.CancelledError)
 
+
+# SQLite's stand-in for a WAL position: a one-row counter every write
+# transaction bumps. Its table belongs to the read cache's migration branch
+# (service/cache/models.py): the cache is what orders reads against writes.
+_COUNTER = consistency.COMMIT_COUNTER
+_BUMP_COMMIT_COUNTER = text(
+    f"UPDATE {_COUNTER} SET position = position + 1 WHERE id = 1 RETURNING position"  # noqa: S608 (a constant)
+)
+_READ_COMMIT_COUNTER = text(f"SELECT position FROM {_COUNTER} WHERE id = 1")  # noqa: S608
 
 _TOKEN_KEY = "consistency_token"  # noqa: S105 (a dict key, not a secret)
 _SOURCE_KEY = "read_source"

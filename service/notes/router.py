@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import conditional
+from service.cache import http as cache
 from service.db import consistency
 from service.db.engines import consistency_token
 from service.deps import DatabaseDep, JSONRoute, MinLsnDep, SettingsDep, require_json
@@ -40,7 +41,11 @@ _TOKEN = {
         "schema": {"type": "string", "pattern": consistency.TOKEN_PATTERN},
     }
 }
-_SOURCE = {consistency.READ_SOURCE: _header("Which source served the read")}
+_SOURCE = {
+    consistency.READ_SOURCE: _header(
+        "Which source served the read: primary, a replica's name, or cache (this node's)"
+    )
+}
 _BY_ANY = (429, 431, 503)
 _WITH_BODY = (400, 413, 415, 422)
 
@@ -74,11 +79,19 @@ def _precondition_failed(current_version: int) -> Problem:
     )
 
 
+def _cache_key(note_id: uuid.UUID) -> str:
+    return f"notes/{note_id}"
+
+
+def _serialize(note: Note) -> bytes:
+    return NoteOut.model_validate(note).model_dump_json().encode()
+
+
 def _note_response(
     note: Note, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     return Response(
-        NoteOut.model_validate(note).model_dump_json(),
+        _serialize(note),
         status_code=status_code,
         media_type=JSON,
         headers={"ETag": conditional.etag(note.version), **(headers or {})},
@@ -132,8 +145,7 @@ async def create_note(
 )
 async def get_note(
     note_id: uuid.UUID,
-    db: DatabaseDep,
-    min_lsn: MinLsnDep,
+    reads: cache.CachedReadsDep,
     if_none_match: Annotated[
         str | None,
         Header(
@@ -145,21 +157,17 @@ async def get_note(
     """Read a note. Send its ETag in `If-None-Match` to get 304 when unchanged,
     and a write's `Consistency-Token` to be sure to see that write."""
 
-    async def find(session: AsyncSession) -> Note | None:
+    async def find(session: AsyncSession) -> cache.Representation | None:
         try:
-            return await service.get_note(session, note_id=note_id)
+            note = await service.get_note(session, note_id=note_id)
         except service.NoteNotFound:
-            return None
+            return None  # not cached: ids are the server's, so a miss is a deleted note or a guess
+        return cache.Representation(note.version, _serialize(note))
 
-    note, source = await db.run_read(find, min_lsn=min_lsn)
-    if note is None:
+    found, source = await reads.get(_cache_key(note_id), find)
+    if found is None:
         raise _not_found(note_id, consistency.headers(source=source))
-    if if_none_match is not None and conditional.none_match(if_none_match, note.version):
-        return Response(
-            status_code=304,
-            headers={"ETag": conditional.etag(note.version), **consistency.headers(source=source)},
-        )
-    return _note_response(note, headers=consistency.headers(source=source))
+    return found.response(source=source, if_none_match=if_none_match)
 
 
 @router.head("", include_in_schema=False)
@@ -227,6 +235,7 @@ async def update_note(
     note_id: uuid.UUID,
     patch: NotePatch,
     db: DatabaseDep,
+    reads: cache.CachedReadsDep,
     if_match: Annotated[
         str | None,
         Header(
@@ -254,6 +263,7 @@ async def update_note(
         raise _not_found(note_id) from None
     except service.NoteVersionMismatch as exc:
         raise _precondition_failed(exc.current_version) from None
+    reads.wrote(session, _cache_key(note_id))
     return _note_response(note, headers=consistency.headers(token=consistency_token(session)))
 
 
@@ -265,6 +275,7 @@ async def update_note(
 async def delete_note(
     note_id: uuid.UUID,
     db: DatabaseDep,
+    reads: cache.CachedReadsDep,
     if_match: Annotated[
         str | None,
         Header(
@@ -282,4 +293,5 @@ async def delete_note(
         raise _not_found(note_id) from None
     except service.NoteVersionMismatch as exc:
         raise _precondition_failed(exc.current_version) from None
+    reads.wrote(session, _cache_key(note_id))
     return Response(status_code=204, headers=consistency.headers(token=consistency_token(session)))

@@ -1,0 +1,96 @@
+"""The cache for routes: `CachedReadsDep` reads a resource by id through the node's cache.
+
+A route hands `reads.get(key, load)` a function of a read session that
+returns the resource as a `Representation` (or None: not found, never
+cached), and answers with `representation.response(...)`: ETag, 304 on a
+matching If-None-Match and X-Read-Source are the same whether the database
+or the cache served it, and with CATTLE_CACHE=off the same code reads the
+database every time. A route that changes a resource calls
+`reads.wrote(session, key)` after its write block, before it answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service import conditional, node
+from service.cache.store import ReadCache
+from service.db import consistency
+from service.db.engines import Database, consistency_token
+from service.deps import DatabaseDep, MinLsnDep
+
+# X-Read-Source of a response the node's cache served.
+SOURCE = "cache"
+
+
+@dataclass(frozen=True, slots=True)
+class Representation:
+    """A resource as a read by id answers it, serialized once.
+
+    Immutable, so every request that hits the cache may share it (an ORM
+    object never outlives the session that loaded it).
+    """
+
+    version: int  # the ETag's
+    body: bytes
+    media_type: str = "application/json"
+
+    def response(self, *, source: str, if_none_match: str | None = None) -> Response:
+        """200 with the body, or 304 when `if_none_match` matches; ETag and
+        X-Read-Source either way."""
+        headers = {"ETag": conditional.etag(self.version), **consistency.headers(source=source)}
+        if if_none_match is not None and conditional.none_match(if_none_match, self.version):
+            return Response(status_code=304, headers=headers)
+        return Response(self.body, media_type=self.media_type, headers=headers)
+
+
+Load = Callable[[AsyncSession], Awaitable[Representation | None]]
+
+
+class CachedReads:
+    """One request's reads by id and its writes' invalidations."""
+
+    def __init__(self, db: Database, cache: ReadCache | None, min_lsn: int | None) -> None:
+        self.db = db
+        self.cache = cache
+        self.min_lsn = min_lsn
+
+    async def get(self, key: str, load: Load) -> tuple[Representation | None, str]:
+        """The resource under `key` and who served it ("cache", or the database source).
+
+        A hit needs an entry stamped at or after the request's consistency
+        token; a miss runs `load` like an uncached read (a replica that has
+        the token's write, else the primary) and stores what it found,
+        stamped with the source's position read before `load` ran.
+        """
+        if self.cache is None:
+            return await self.db.run_read(load, min_lsn=self.min_lsn)
+        cached = self.cache.get(key, min_lsn=self.min_lsn)
+        if cached is not None:
+            assert isinstance(cached, Representation)
+            return cached, SOURCE
+        read_at = self.cache.clock()  # before the stamp: the entry's TTL starts here
+        found, source, stamp = await self.db.run_stamped_read(load, min_lsn=self.min_lsn)
+        if found is not None:
+            self.cache.fill(key, found, stamp=stamp, read_at=read_at)
+        return found, source
+
+    def wrote(self, session: AsyncSession, *keys: str) -> None:
+        """The write of `session` (committed) changed `keys`: invalidate them on
+        this node now and on the others through the bus."""
+        if self.cache is None:
+            return
+        token = consistency_token(session)
+        self.cache.wrote(keys, None if token is None else consistency.decode(token))
+
+
+async def cached_reads(request: Request, db: DatabaseDep, min_lsn: MinLsnDep) -> CachedReads:
+    return CachedReads(db, node.cache(request), min_lsn)
+
+
+CachedReadsDep = Annotated[CachedReads, Depends(cached_reads)]
