@@ -180,8 +180,11 @@ class Lab:
             state["database"] = self._start_database(options)
             self._save(state)
             self._migrate(state)
-            for index in range(1, options.nodes + 1):
-                state["nodes"].append(self._new_node(state, f"n{index}", options))
+            # Fixed bus ports, known before any node starts: each node's
+            # CATTLE_BUS_PEERS names all the others.
+            bus_ports = {f"n{i}": free_port() for i in range(1, options.nodes + 1)}
+            for node_id in bus_ports:
+                state["nodes"].append(self._new_node(state, node_id, options, bus_ports))
                 self._save(state)
             self._wait_nodes(state)
             for node in state["nodes"]:
@@ -276,14 +279,22 @@ class Lab:
             env["CATTLE_READ_DATABASE_URLS"] = ",".join(database["replicas"])
         return env
 
-    def _new_node(self, state: dict[str, Any], node_id: str, options: LabOptions) -> dict[str, Any]:
+    def _new_node(
+        self,
+        state: dict[str, Any],
+        node_id: str,
+        options: LabOptions,
+        bus_ports: dict[str, int],
+    ) -> dict[str, Any]:
         port, agent_port = free_port(), free_port()
+        peers = [f"tcp://127.0.0.1:{p}" for other, p in bus_ports.items() if other != node_id]
         node: dict[str, Any] = {
             "id": node_id,
             "host": "127.0.0.1",
             "port": port,
             "url": f"http://127.0.0.1:{port}",
             "agent_port": agent_port,
+            "bus": f"tcp://127.0.0.1:{bus_ports[node_id]}",
             "drain_file": str(self.run_dir / f"{node_id}.drain"),
             "log": str(self.run_dir / f"{node_id}.log"),
             "cgroup": None,
@@ -298,6 +309,8 @@ class Lab:
                 "CATTLE_SHUTDOWN_TIMEOUT_S": str(options.shutdown_timeout_s),
                 "CATTLE_ADMIN_TOKEN": state["admin_token"],
                 "CATTLE_ACCESS_LOG": "false",
+                "CATTLE_BUS_BIND": f"tcp://127.0.0.1:{bus_ports[node_id]}",
+                "CATTLE_BUS_PEERS": ",".join(peers),
                 **options.node_env,
             },
         }
