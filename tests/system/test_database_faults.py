@@ -203,6 +203,7 @@ def test_replicas_serve_reads_while_the_primary_is_frozen(
             "CATTLE_READ_DATABASE_URLS": ",".join(fault_postgres.replica_dsns(fault_db)),
             "CATTLE_REPLICA_MAX_LAG_S": str(MAX_LAG_S),
             "CATTLE_REPLICA_CHECK_INTERVAL_S": "0.2",
+            "CATTLE_CACHE": "off",  # which source serves the reads is the point here
             **FAULT_ENV,
         }
     )
