@@ -17,7 +17,7 @@ endif
 PY := .venv/bin/python
 VENV_STAMP := .venv/.synced
 
-.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss
+.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss hardening-report
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -72,6 +72,16 @@ FAST_TESTS := -m "not postgres and not cluster" --ignore=tests/system --ignore=t
 
 test-fast: $(VENV_STAMP) lint ## lint + unit + API tests on SQLite (the inner loop, under a minute)
 	$(PY) -m pytest -q $(FAST_TESTS)
+
+# The tests that try hostile input and faults; each records its cases (tests/hardening.py).
+HARDENING_TESTS := tests/notes/test_bad_input.py tests/idempotency/test_pool.py \
+	tests/system/test_exposed.py tests/system/test_database_faults.py \
+	tests/system/test_database_outage.py \
+	tests/lab/test_lab.py::test_a_burst_of_keyed_creates_through_haproxy_is_all_answered
+
+hardening-report: sysdeps $(VENV_STAMP) ## run the hardening tests -> docs/results/hardening.* (the table in docs/hardening.md)
+	HARDENING_WRITE=1 $(PY) -m pytest -q $(HARDENING_TESTS)
+	DOCS_WRITE=1 $(PY) -m pytest -q tests/test_docs.py
 
 lab: sysdeps $(VENV_STAMP) ## a local cluster: 3 nodes, PostgreSQL + 1 replica, HAProxy
 	$(PY) -m deploy.lab up --nodes 3 --backend postgres --replicas 1

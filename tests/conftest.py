@@ -25,6 +25,7 @@ from service import domains
 from service.app import create_app
 from service.config import Settings
 from service.db import migrate
+from tests import hardening
 from tests.support import require
 
 TEMPLATE_DB = "cattle_template"
@@ -136,3 +137,15 @@ async def asgi_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with asgi_client(settings) as http:
         yield http
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database backend this test runs on ("sqlite", "postgres"), for the hardening table."""
+    callspec = getattr(request.node, "callspec", None)
+    return str(callspec.params.get("database_url", "-")) if callspec else "-"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # HARDENING_WRITE=1: the cases this run tried become docs/results/hardening.*.
+    hardening.write_results(int(exitstatus))

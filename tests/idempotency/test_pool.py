@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
 from service.app import create_app
 from service.config import Settings
 from service.db.engines import Database
+from tests import hardening
 from tests.conftest import serve_asgi
 from tests.idempotency.test_http import PATH, Work, node
 
@@ -38,15 +40,27 @@ def settings(settings: Settings) -> Settings:
 async def test_a_burst_of_keyed_writes_needs_one_connection_each(settings):
     work = Work(delay_s=0.05)
     async with node(settings, work) as client:
+        started = time.monotonic()
         responses = await asyncio.gather(
             *(
                 client.post(PATH, json={"text": str(i)}, headers={"Idempotency-Key": f"b-{i}"})
                 for i in range(BURST)
             )
         )
+        waited = time.monotonic() - started
+        healthy = (await client.get("/readyz")).status_code == 200
     statuses = [r.status_code for r in responses]
     assert statuses == [201] * BURST, [r.text for r in responses if r.status_code != 201]
     assert sorted(work.runs) == sorted(str(i) for i in range(BURST))
+    hardening.record(
+        "burst",
+        f"{BURST} keyed writes at once, a pool of 1 (+1 overflow)",
+        answer=f"201 x{BURST}",
+        wait_s=waited,
+        healthy=healthy,
+        audit=f"{BURST} runs, one per key",
+        backend="postgres",
+    )
 
 
 async def test_pool_exhaustion_is_logged_counted_and_lowers_the_weight(settings, caplog):
@@ -61,12 +75,14 @@ async def test_pool_exhaustion_is_logged_counted_and_lowers_the_weight(settings,
         assert checker.weight_percent() == 100
         # Every connection the pool may open, held elsewhere.
         held = [await database.writer.connect() for _ in range(2)]
+        started = time.monotonic()
         try:
             responses = [
                 await client.post(PATH, json={"text": "x"}, headers={"Idempotency-Key": f"e-{i}"})
                 for i in range(3)
             ]
         finally:
+            waited = time.monotonic() - started
             for connection in held:
                 await connection.close()
         assert [r.status_code for r in responses] == [503] * 3
@@ -83,3 +99,21 @@ async def test_pool_exhaustion_is_logged_counted_and_lowers_the_weight(settings,
             x for x in metrics.splitlines() if "db_pool_exhausted" in x and not x.startswith("#")
         ]
         assert float(line.rsplit(" ", 1)[1]) == 3
+        hardening.record(
+            "database fault",
+            "every pool connection held elsewhere: 3 keyed writes",
+            answer=" / ".join(
+                sorted(
+                    {
+                        hardening.answer_of(r.status_code, r.headers["content-type"], r.content)
+                        + " + Retry-After"
+                        for r in responses
+                    }
+                )
+            ),
+            wait_s=waited,
+            # Still in rotation, with its weight lowered (the point of the test).
+            healthy=(await client.get("/readyz")).status_code == 200,
+            audit="counted 3, logged once, weight 1%",
+            backend="postgres",
+        )

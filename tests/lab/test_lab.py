@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
 import os
 import shutil
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from deploy.lab.cluster import Lab, LabOptions
 from deploy.lab.postgres import PostgresNotInstalled, find_bindir
 from loadtests.experiments.audit import audit
 from loadtests.harness.driver import drive
+from tests import hardening
 from tests.conftest import scratch_dir
 from tests.support import require
 
@@ -113,6 +118,73 @@ def test_requests_are_spread_over_all_nodes(lab):
             served[node] = served.get(node, 0) + 1
     assert set(served) == {"n1", "n2", "n3"}
     assert min(served.values()) >= 0.2 * 600, served
+
+
+KEYED_BURST = 100
+
+
+def _post_keyed(front: str, key: str) -> tuple[int, str | None, str | None, float]:
+    """One keyed create on a connection of its own: (status, note id, replayed, seconds)."""
+    host, port = front.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    started = time.monotonic()
+    try:
+        body = json.dumps({"title": key, "body": "burst"})
+        headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+        connection.request("POST", "/v1/notes", body=body, headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+        note_id = json.loads(data).get("id") if response.status == 201 else None
+        replayed = response.getheader("Idempotent-Replayed")
+        return response.status, note_id, replayed, time.monotonic() - started
+    finally:
+        connection.close()
+
+
+async def test_a_burst_of_keyed_creates_through_haproxy_is_all_answered(lab):
+    """KEYED_BURST keyed creates at once, each on a fresh connection, through
+    HAProxy to 3 nodes on PostgreSQL: every one answered 201 (first or
+    replayed), every key stored once."""
+    front = lab.load()["front"]
+    prefix = f"kb-{uuid.uuid4().hex[:6]}-"
+    barrier = threading.Barrier(KEYED_BURST)
+    results: list[tuple[int, str | None, str | None, float] | BaseException] = [
+        RuntimeError("not sent")
+    ] * KEYED_BURST
+
+    def send(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[i] = _post_keyed(front, f"{prefix}{i}")
+        except BaseException as exc:  # reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(KEYED_BURST)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        await asyncio.to_thread(thread.join, 90)
+    assert not any(t.is_alive() for t in threads), "requests did not finish in time"
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    statuses = sorted(r[0] if not isinstance(r, BaseException) else repr(r) for r in results)
+    assert statuses == [201] * KEYED_BURST, statuses
+    acknowledged = {f"{prefix}{i}": r[1] for i, r in enumerate(answered) if r[1]}
+    result = await audit(front, acknowledged, prefix=prefix)
+    replayed = sum(1 for r in answered if r[2] == "true")
+    slowest = max(r[3] for r in answered)
+    print(f"keyed burst through HAProxy: {result}, {replayed} replayed, slowest {slowest:.2f} s")
+    assert result == {"acknowledged": KEYED_BURST, "lost": 0, "duplicated": 0, "unexpected": 0}
+    nodes = lab.load()["nodes"]
+    ready = [httpx.get(n["url"] + "/readyz", timeout=5).status_code == 200 for n in nodes]
+    hardening.record(
+        "burst",
+        f"{KEYED_BURST} keyed creates at once, fresh connections, HAProxy and 3 nodes",
+        answer=f"201 x{KEYED_BURST}, first or replayed",
+        wait_s=slowest,
+        healthy=all(ready),
+        audit=f"{KEYED_BURST} acknowledged: 0 lost, 0 duplicated, 0 unexpected",
+        backend="postgres",
+    )
 
 
 async def _load_with_event(lab: Lab, event, at_s: float, duration_s: float):

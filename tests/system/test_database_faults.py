@@ -1,10 +1,12 @@
 """Database faults against a real node process: a burst of keyed writes, a
-frozen primary, reads while the primary is down.
+frozen primary, a broken path to it, reads while the primary is down.
 
 Faults are real: the primary's processes stopped with SIGSTOP (a frozen
 server accepts bytes and answers nothing, which no server-side timeout can
-end). The tests stop only processes of the cluster they started, by PID,
-and always send SIGCONT before anything is stopped or removed.
+end), and the lab's TCP fault proxy (deploy/lab/faultproxy.py) between the
+node and PostgreSQL stalling, resetting or cutting its connections. The
+tests stop only processes of the cluster they started, by PID, and always
+send SIGCONT (or put the proxy back to `pass`) before anything is removed.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from deploy.lab.faultproxy import FaultProxy
 from deploy.lab.node import Node, Reply
 from deploy.lab.postgres import PostgresCluster, PostgresError, parent_pid, postmaster_pid
+from tests import hardening
 from tests.conftest import TEMPLATE_DB, migrated_template, postgres_cluster
 from tests.support import wait_until
 from tests.system.conftest import StartNode
@@ -78,13 +82,16 @@ def test_a_burst_of_keyed_creates_on_fresh_connections_is_all_answered(
         node = start_node({"CATTLE_DATABASE_URL": postgres.primary_dsn(dbname)})
         barrier = threading.Barrier(BURST)
         replies: list[Reply | BaseException] = [RuntimeError("not sent")] * BURST
+        waits = [0.0] * BURST
 
         def send(i: int) -> None:
             barrier.wait(timeout=30)
+            started = time.monotonic()
             try:
                 replies[i] = post_note(node, f"burst-{i}", key=f"burst-{i}")
             except BaseException as exc:  # reported below
                 replies[i] = exc
+            waits[i] = time.monotonic() - started
 
         threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(BURST)]
         for thread in threads:
@@ -95,6 +102,15 @@ def test_a_burst_of_keyed_creates_on_fresh_connections_is_all_answered(
         statuses = [r.status if isinstance(r, Reply) else repr(r) for r in replies]
         assert statuses == [201] * BURST, sorted(map(str, statuses))
         assert count_titles(postgres, dbname, "burst-") == BURST
+        hardening.record(
+            "burst",
+            f"{BURST} keyed creates at once, fresh connections, one node",
+            answer=f"201 x{BURST}",
+            wait_s=max(waits),
+            healthy=node.get("/readyz").status == 200,
+            audit=f"{BURST} notes, one per key",
+            backend="postgres",
+        )
     finally:
         postgres.drop_database(dbname)
 
@@ -184,6 +200,83 @@ def test_a_frozen_primary_answers_writes_503_within_the_bound_and_commits_nothin
     assert wait_until(lambda: post_note(node, "after").status == 201, timeout_s=30) is not None
     time.sleep(1.0)
     assert count_titles(fault_postgres, fault_db, prefix) == 0
+    hardening.record(
+        "database fault",
+        "primary frozen (SIGSTOP): a POST, a keyed POST",
+        answer="503 database-unavailable + Retry-After",
+        wait_s=max(waits),
+        healthy=wait_until(lambda: node.get("/readyz").status == 200, timeout_s=10) is not None,
+        audit="0 of the refused writes committed after the resume",
+        backend="postgres",
+    )
+
+
+# -- a broken path to the primary (the fault proxy) --------------------------------
+
+PROXY_FAULTS = {
+    # Accepts and goes silent, like a half-open path: only the node's own bound ends it.
+    "stall": "proxy stalls: open and new connections silent",
+    # Every open connection reset, every new one reset on accept.
+    "reset": "proxy resets every connection",
+    # A few bytes of the next answer, then the connection closed mid-message.
+    "cut 10": "proxy cuts each answer after 10 bytes",
+}
+
+
+@pytest.mark.parametrize("fault", list(PROXY_FAULTS))
+def test_a_broken_path_to_the_primary_answers_writes_503_within_the_bound(
+    start_node: StartNode, postgres: PostgresCluster, fault: str
+) -> None:
+    """Writes through a stalled, reset or cut path are answered 503 with
+    Retry-After within the node's bound; none commits once the path heals
+    (what was queued in the stalled path included); the node recovers by
+    itself."""
+    dbname = f"path_{uuid.uuid4().hex[:8]}"
+    postgres.create_database(dbname, template=TEMPLATE_DB)
+    primary = postgres.member("primary")
+    try:
+        with FaultProxy(("127.0.0.1", 0), (postgres.host, primary.port)) as proxy:
+            dsn = postgres.primary_dsn(dbname).replace(f":{primary.port}/", f":{proxy.listen[1]}/")
+            node = start_node({"CATTLE_DATABASE_URL": dsn, **FAULT_ENV})
+            assert post_note(node, "warm-up").status == 201  # connections in the pool
+            prefix = f"path-{uuid.uuid4().hex[:6]}-"
+            waits: list[float] = []
+            answers: set[str] = set()
+            proxy.set_mode(fault)
+            try:
+                for i, key in enumerate([None, f"{prefix}key", None]):
+                    started = time.monotonic()
+                    reply = post_note(
+                        node, f"{prefix}{i}", key=key, timeout_s=REQUEST_TIMEOUT_S + 30
+                    )
+                    waits.append(time.monotonic() - started)
+                    assert reply.status == 503, reply.text
+                    assert reply.headers["content-type"] == "application/problem+json"
+                    assert json.loads(reply.body)["type"].endswith("database-unavailable")
+                    assert int(reply.headers["retry-after"]) >= 1
+                    answers.add(hardening.answer_of(503, reply.headers["content-type"], reply.body))
+            finally:
+                proxy.set_mode("pass")
+            print(f"{fault}: 503 after {', '.join(f'{w:.2f}' for w in waits)} s")
+            assert max(waits) <= REQUEST_TIMEOUT_S + SLACK_S, waits
+            recovered = wait_until(
+                lambda: post_note(node, "after").status == 201, timeout_s=30, interval_s=0.2
+            )
+            assert recovered is not None, node.log_tail()
+            time.sleep(1.0)  # whatever the stalled path held has reached the server by now
+            assert count_titles(postgres, dbname, prefix) == 0
+            healthy = wait_until(lambda: node.get("/readyz").status == 200, timeout_s=10)
+            hardening.record(
+                "database fault",
+                f"{PROXY_FAULTS[fault]}: a POST, a keyed POST, a POST",
+                answer=" / ".join(sorted(answers)) + " + Retry-After",
+                wait_s=max(waits),
+                healthy=healthy is not None,
+                audit="0 of the refused writes committed after the path healed",
+                backend="postgres",
+            )
+    finally:
+        postgres.drop_database(dbname)
 
 
 # -- reads while the primary is down ------------------------------------------------
@@ -235,9 +328,12 @@ def test_replicas_serve_reads_while_the_primary_is_frozen(
         stack.enter_context(frozen(fault_postgres, "primary", others))
         # Well past the lag bound (and several replica checks).
         time.sleep(MAX_LAG_S * 3)
+        read_waits = []
         for headers in (None, {"Consistency-Token": token}):
             for _ in range(5):
+                started = time.monotonic()
                 reply = read(headers)
+                read_waits.append(time.monotonic() - started)
                 assert reply.status == 200, (headers, reply.text)
                 assert reply.headers["x-read-source"].startswith("replica"), reply.headers
             time.sleep(MAX_LAG_S)
@@ -246,3 +342,25 @@ def test_replicas_serve_reads_while_the_primary_is_frozen(
         waited = time.monotonic() - started
         assert refused.status == 503, refused.text
         assert waited <= REQUEST_TIMEOUT_S + SLACK_S, waited
+    # Resumed: the node is ready again without a restart.
+    healthy = wait_until(lambda: node.get("/readyz").status == 200, timeout_s=10) is not None
+    hardening.record(
+        "database fault",
+        "primary frozen (SIGSTOP), replica up: reads, with and without a token",
+        answer="200 from the replica",
+        wait_s=max(read_waits),
+        healthy=healthy,
+        audit="served past the lag bound, never stale",
+        backend="postgres",
+    )
+    hardening.record(
+        "database fault",
+        "primary frozen (SIGSTOP): a read with a token no replica has replayed",
+        answer=hardening.answer_of(
+            refused.status, refused.headers.get("content-type"), refused.body
+        ),
+        wait_s=waited,
+        healthy=healthy,
+        audit="refused, not answered stale",
+        backend="postgres",
+    )

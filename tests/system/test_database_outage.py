@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from deploy.lab.postgres import PostgresCluster
+from tests import hardening
 from tests.support import wait_until
 from tests.system.conftest import StartNode
 from tests.system.helpers import agent_port, agent_says, status_of
@@ -68,7 +69,9 @@ def test_database_outage_fails_readiness_not_liveness(
     assert primary["status"] == "fail"
     assert "unreachable" in primary["output"]
     # Requests get a clean 503 problem, not a hang or a 500.
+    asked = time.monotonic()
     reply = node.get("/v1/notes?limit=1", timeout_s=15)
+    waited = time.monotonic() - asked
     assert reply.status == 503
     assert reply.headers["content-type"] == "application/problem+json"
 
@@ -87,6 +90,15 @@ def test_database_outage_fails_readiness_not_liveness(
     # The same process all along: never restarted, uptime kept growing.
     assert node.alive and node.pid == pid
     assert uptime_s() > before
+    hardening.record(
+        "database fault",
+        "primary stopped (no replica): a read",
+        answer=hardening.answer_of(reply.status, reply.headers.get("content-type"), reply.body),
+        wait_s=waited,
+        healthy=True,  # ready again above, by itself
+        audit="/livez 200 throughout; the same process, never restarted",
+        backend="postgres",
+    )
     print(f"primary stop took {stopped_s:.2f} s, readiness 503 {unready_s:.2f} s later; "
           f"start took {started_s:.2f} s, readiness 200 {ready_s:.2f} s later")  # fmt: skip
 

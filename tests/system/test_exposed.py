@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from deploy.lab.node import Node
+from tests import hardening
 from tests.system.conftest import StartNode
 
 HEADER_TIMEOUT_S = 1.0
@@ -88,30 +89,50 @@ def _livez_s(node: Node) -> float:
     return time.monotonic() - started
 
 
+def _record(node: Node, tried: str, answer: str, wait_s: float, audit: str = "-") -> None:
+    """One row of the hardening table; the node must still be ready afterwards."""
+    healthy = node.get("/readyz", timeout_s=10).status == 200
+    hardening.record(
+        "exposed node", tried, answer=answer, wait_s=wait_s, healthy=healthy, audit=audit
+    )
+
+
 def test_a_header_over_the_limit_gets_a_431_problem(start_node: StartNode) -> None:
     node = start_node(ENV)
     with _connect(node) as sock:
         # Sent whole before reading, as simple clients do: the node must read
         # past its refusal (staged close) for this client to see the 431.
+        sent = time.monotonic()
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n")
         status, headers, body = _read_response(sock, timeout_s=5)
+        took = time.monotonic() - sent
     document = _problem(431, headers, body)
     assert status == 431
     assert document["type"] == PROBLEM + "request-header-fields-too-large"
     assert "CATTLE_MAX_HEADER_BYTES" in str(document["detail"])
     assert headers.get("x-served-by") == node.name
     assert node.get("/livez").status == 200
+    _record(
+        node,
+        "one 64 KiB header, sent whole",
+        hardening.answer_of(status, headers.get("content-type"), body),
+        took,
+    )
 
 
 def test_too_many_headers_get_a_431_problem(start_node: StartNode) -> None:
     node = start_node(ENV)
     many = {f"X-H{i}": "v" for i in range(150)}
+    sent = time.monotonic()
     reply = node.get("/livez", headers=many)
+    took = time.monotonic() - sent
     document = _problem(431, reply.headers, reply.body)
     assert document["type"] == PROBLEM + "request-header-fields-too-large"
     assert "CATTLE_MAX_HEADER_COUNT" in str(document["detail"])
     # Well within the count, the same request is served.
     assert node.get("/livez", headers=dict(list(many.items())[:50])).status == 200
+    answer = hardening.answer_of(reply.status, reply.headers.get("content-type"), reply.body)
+    _record(node, "150 headers", answer, took, "50 headers served")
 
 
 @dataclass
@@ -166,6 +187,13 @@ def test_four_50_mb_headers_leave_memory_flat_and_livez_fast(start_node: StartNo
     assert all(f.error is not None and f.sent < 50 * 1024 * 1024 for f in floods)
     assert grew < rss_before // 4, f"RSS grew {grew >> 20} MiB from {rss_before >> 20} MiB"
     assert max(livez) < FAST_LIVEZ_S
+    _record(
+        node,
+        "four 50 MB headers at once, the answer not read",
+        "each cut off before 50 MB was sent",
+        max(livez),
+        f"RSS grew < 1/4; /livez served meanwhile, under {FAST_LIVEZ_S} s (the wait shown)",
+    )
 
 
 def test_slow_heads_and_bodies_are_cut_off_while_others_are_served(
@@ -231,6 +259,11 @@ def test_slow_heads_and_bodies_are_cut_off_while_others_are_served(
     assert took["body"] < HEADER_TIMEOUT_S + BODY_TIMEOUT_S + SLACK_S
     assert set(answers) <= {b"408"}
     assert len(served) >= 3 and max(served) < FAST_LIVEZ_S
+    audit = f"/livez served meanwhile, under {FAST_LIVEZ_S} s"
+    _record(node, f"{heads} heads trickled a line at a time", "408 or closed", took["head"], audit)
+    _record(
+        node, f"{bodies} bodies trickled a byte at a time", "408 or closed", took["body"], audit
+    )
 
 
 def test_a_5_mb_body_with_connection_close_reads_its_413(start_node: StartNode) -> None:
@@ -241,15 +274,19 @@ def test_a_5_mb_body_with_connection_close_reads_its_413(start_node: StartNode) 
         headers={"Content-Type": "application/json", "Connection": "close"},
         method="POST",
     )
+    sent = time.monotonic()
     try:
         urllib.request.urlopen(request, timeout=30)  # noqa: S310
         raise AssertionError("a 5 MB note was accepted")
     except urllib.error.HTTPError as exc:
         status, headers, body = exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+    took = time.monotonic() - sent
     document = _problem(413, headers, body)
     assert status == 413
     assert "CATTLE_MAX_BODY_BYTES" in str(document["detail"])
     assert node.get("/livez").status == 200
+    answer = hardening.answer_of(status, headers.get("content-type"), body)
+    _record(node, "a 5 MB body with Connection: close (urllib)", answer, took)
 
 
 def test_a_body_shorter_than_its_content_length_gets_a_408_within_the_bound(
@@ -271,6 +308,8 @@ def test_a_body_shorter_than_its_content_length_gets_a_408_within_the_bound(
     assert "CATTLE_BODY_TIMEOUT_S" in str(document["detail"])
     assert took < BODY_TIMEOUT_S + SLACK_S
     assert node.get("/livez").status == 200
+    answer = hardening.answer_of(status, headers.get("content-type"), body)
+    _record(node, "a body shorter than its Content-Length", answer, took)
 
 
 def test_a_connection_that_sends_nothing_is_closed_within_the_head_bound(
@@ -285,3 +324,4 @@ def test_a_connection_that_sends_nothing_is_closed_within_the_head_bound(
     print(f"a silent connection was closed after {took:.2f} s with {data!r}")
     assert data == b""
     assert HEADER_TIMEOUT_S * 0.9 < took < HEADER_TIMEOUT_S + SLACK_S
+    _record(node, "a connection that sends nothing", "closed, no answer", took)
