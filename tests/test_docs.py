@@ -92,3 +92,55 @@ def test_the_stock_and_hand_written_comparisons_quoted_are_the_committed_results
                         ("the whole hand-written path", "handwritten")):  # fmt: skip
         expected = f"| {label} | {_kept(parts[name])} |"
         assert expected in page, expected
+
+
+def _points(gain: float) -> str:
+    return f"{gain * 100:+.1f}"
+
+
+def _gain(run: dict, name: str) -> str:
+    gain = run["judged"]["gains"].get(name)
+    if gain is None:
+        return "not run | -"
+    return (
+        f"{_points(gain['gain_median'])} ({_points(gain['gain_min'])} to "
+        f"{_points(gain['gain_max'])}) | {_points(gain['gain_odd_rounds'])} / "
+        f"{_points(gain['gain_even_rounds'])}"
+    )
+
+
+def test_the_telemetry_parts_quoted_are_the_committed_results() -> None:
+    """The candidate parts measured one by one, and the decision drawn from them."""
+    page = (REPO / "docs/observability.md").read_text()
+    results = REPO / "docs/results"
+    sequential = json.loads((results / "telemetry-parts-sequential.json").read_text())
+    together = json.loads((results / "telemetry-parts.json").read_text())
+    for name in together["judged"]["gains"]:
+        expected = f"| `{name}` | {_gain(sequential, name)} | {_gain(together, name)} |"
+        assert expected in page, expected
+    for run in (sequential, together):
+        # Both runs broke the benchmark's rule: the odd and even rounds disagreed.
+        assert not run["judged"]["valid"]
+        assert f"commit {run['commit']}, `{run['command']}`" in page
+        default = run["summary"]["default"]
+        assert f"{default['ratio_median']:.1%}" in page
+        assert f"(overhead {default['overhead_median']:.1%})" in page
+    # No part is kept: none bought 3 points with its odd and even rounds agreeing.
+    for run in (sequential, together):
+        for name, gain in run["judged"]["gains"].items():
+            assert not (gain["keep"] and name not in run["judged"]["disagreeing"]), name
+    # The rounds disagreed on every part but batched-metrics, under 3 points in both halves.
+    assert sequential["judged"]["disagreeing"] == sorted(sequential["judged"]["gains"])
+    batched = together["judged"]["gains"]["batched-metrics"]
+    assert together["judged"]["disagreeing"] == sorted(
+        set(together["judged"]["gains"]) - {"batched-metrics"}
+    )
+    assert max(batched["gain_odd_rounds"], batched["gain_even_rounds"]) < 0.03
+    everything = _points(together["judged"]["gains"]["batched+lean"]["gain_median"])
+    assert f"all of them together {everything} points" in page
+    default = together["summary"]["default"]
+    assert f"ranged from {default['ratio_min']:.1%} to {default['ratio_max']:.1%}" in page
+    default = sequential["summary"]["default"]
+    assert f"({default['ratio_min']:.1%} to {default['ratio_max']:.1%} in the sequential" in page
+    off = [run["rps"] for round_ in sequential["rounds"]["off"] for run in round_["runs"]]
+    assert f"{min(off):.0f} to {max(off):.0f} req/s" in page

@@ -23,27 +23,19 @@ Configurations:
   otlp-down    default + OTEL_EXPORTER_OTLP_ENDPOINT at a collector that accepts
                connections and never answers (export is off the request path)
 
-With --parts, the run measures candidate parts instead, each on its own
-over `default` (switched on in the node by CATTLE_TELEMETRY_PARTS), and
-writes docs/results/telemetry-parts.{md,json}:
-  batched-metrics   the middleware's metric measurements recorded in batches
-  batched-log       log lines formatted and written in batches (one write each)
-  views             SDK views dropping active requests and body sizes
-  lean-instruments  the middleware given no active-requests or body-size instrument
-  batched+lean      the three above together
-A part is worth keeping when it buys KEEP_POINTS of throughput (ratio to off)
-over `default`, in the median of its per-round differences.
-
 With --together, each configuration runs at the same time as `off`, both
 nodes on the server core, and is compared with that run: on a machine whose
 speed drifts within seconds (a shared VM), the two see the same drift.
 
-A run is valid when its repeats agree: the verdict (the target for `default`,
-keep or not for a part) is the same in the odd rounds and in the even rounds.
+A run is valid when its repeats agree: the odd rounds and the even rounds
+give the same verdict on the target.
 
 The stock path was measured beside the hand-written one it replaced, in one
 run of this benchmark at the commit that still had both:
-docs/results/telemetry-stock-vs-handwritten.md.
+docs/results/telemetry-stock-vs-handwritten.md; candidate hand-written parts
+over the stock defaults, one by one, at commits that had them:
+docs/results/telemetry-parts.md (with --together) and
+docs/results/telemetry-parts-sequential.md.
 """
 
 from __future__ import annotations
@@ -68,19 +60,8 @@ from loadtests.harness import wrk as wrkbench
 from loadtests.harness.wrk import request
 
 RESULTS = reports.RESULTS / "telemetry-overhead"
-PARTS_RESULTS = reports.RESULTS / "telemetry-parts"
 BASELINE = "off"
 TARGET_OVERHEAD = 0.10
-KEEP_POINTS = 0.03
-PARTS = {
-    "batched-metrics": "default + the middleware's metric measurements recorded in batches",
-    "batched-log": "default + log lines formatted and written in batches",
-    "views": "default + SDK views dropping active requests and body sizes",
-    "lean-instruments": "default + no active-requests or body-size instrument in the middleware",
-    "batched+lean": "default + batched-metrics, batched-log and lean-instruments together",
-}
-# The CATTLE_TELEMETRY_PARTS value of each part (its name, but for the combination).
-PARTS_ENV = {"batched+lean": "batched-metrics,batched-log,lean-instruments"}
 
 
 @dataclass
@@ -96,20 +77,7 @@ HEADLINE = "default"  # the verdict is about it
 OTLP = "otlp"
 
 
-def configs(collector_url: str, black_hole_url: str, *, parts: bool = False) -> list[Config]:
-    if parts:
-        return [
-            Config(
-                BASELINE,
-                {"CATTLE_TELEMETRY_ENABLED": "false", "CATTLE_ACCESS_LOG": "false"},
-                "telemetry and access log off",
-            ),
-            Config(HEADLINE, {}, "defaults: server spans (10% recorded), metrics, JSON access log"),
-            *(
-                Config(name, {"CATTLE_TELEMETRY_PARTS": PARTS_ENV.get(name, name)}, note)
-                for name, note in PARTS.items()
-            ),
-        ]
+def configs(collector_url: str, black_hole_url: str) -> list[Config]:
     return [
         Config(
             BASELINE,
@@ -172,35 +140,11 @@ def _halves(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def judge(summary: dict[str, Any]) -> dict[str, Any]:
-    """Gains of the parts over `default`, and whether the repeats agree (see the module)."""
-    default = summary[HEADLINE]
-    odd, even = _halves(default["ratio_per_round"])
-    verdicts = {
-        HEADLINE: [None if half is None else 1 - half <= TARGET_OVERHEAD for half in (odd, even)]
-    }
-    gains: dict[str, Any] = {}
-    for name in summary:
-        if name not in PARTS:
-            continue
-        per_round = [
-            round(part - base, 4)
-            for part, base in zip(
-                summary[name]["ratio_per_round"], default["ratio_per_round"], strict=True
-            )
-        ]
-        halves = _halves(per_round)
-        gains[name] = {
-            "gain_per_round": per_round,
-            "gain_median": round(statistics.median(per_round), 4),
-            "gain_min": min(per_round),
-            "gain_max": max(per_round),
-            "gain_odd_rounds": halves[0],
-            "gain_even_rounds": halves[1],
-            "keep": statistics.median(per_round) >= KEEP_POINTS,
-        }
-        verdicts[name] = [None if half is None else half >= KEEP_POINTS for half in halves]
-    disagree = sorted(name for name, (a, b) in verdicts.items() if a is None or a != b)
-    return {"gains": gains, "valid": not disagree, "disagreeing": disagree}
+    """Whether the repeats agree: the same verdict on the target in odd and even rounds."""
+    halves = _halves(summary[HEADLINE]["ratio_per_round"])
+    verdicts = {None if half is None else 1 - half <= TARGET_OVERHEAD for half in halves}
+    valid = None not in verdicts and len(verdicts) == 1
+    return {"ratio_odd_rounds": halves[0], "ratio_even_rounds": halves[1], "valid": valid}
 
 
 def summarize(all_configs: list[Config]) -> dict[str, Any]:
@@ -274,7 +218,7 @@ def markdown(report: dict[str, Any]) -> str:
     verdict = "meets" if default["overhead_median"] <= TARGET_OVERHEAD else "MISSES"
     judged = report.get("judged") or judge(s)
     lines = [
-        "# Telemetry parts" if judged["gains"] else "# Telemetry overhead",
+        "# Telemetry overhead",
         "",
         reports.measured(report),
         "",
@@ -294,28 +238,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['cpu_us_per_request_median']:.0f} | {row['cpu_ratio_median']:.3f} | "
             f"{row['p50_ms_median']:.2f} | {row['p99_ms_median']:.2f} | {row['non_2xx']} |"
         )
-    if judged["gains"]:
-        lines += [
-            "",
-            f"Each part over `{HEADLINE}`: the difference of their ratios to off within a round, "
-            f"in points; a part is kept when the median buys at least {KEEP_POINTS * 100:.0f}.",
-            "",
-            "| part | gain, points (median, range) | odd rounds | even rounds | keep |",
-            "| --- | --- | ---: | ---: | --- |",
-        ]
-        for name, gain in judged["gains"].items():
-            lines.append(
-                f"| `{name}` | {gain['gain_median'] * 100:+.1f} ({gain['gain_min'] * 100:+.1f} to "
-                f"{gain['gain_max'] * 100:+.1f}) | {_points(gain['gain_odd_rounds'])} | "
-                f"{_points(gain['gain_even_rounds'])} | {'yes' if gain['keep'] else 'no'} |"
-            )
     lines += [
         "",
-        "**Valid run**: the odd and the even rounds give the same verdicts."
-        if judged["valid"]
-        else "**INVALID run**: the odd and the even rounds disagree on "
-        + ", ".join(f"`{name}`" for name in judged["disagreeing"])
-        + ".",
+        f"**{'Valid' if judged['valid'] else 'INVALID'} run**: `{HEADLINE}` keeps "
+        f"{_share(judged['ratio_odd_rounds'])} of off's throughput in the odd rounds, "
+        f"{_share(judged['ratio_even_rounds'])} in the even ones: "
+        + ("the same verdict." if judged["valid"] else "not the same verdict on the target."),
     ]
     otlp = s.get(OTLP)
     if otlp is not None:
@@ -367,28 +295,11 @@ def markdown(report: dict[str, Any]) -> str:
         "0.1: a tenth of the requests record a span and its SQL spans, for nobody when no "
         "exporter is set), the SQLAlchemy instrumentation, /metrics, and uvicorn's access log "
         "formatted by python-json-logger.",
-    ]
-    if OTLP in s:
-        lines += [
-            "- `otlp` exports to `python -m loadtests.benchmarks.collector` pinned to the load "
-            "generator's core: 10% of new traces are recorded with their SQL spans and exported "
-            "in batches by the SDK's background thread, which runs on the node's core.",
-            "- `otlp-down` points OTEL_EXPORTER_OTLP_ENDPOINT at a socket that accepts "
-            "connections and never answers: exports time out in the background, the span queue "
-            "fills and drops.",
-        ]
-    if judged["gains"]:
-        lines.append(
-            "- Each part is switched on in its own node by CATTLE_TELEMETRY_PARTS=<part>; "
-            "its gain is its ratio to off minus `default`'s, within each round. Requests its "
-            "node's /metrics counted against the responses wrk counted: "
-            + "; ".join(
-                f"`{name}` {part['counted']:.0f} / {part['sent']}"
-                for name, part in cross.get("parts", {}).items()
-            )
-            + "."
-        )
-    lines += [
+        "- `otlp` exports to `python -m loadtests.benchmarks.collector` pinned to the load "
+        "generator's core: 10% of new traces are recorded with their SQL spans and exported in "
+        "batches by the SDK's background thread, which runs on the node's core.",
+        "- `otlp-down` points OTEL_EXPORTER_OTLP_ENDPOINT at a socket that accepts connections "
+        "and never answers: exports time out in the background, the span queue fills and drops.",
         f"- Cross-checks: the `{HEADLINE}` node's own /metrics counted "
         f"{cross['counted']:.0f} requests on the route during the rounds; "
         f"wrk counted {cross['sent']} responses (wrk leaves out the requests "
@@ -408,8 +319,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _points(gain: float | None) -> str:
-    return "-" if gain is None else f"{gain * 100:+.1f}"
+def _share(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.1%}"
 
 
 def collector_stats(port: int) -> dict[str, Any]:
@@ -425,21 +336,16 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(rounds=5)
     parser.add_argument(
-        "--parts", action="store_true", help="measure the candidate parts (see above)"
-    )
-    parser.add_argument(
         "--together",
         action="store_true",
         help="run each configuration at the same time as `off`, both on the server core",
     )
-    parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.out is None:
-        args.out = PARTS_RESULTS if args.parts else RESULTS
 
     def measure() -> dict[str, Any]:
         wrkbench.require_tools()
@@ -484,7 +390,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                 core=args.client_core,
                 log_dir=run_dir,
             )
-            all_configs = configs(collector.url, hung_collector, parts=args.parts)
+            all_configs = configs(collector.url, hung_collector)
             wrkbench.migrate(data_dir)
             for config in all_configs:
                 config.server = wrkbench.start_node(
@@ -512,8 +418,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             by_name = {config.name: config for config in all_configs}
             warm = {
                 name: counted_requests(server_of(by_name[name]).port, wrkbench.NOTE_ROUTE)
-                for name in (HEADLINE, OTLP, *PARTS)
-                if name in by_name
+                for name in (HEADLINE, OTLP)
             }
             spans_before = collector_stats(collector.port).get("/v1/traces", {}).get("spans", 0)
             baseline = by_name[BASELINE]
@@ -569,24 +474,14 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                 - warm[name]
                 for name in warm
             }
+            # Stopping the otlp node flushes the spans still queued in it.
+            wrkbench.stop(server_of(by_name[OTLP]))
+            spans = collector_stats(collector.port).get("/v1/traces", {}).get("spans", 0)
             cross_check = {
                 "counted": counted[HEADLINE],
                 "sent": sum(r["requests"] for r in by_name[HEADLINE].rounds),
-            }
-            if OTLP in by_name:
-                # Stopping the otlp node flushes the spans still queued in it.
-                wrkbench.stop(server_of(by_name[OTLP]))
-                spans = collector_stats(collector.port).get("/v1/traces", {}).get("spans", 0)
-                cross_check["otlp_counted"] = counted[OTLP]
-                cross_check["otlp_spans_exported"] = spans - spans_before
-            # Each part's node counted what wrk sent it (batched metrics included).
-            cross_check["parts"] = {
-                name: {
-                    "counted": counted[name],
-                    "sent": sum(r["requests"] for r in by_name[name].rounds),
-                }
-                for name in PARTS
-                if name in counted
+                "otlp_counted": counted[OTLP],
+                "otlp_spans_exported": spans - spans_before,
             }
         finally:
             for config in all_configs:

@@ -27,17 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import service
 from service.config import Settings
-from service.telemetry import tracing
-from service.telemetry.batching import Batch, parts
-from service.telemetry.exporting import (
-    ExportStatus,
-    ExportWatch,
-    Signal,
-    WatchedMetricExporter,
-    WatchedSpanExporter,
-    otlp_wanted,
-    summarize,
-)
+from service.telemetry import exporting, tracing
 from service.telemetry.metrics import NodeGauges, ReplicaLag, build_meter_provider
 
 if TYPE_CHECKING:
@@ -62,7 +52,6 @@ class Telemetry:
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
         self.gauges: NodeGauges | None = None
-        self.batch = Batch() if "batched-metrics" in parts() else None
         if self.enabled:
             # Providers now (they start no thread): the middleware takes them
             # when the app is first called, before the lifespan runs.
@@ -70,7 +59,7 @@ class Telemetry:
             self.tracer_provider = tracing.build_tracer_provider(resource)
             self.meter_provider = build_meter_provider(resource, self.registry)
             self.gauges = NodeGauges(self.meter_provider.get_meter(service.NAME))
-        self._watches: list[ExportWatch] = []
+        self._watches: list[exporting.ExportWatch] = []
 
     def start(self) -> None:
         """Start the OTLP exporters the OTEL_* variables ask for (each on its own thread).
@@ -79,24 +68,20 @@ class Telemetry:
         from the same variables; a bad value is reported by export_status(),
         never fatal: telemetry must not stop a node serving.
         """
-        if self.tracer_provider is not None and otlp_wanted("traces"):
+        if self.tracer_provider is not None and exporting.otlp_wanted("traces"):
             with self._watched("traces") as watch:
-                span_exporter = OTLPSpanExporter()
-                watch.status.endpoint = span_exporter._endpoint
                 # A bounded queue (OTEL_BSP_MAX_QUEUE_SIZE): when the collector
                 # is away, spans are dropped, never waited for.
-                processor = BatchSpanProcessor(WatchedSpanExporter(span_exporter, watch))
+                processor = BatchSpanProcessor(watch.attach(OTLPSpanExporter()))
                 self.tracer_provider.add_span_processor(processor)
-        if self.meter_provider is not None and otlp_wanted("metrics"):
+        if self.meter_provider is not None and exporting.otlp_wanted("metrics"):
             with self._watched("metrics") as watch:
-                metric_exporter = OTLPMetricExporter()
-                watch.status.endpoint = metric_exporter._endpoint
-                exporter = WatchedMetricExporter(metric_exporter, watch)
-                self.meter_provider.add_metric_reader(PeriodicExportingMetricReader(exporter))
+                reader = PeriodicExportingMetricReader(watch.attach(OTLPMetricExporter()))
+                self.meter_provider.add_metric_reader(reader)
 
     @contextlib.contextmanager
-    def _watched(self, signal: Signal) -> Iterator[ExportWatch]:
-        watch = ExportWatch(signal)
+    def _watched(self, signal: exporting.Signal) -> Iterator[exporting.ExportWatch]:
+        watch = exporting.ExportWatch(signal)
         self._watches.append(watch)
         try:
             yield watch
@@ -111,16 +96,11 @@ class Telemetry:
         Each runs on a daemon thread (never joined, unlike asyncio.to_thread's
         executor when the loop closes) and the node stops waiting at the bound.
         """
-        if self.batch is not None:
-            self.batch.flush()
         timeout_s = self.settings.telemetry_shutdown_timeout_s
+        providers = [p for p in (self.tracer_provider, self.meter_provider) if p is not None]
         closing = [
-            threading.Thread(target=close, name="telemetry-close", daemon=True)
-            for close in (
-                self.tracer_provider and self.tracer_provider.shutdown,
-                self.meter_provider and self.meter_provider.shutdown,
-            )
-            if close
+            threading.Thread(target=p.shutdown, name="telemetry-close", daemon=True)
+            for p in providers
         ]
         for thread in closing:
             thread.start()
@@ -133,28 +113,29 @@ class Telemetry:
 
     def instrument_database(self, database: Database) -> None:
         """SQL spans and pool use for the node's engines; replica lag in the metrics."""
+        if self.tracer_provider is None or self.meter_provider is None:
+            return
         engines = [database.writer, *(replica.engine for replica in database.replicas.replicas)]
         if database.reader.pool is not database.writer.pool:
             # Otherwise a view of the writer (autocommit reads): traced once.
             engines.append(database.reader)
-        if self.tracer_provider is not None and self.meter_provider is not None:
-            # The instrument the SQLAlchemy instrumentation itself would create.
-            connections = self.meter_provider.get_meter(service.NAME).create_up_down_counter(
-                "db.client.connections.usage",
-                unit="{connection}",
-                description="Connections of each pool, by state (used or idle).",
-            )
-            for engine in engines:
-                tracing.trace_sql(engine, self.tracer_provider, connections)
-        if self.meter_provider is not None:
-            # Counted by the database layer (service/db/pool.py); read at collection.
-            watch = database.pool_watch
-            self.meter_provider.get_meter(service.NAME).create_observable_counter(
-                f"{service.NAME}.db.pool.exhausted",
-                callbacks=[lambda _options: [Observation(watch.exhausted_total)]],
-                unit="{request}",
-                description="Requests that got no pooled connection within the pool timeout.",
-            )
+        meter = self.meter_provider.get_meter(service.NAME)
+        # The instrument the SQLAlchemy instrumentation itself would create.
+        connections = meter.create_up_down_counter(
+            "db.client.connections.usage",
+            unit="{connection}",
+            description="Connections of each pool, by state (used or idle).",
+        )
+        for engine in engines:
+            tracing.trace_sql(engine, self.tracer_provider, connections)
+        # Counted by the database layer (service/db/pool.py); read at collection.
+        watch = database.pool_watch
+        meter.create_observable_counter(
+            f"{service.NAME}.db.pool.exhausted",
+            callbacks=[lambda _options: [Observation(watch.exhausted_total)]],
+            unit="{request}",
+            description="Requests that got no pooled connection within the pool timeout.",
+        )
         replicas = database.replicas.replicas
         self.observe_replica_lag(
             lambda: [ReplicaLag(r.name, r.lag_s, r.lag_bytes) for r in replicas]
@@ -172,12 +153,10 @@ class Telemetry:
         if self.gauges is not None:
             self.gauges.replica_lag = source
 
-    def export_status(self) -> ExportStatus:
+    def export_status(self) -> exporting.ExportStatus:
         """Whether OTLP export works: for /healthz, a warning when failing."""
-        return summarize(self._watches)
+        return exporting.summarize(self._watches)
 
     def render_metrics(self) -> bytes:
         """The Prometheus text exposition of this app's metrics (empty when disabled)."""
-        if self.batch is not None:
-            self.batch.flush()
         return generate_latest(self.registry) if self.meter_provider is not None else b""

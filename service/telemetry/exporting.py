@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 R = TypeVar("R")
+E = TypeVar("E", SpanExporter, MetricExporter)
 Signal = Literal["traces", "metrics"]
 
 # The OTLP exporters report why an export failed only in log records (the
@@ -29,15 +29,11 @@ Signal = Literal["traces", "metrics"]
 _exporting = threading.local()
 
 
-class _CaptureExportErrors(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        watch: ExportWatch | None = getattr(_exporting, "watch", None)
-        if watch is not None and record.levelno >= logging.WARNING:
-            watch.reasons.append(record.getMessage())
-        return True
-
-
-_CAPTURE = _CaptureExportErrors()
+def _capture_export_errors(record: logging.LogRecord) -> bool:
+    watch: ExportWatch | None = getattr(_exporting, "watch", None)
+    if watch is not None and record.levelno >= logging.WARNING:
+        watch.reasons.append(record.getMessage())
+    return True
 
 
 def otlp_wanted(signal: Signal) -> bool:
@@ -114,6 +110,21 @@ class ExportWatch:
             self.failed(f"export to {status.endpoint} failed: {reason or 'no reason given'}")
         return result
 
+    def attach(self, exporter: E) -> E:
+        """The SDK's exporter, its exports made through run() (all else stays its own)."""
+        self.status.endpoint = getattr(exporter, "_endpoint", self.status.endpoint)
+        export = exporter.export
+        results = SpanExportResult if isinstance(exporter, SpanExporter) else MetricExportResult
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            return self.run(lambda: export(*args, **kwargs), results.SUCCESS, results.FAILURE)
+
+        exporter.export = watched  # type: ignore[method-assign]
+        # addFilter is idempotent, so every app may call it; the filter only
+        # acts while a watch is exporting on the current thread.
+        logging.getLogger(type(exporter).__module__).addFilter(_capture_export_errors)
+        return exporter
+
     def failed(self, error: str) -> None:
         self.status.consecutive_failures += 1
         self.status.last_failure_at = time.time()
@@ -126,52 +137,3 @@ def summarize(watches: Sequence[ExportWatch]) -> ExportStatus:
     if failing:
         return ExportStatus("failing", failing[0].last_error, signals)
     return ExportStatus("ok" if signals else "off", None, signals)
-
-
-def _watch_logger_of(exporter: object) -> None:
-    # addFilter is idempotent, so every app may call it; the filter only acts
-    # while a watch is exporting on the current thread.
-    logging.getLogger(type(exporter).__module__).addFilter(_CAPTURE)
-
-
-class WatchedSpanExporter(SpanExporter):
-    def __init__(self, inner: SpanExporter, watch: ExportWatch) -> None:
-        self.inner, self.watch = inner, watch
-        _watch_logger_of(inner)
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return self.watch.run(
-            lambda: self.inner.export(spans), SpanExportResult.SUCCESS, SpanExportResult.FAILURE
-        )
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-
-class WatchedMetricExporter(MetricExporter):
-    def __init__(self, inner: MetricExporter, watch: ExportWatch) -> None:
-        # The reader asks its exporter which temporality/aggregation it wants.
-        super().__init__(
-            preferred_temporality=inner._preferred_temporality,
-            preferred_aggregation=inner._preferred_aggregation,
-        )
-        self.inner, self.watch = inner, watch
-        _watch_logger_of(inner)
-
-    def export(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> MetricExportResult:
-        return self.watch.run(
-            lambda: self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs),
-            MetricExportResult.SUCCESS,
-            MetricExportResult.FAILURE,
-        )
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)

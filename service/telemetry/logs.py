@@ -18,7 +18,6 @@ from pythonjsonlogger.json import JsonFormatter
 
 import service
 from service.config import Settings
-from service.telemetry.batching import parts
 from service.telemetry.middleware import QUIET_PATHS
 
 ACCESS_LOGGER = "uvicorn.access"
@@ -88,11 +87,7 @@ def log_config(settings: Settings) -> dict[str, Any]:
         },
         "handlers": {
             "stdout": {
-                "class": (
-                    "service.telemetry.batching.BatchedStreamHandler"
-                    if "batched-log" in parts()
-                    else "logging.StreamHandler"
-                ),
+                "class": "logging.StreamHandler",
                 "formatter": "json",
                 "filters": ["trace"],
                 "stream": "ext://sys.stdout",

@@ -14,16 +14,11 @@ from typing import NamedTuple
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.view import (
-    DropAggregation,
-    ExplicitBucketHistogramAggregation,
-    View,
-)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 
 import service
-from service.telemetry.batching import parts
 
 # Seconds. The semantic conventions' buckets start at 5 ms; a node answers
 # most reads faster than that, so finer buckets come first.
@@ -48,16 +43,7 @@ def build_meter_provider(resource: Resource, registry: CollectorRegistry) -> Met
             View(
                 instrument_name="http.server.request.duration",
                 aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S),
-            ),
-            *(
-                View(instrument_name=name, aggregation=DropAggregation())
-                for name in (
-                    "http.server.active_requests",
-                    "http.server.request.body.size",
-                    "http.server.response.body.size",
-                )
-                if "views" in parts()
-            ),
+            )
         ],
         shutdown_on_exit=False,
     )

@@ -12,12 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-from opentelemetry.metrics import NoOpUpDownCounter
 from opentelemetry.trace import Span
 from opentelemetry.util.http import sanitize_method
-from starlette.types import ASGIApp
-
-from service.telemetry.batching import Batch, Deferred, parts
 
 if TYPE_CHECKING:
     from service.telemetry.core import Telemetry
@@ -46,23 +42,6 @@ class RoutedMiddleware(OpenTelemetryMiddleware):
     starts, to the span and to the attributes the middleware records the
     duration with (the dict it passes here).
     """
-
-    def __init__(self, app: ASGIApp, /, *, batch: Batch | None = None, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        if "lean-instruments" in parts():
-            self.active_requests_counter = NoOpUpDownCounter("http.server.active_requests")
-            self.server_request_body_size_histogram = None
-            self.server_response_body_size_histogram = None
-        if batch is not None:
-            for name in (
-                "duration_histogram_new",
-                "active_requests_counter",
-                "server_request_body_size_histogram",
-                "server_response_body_size_histogram",
-            ):
-                instrument = getattr(self, name)
-                if instrument is not None:
-                    setattr(self, name, Deferred(instrument, batch))
 
     def _get_otel_send(  # type: ignore[no-untyped-def]
         self, server_span: Span, server_span_name: str, scope, send, duration_attrs
@@ -104,5 +83,4 @@ def install(app: FastAPI, telemetry: Telemetry) -> None:
         exclude_spans=["receive", "send"],
         tracer_provider=telemetry.tracer_provider,
         meter_provider=telemetry.meter_provider,
-        batch=telemetry.batch,
     )

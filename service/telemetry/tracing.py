@@ -8,9 +8,7 @@ from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.metrics import UpDownCounter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import (
-    ParentBasedTraceIdRatio,
-)
+from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import service

@@ -84,14 +84,15 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
 TELEMETRY_CONFIGS = ["off", "default", "no-access-log", "otlp", "otlp-down"]
 
 
-def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["sequential", "together"])
+def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path, together: bool) -> None:
     for tool in ("wrk", "taskset"):
         require(shutil.which(tool) is not None, f"{tool} is not installed (apt-get install wrk)")
     server_core, client_core = _cores()
     argv = [
         "--rounds", "1", "--seconds", "1", "--warmup", "0", "--connections", "4",
         "--server-core", str(server_core), "--client-core", str(client_core),
-        "--out", str(tmp_path / "telemetry"),
+        "--out", str(tmp_path / "telemetry"), *(["--together"] if together else []),
     ]  # fmt: skip
 
     report = bench_telemetry.run(bench_telemetry.parser().parse_args(argv), argv)
@@ -111,5 +112,25 @@ def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert cross["counted"] >= cross["sent"] > 0
     # The live collector really received spans: export happened, at about the sampled share.
     assert 0 < cross["otlp_spans_exported"] <= 4 * cross["otlp_counted"]
+    assert report["setup"]["together"] is together
+    # One round: no even rounds to agree with, so the run cannot be valid.
+    assert report["judged"]["valid"] is False
     text = bench_telemetry.markdown(report)
     assert "# Telemetry overhead" in text and "Exporting to a live collector" in text
+    assert ("each beside a run of `off`" in text) is together
+
+
+def _summary(default_ratios: list[float]) -> dict[str, dict[str, list[float]]]:
+    return {"default": {"ratio_per_round": default_ratios}}
+
+
+def test_a_telemetry_run_is_valid_when_odd_and_even_rounds_agree() -> None:
+    # Odd rounds 0.95, 0.93; even rounds 0.94, 0.92: both meet the 10% target.
+    assert bench_telemetry.judge(_summary([0.95, 0.94, 0.93, 0.92]))["valid"]
+    # Both miss it, however far apart.
+    assert bench_telemetry.judge(_summary([0.50, 0.70, 0.52, 0.72]))["valid"]
+    # Odd rounds meet it (0.95), even rounds miss it (0.85): not established.
+    judged = bench_telemetry.judge(_summary([0.95, 0.85, 0.95, 0.85]))
+    assert not judged["valid"]
+    assert (judged["ratio_odd_rounds"], judged["ratio_even_rounds"]) == (0.95, 0.85)
+    assert not bench_telemetry.judge(_summary([0.95]))["valid"]
