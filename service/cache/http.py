@@ -5,8 +5,9 @@ returns the resource as a `Representation` (or None: not found, never
 cached), and answers with `representation.response(...)`: ETag, 304 on a
 matching If-None-Match and X-Read-Source are the same whether the database
 or the cache served it, and with CATTLE_CACHE=off the same code reads the
-database every time. A route that changes a resource calls
-`reads.wrote(session, key)` after its write block, before it answers.
+database every time. A route that changes a resource declares
+`invalidations: InvalidationsDep` and calls `invalidations.wrote(session,
+key)` after its write block, before it answers.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ Load = Callable[[AsyncSession], Awaitable[Representation | None]]
 
 
 class CachedReads:
-    """One request's reads by id and its writes' invalidations."""
+    """One request's reads by id."""
 
     def __init__(self, db: Database, cache: ReadCache | None, min_lsn: int | None) -> None:
         self.db = db
@@ -80,9 +81,17 @@ class CachedReads:
             self.cache.fill(key, found, stamp=stamp, read_at=read_at)
         return found, source
 
+
+class Invalidations:
+    """One write request's invalidations (a dependency of its own, so a write
+    route documents no Consistency-Token request header)."""
+
+    def __init__(self, cache: ReadCache | None) -> None:
+        self.cache = cache
+
     def wrote(self, session: AsyncSession, *keys: str) -> None:
         """The write of `session` (committed) changed `keys`: invalidate them on
-        this node now and on the others through the bus."""
+        this node now, and hand them on for the other nodes."""
         if self.cache is None:
             return
         token = consistency_token(session)
@@ -93,4 +102,9 @@ async def cached_reads(request: Request, db: DatabaseDep, min_lsn: MinLsnDep) ->
     return CachedReads(db, node.cache(request), min_lsn)
 
 
+async def invalidations(request: Request) -> Invalidations:
+    return Invalidations(node.cache(request))
+
+
 CachedReadsDep = Annotated[CachedReads, Depends(cached_reads)]
+InvalidationsDep = Annotated[Invalidations, Depends(invalidations)]

@@ -235,7 +235,7 @@ async def update_note(
     note_id: uuid.UUID,
     patch: NotePatch,
     db: DatabaseDep,
-    reads: cache.CachedReadsDep,
+    invalidations: cache.InvalidationsDep,
     if_match: Annotated[
         str | None,
         Header(
@@ -263,7 +263,7 @@ async def update_note(
         raise _not_found(note_id) from None
     except service.NoteVersionMismatch as exc:
         raise _precondition_failed(exc.current_version) from None
-    reads.wrote(session, _cache_key(note_id))
+    invalidations.wrote(session, _cache_key(note_id))
     return _note_response(note, headers=consistency.headers(token=consistency_token(session)))
 
 
@@ -275,7 +275,7 @@ async def update_note(
 async def delete_note(
     note_id: uuid.UUID,
     db: DatabaseDep,
-    reads: cache.CachedReadsDep,
+    invalidations: cache.InvalidationsDep,
     if_match: Annotated[
         str | None,
         Header(
@@ -293,5 +293,5 @@ async def delete_note(
         raise _not_found(note_id) from None
     except service.NoteVersionMismatch as exc:
         raise _precondition_failed(exc.current_version) from None
-    reads.wrote(session, _cache_key(note_id))
+    invalidations.wrote(session, _cache_key(note_id))
     return Response(status_code=204, headers=consistency.headers(token=consistency_token(session)))

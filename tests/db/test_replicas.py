@@ -69,6 +69,8 @@ def node_settings(cluster: PostgresCluster, dbname: str, node_id: str, **extra) 
         environment="production",
         cursor_secret="test-cursor-secret-0123456789",
         replica_check_interval_s=0.2,
+        # These tests are about which source serves a read: no read cache in between.
+        cache=False,
         **extra,
     )
 

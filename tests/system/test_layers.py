@@ -39,6 +39,16 @@ VIOLATIONS = {
         "from service.health import lifecycle",
         "service.telemetry is not allowed to import service.health",
     ),
+    "the read cache imports the bus": (
+        "service/cache/store.py",
+        "from service.bus import messages",
+        "service.cache is not allowed to import service.bus",
+    ),
+    "the bus imports the read cache": (
+        "service/bus/membership.py",
+        "from service.cache import store",
+        "service.bus is not allowed to import service.cache",
+    ),
     "two sibling modules import each other": (
         "service/problems.py",
         "from service import middleware",
