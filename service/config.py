@@ -205,8 +205,7 @@ class Settings(BaseSettings):
     def _check_bus_bind(cls, value: str) -> str:
         if not re.fullmatch(r"tcp://(\*|\[[0-9a-fA-F:.]+\]|[^:/\s]+):(\*|\d{1,5})", value):
             raise ValueError(
-                "give tcp://<address>:<port> (e.g. tcp://0.0.0.0:7400), "
-                "or port * for any free port"
+                "give tcp://<address>:<port> (e.g. tcp://0.0.0.0:7400), or port * for any free port"
             )
         return value
 
