@@ -12,7 +12,9 @@ from fastapi import FastAPI
 
 from service import domains, node
 from service.bus import runtime as bus_runtime
+from service.bus.bus import Bus
 from service.cache import runtime as cache_runtime
+from service.cache.store import ReadCache
 from service.config import Environment, Settings
 from service.db import migrate
 from service.db.engines import Database
@@ -59,6 +61,14 @@ async def _purge_idempotency_keys(database: Database, interval_s: float) -> None
                 log.info("purged %d expired idempotency keys", purged)
 
 
+def connect_cache(bus: Bus, cache: ReadCache) -> None:
+    """The cache hears the peers' writes and tells them of this node's, and
+    heartbeats carry its counters. Neither package knows the other."""
+    bus.subscribe_invalidations(cache)
+    bus.set_stats_provider(cache.stats)
+    cache.publish = bus.publish_invalidations
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     settings = node.settings(app)
@@ -94,6 +104,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
                 bus_runtime.running(app) as bus,
                 health.running(app, database) as checker,
             ):
+                if bus is not None and cache is not None:
+                    connect_cache(bus, cache)
                 yield node.started(database=database, health=checker, bus=bus, cache=cache)
         finally:
             for task in background:
