@@ -226,6 +226,10 @@ def markdown(report: dict[str, Any]) -> str:
             "Each key carries its publish time; a receiver's sink measures to the moment "
             "it applies it (one clock: all processes on one machine).",
             "",
+            f"All {report['nodes']} processes share this machine: while writing they used "
+            f"{sum(cpu['writes']):.2f} cores together, of its {report['machine']['cores']}. "
+            "Past the machine's cores, the latency includes waiting for a CPU.",
+            "",
         ]
     )
 

@@ -241,3 +241,45 @@ def test_a_header_is_small() -> None:
     tp = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
     frames = messages.encode(messages.INV, Header("node-1", 2**62, 10**9, 2**40, 1.7e9, tp), {})
     assert len(frames[1]) < 200
+
+
+async def test_metrics_count_messages_losses_peers_and_invalidation_latency(
+    start_bus: StartBus,
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    a = await start_bus("a")
+    b = Bus(bus_settings("b", bus_peers=[a.endpoint]), meter=meter)
+    await b.start()
+    try:
+        sink = Sink()
+        b.subscribe_invalidations(sink)
+        assert await until(lambda: "a" in b.membership.peers, 5.0) is not None
+        a._seq += 1  # one lost
+        a.publish_invalidations(["note:1"], 5)
+        assert await until(lambda: sink.invalidated, 2.0) is not None
+        data = reader.get_metrics_data()
+        assert data is not None
+        points = {
+            metric.name: list(metric.data.data_points)
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+        }
+        received = {
+            p.attributes["topic"]: p.value
+            for p in points["cattle.bus.messages"]
+            if p.attributes["direction"] == "received"
+        }
+        assert received["inv"] == 1 and received["hb"] >= 1
+        kinds = {p.attributes["kind"]: p.value for p in points["cattle.bus.losses"]}
+        assert kinds["gap"] == 1
+        alive = [p.value for p in points["cattle.bus.peers"] if p.attributes["state"] == "alive"]
+        assert alive == [1]
+        (latency,) = points["cattle.bus.invalidation.latency"]
+        assert latency.count == 1 and 0 <= latency.sum < 1.0
+    finally:
+        await b.close(2.0)
