@@ -6,8 +6,11 @@ turned off, or the rule's input removed) to show the test can fail.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
+from service.bus import InvalidationSink
 from service.cache import store
 from service.cache.store import ReadCache
 
@@ -209,3 +212,10 @@ def test_stats_count_hits_misses_refusals_and_evictions(clock):
         "size": 1,
         "tombstones": 1,
     }
+
+
+def test_the_cache_is_what_the_bus_calls():
+    """The bus's InvalidationSink, method for method (the cache may not import it)."""
+    for name in ("invalidate", "invalidate_older_than"):
+        expected = inspect.signature(getattr(InvalidationSink, name))
+        assert inspect.signature(getattr(ReadCache, name)) == expected, name

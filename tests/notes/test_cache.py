@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+import service
 from service.app import create_app
 from service.cache import store
 from service.config import Settings
@@ -160,3 +162,22 @@ async def test_sqlite_tokens_order_commits_across_nodes(sqlite_url, tmp_path):
             tokens.append(int(created.headers["consistency-token"].removeprefix("w1."), 16))
         assert tokens == sorted(tokens)
         assert len(set(tokens)) == 4
+
+
+async def test_metrics_count_hits_misses_and_entries(sqlite_url, tmp_path):
+    async with node(sqlite_url, tmp_path) as (http, _):
+        url = (await http.post("/v1/notes", json={"title": "t"})).headers["location"]
+        for _ in range(3):
+            await http.get(url)
+        exposed = (await http.get("/metrics")).text
+    found = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(exposed)
+        for sample in family.samples
+    }
+    prefix = f"{service.NAME}_cache"
+    assert found[f"{prefix}_hits_total"] == 2
+    assert found[f"{prefix}_misses_total"] == 1
+    assert found[f"{prefix}_refused_total"] == 0
+    assert found[f"{prefix}_evictions_total"] == 0
+    assert found[f"{prefix}_entries"] == 1
