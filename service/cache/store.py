@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,9 +186,6 @@ class ReadCache:
                 else:
                     self._floor = max(self._floor, position)
 
-    def clear(self) -> None:
-        self._entries.clear()
-
     # -- reporting ------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
@@ -201,6 +198,3 @@ class ReadCache:
             "size": len(self._entries),
             "tombstones": len(self._tombstones),
         }
-
-    def keys(self) -> Iterable[str]:
-        return list(self._entries)
