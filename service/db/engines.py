@@ -25,7 +25,7 @@ from sqlalchemy.util import await_only
 from service import NAME
 from service.config import Settings
 from service.db import consistency
-from service.db.errors import DatabaseTimeout, is_unavailable
+from service.db.errors import ConnectionLost, DatabaseTimeout, is_unavailable
 from service.db.pool import PoolWatch
 from service.db.replicas import Replica, ReplicaSet, replica_name
 
@@ -202,18 +202,24 @@ class Database:
 
     @asynccontextmanager
     async def write(
-        self, *, connection: AsyncConnection | None = None
+        self, *, connection: AsyncConnection | None = None, token: bool = True
     ) -> AsyncIterator[AsyncSession]:
         """A session in a transaction on the primary, committed on success.
 
         After the commit, `consistency_token(session)` gives the token that
-        lets any node read this write back. With `connection`, the session
+        lets any node read this write back; `token=False` skips reading it
+        (bookkeeping no client reads back, such as claiming an idempotency
+        key: one round trip less). With `connection`, the session
         runs on it (a caller that holds one already needs no second). A
         connection that failed or overran the bound is discarded without
         another command: a frozen server would make even the ROLLBACK wait,
         and a discarded connection can commit nothing when the server wakes.
+        A connection already discarded earlier in the request (its token
+        could not be read, say) is refused as unavailable: a 503, not a 500.
         """
         if connection is not None:
+            if connection.invalidated:
+                raise ConnectionLost("the database connection was lost earlier in this request")
             session = AsyncSession(bind=connection, expire_on_commit=False)
         else:
             session = self._writer_sessions()
@@ -222,13 +228,14 @@ class Database:
                 yield session
                 if self.is_postgres:
                     await session.commit()
-                    token = await self.current_token(connection=connection)
+                    if token:
+                        session.info[_TOKEN_KEY] = await self.current_token(connection=connection)
                 else:
                     # In the transaction: the position commits with the write.
                     position = await session.scalar(_BUMP_COMMIT_COUNTER)
                     await session.commit()
-                    token = None if position is None else consistency.encode(position)
-                session.info[_TOKEN_KEY] = token
+                    if position is not None:
+                        session.info[_TOKEN_KEY] = consistency.encode(position)
             except BaseException as exc:
                 if _dead(exc):
                     await session.invalidate()

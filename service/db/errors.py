@@ -33,6 +33,13 @@ class DatabaseTimeout(ConnectionError):
     """
 
 
+class ConnectionLost(ConnectionError):
+    """A connection the request holds was discarded by an earlier failure.
+
+    A ConnectionError, so the app answers it 503 database-unavailable.
+    """
+
+
 def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, OSError | TimeoutError | PoolTimeout):
         return True

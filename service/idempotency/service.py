@@ -232,7 +232,7 @@ async def claim(
             ),
         ):
             return lease
-        async with db.write(connection=connection) as session:
+        async with db.write(connection=connection, token=False) as session:
             record = await session.get(IdempotencyRecord, key, with_for_update=True)
             if record is None:
                 if holder is Holder.ALIVE:
@@ -272,7 +272,7 @@ async def _insert(
 ) -> bool:
     """Insert a new key; False if it already exists."""
     try:
-        async with db.write(connection=connection) as session:
+        async with db.write(connection=connection, token=False) as session:
             session.add(record)
     except IntegrityError:
         return False
@@ -304,7 +304,7 @@ async def complete(session: AsyncSession, lease: Lease, response: StoredResponse
 
 async def release(db: Database, lease: Lease, *, connection: AsyncConnection | None = None) -> None:
     """Give the key back after a failure, so a retry need not wait for the lease."""
-    async with db.write(connection=connection) as session:
+    async with db.write(connection=connection, token=False) as session:
         await session.execute(
             delete(IdempotencyRecord).where(
                 IdempotencyRecord.key == lease.key,
@@ -316,7 +316,7 @@ async def release(db: Database, lease: Lease, *, connection: AsyncConnection | N
 
 async def purge_expired(db: Database) -> int:
     """Delete records past retention; returns how many went."""
-    async with db.write() as session:
+    async with db.write(token=False) as session:
         result = await _execute_dml(
             session, delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= utcnow())
         )
