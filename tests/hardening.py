@@ -12,13 +12,15 @@ compared; the run's cases are written as the new result at the session's end.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import subprocess
+import shlex
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from loadtests import report as reports
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_JSON = REPO / "docs/results/hardening.json"
@@ -89,8 +91,10 @@ def record(
 def render(result: dict[str, Any]) -> str:
     """The markdown table of a result document (docs/results/hardening.md)."""
     lines = [
-        f"{len(result['cases'])} cases, written by `make hardening-report` "
-        f"at commit {result['commit']} on {result['written_at']}.",
+        reports.measured(result),
+        "",
+        f"{len(result['cases'])} cases, written by `make hardening-report`, "
+        f"which runs `{result['command']}`.",
         "",
         "| group | input or fault | backend | answer | longest wait | node healthy after | audit |",
         "| --- | --- | --- | --- | ---: | --- | --- |",
@@ -115,18 +119,9 @@ def write_results(exitstatus: int) -> None:
     if exitstatus != 0:
         print(f"\nhardening: the run failed; {RESULT_JSON.name} left as it was")
         return
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     cases = sorted(_recorded.values(), key=lambda c: (c.group, c.tried, c.backend))
-    result = {
-        "commit": commit or "unknown",
-        "written_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cases": [asdict(case) for case in cases],
-    }
+    # The one metadata layout of every result file (loadtests/report.py).
+    command = shlex.join(["python", "-m", "pytest", *sys.argv[1:]])
+    result = reports.stamped(command, {"cases": [asdict(case) for case in cases]})
     RESULT_JSON.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     RESULT_MD.write_text(render(result))
