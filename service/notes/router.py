@@ -64,6 +64,14 @@ async def get_cursors(settings: SettingsDep) -> CursorCodec:
 CursorsDep = Annotated[CursorCodec, Depends(get_cursors)]
 
 
+def _etag_list(description: str) -> Any:
+    """An If-Match / If-None-Match header: a list of ETags, its shape in the spec."""
+    return Header(
+        description=description,
+        json_schema_extra={"type": "string", "pattern": conditional.LIST_PATTERN},
+    )
+
+
 def _not_found(note_id: uuid.UUID, headers: dict[str, str] | None = None) -> Problem:
     return Problem(404, f"note {note_id} does not exist", slug="not-found", headers=headers)
 
@@ -147,11 +155,7 @@ async def get_note(
     note_id: uuid.UUID,
     reads: cache.CachedReadsDep,
     if_none_match: Annotated[
-        str | None,
-        Header(
-            description="An ETag you hold: 304 when the note still has it",
-            json_schema_extra={"type": "string", "pattern": conditional.LIST_PATTERN},
-        ),
+        str | None, _etag_list("An ETag you hold: 304 when the note still has it")
     ] = None,
 ) -> Response:
     """Read a note. Send its ETag in `If-None-Match` to get 304 when unchanged,
@@ -237,11 +241,7 @@ async def update_note(
     db: DatabaseDep,
     invalidations: cache.InvalidationsDep,
     if_match: Annotated[
-        str | None,
-        Header(
-            description="Required (428 without): the ETag you read; 412 when it is stale",
-            json_schema_extra={"type": "string", "pattern": conditional.LIST_PATTERN},
-        ),
+        str | None, _etag_list("Required (428 without): the ETag you read; 412 when it is stale")
     ] = None,
 ) -> Response:
     """Change title and/or body. `If-Match` with the note's ETag is required."""
@@ -276,13 +276,7 @@ async def delete_note(
     note_id: uuid.UUID,
     db: DatabaseDep,
     invalidations: cache.InvalidationsDep,
-    if_match: Annotated[
-        str | None,
-        Header(
-            description="The ETag you read: 412 when it is stale",
-            json_schema_extra={"type": "string", "pattern": conditional.LIST_PATTERN},
-        ),
-    ] = None,
+    if_match: Annotated[str | None, _etag_list("The ETag you read: 412 when it is stale")] = None,
 ) -> Response:
     """Delete a note; `If-Match` is honoured when given."""
     expected = None if if_match is None else conditional.matching_versions(if_match)
