@@ -49,7 +49,7 @@ import socket
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,6 +364,52 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_rounds(
+    baseline: Config,
+    measured: list[Config],
+    drive: Callable[[Config], dict[str, Any]],
+    *,
+    rounds: int,
+    together: bool,
+) -> None:
+    """Drive every configuration `rounds` times beside the baseline; results go to `.rounds`.
+
+    Each round starts with the next configuration of the last one's order, so
+    none always runs first. Sequential: every configuration runs between two
+    runs of the baseline and is compared with their mean, so the machine's
+    drift cancels. Together: each runs at the same time as a run of the
+    baseline, which takes the drift out of the pair but shares the client core.
+    """
+
+    def beside_baseline(config: Config) -> dict[str, Any]:
+        with ThreadPoolExecutor(2) as pool:
+            mine, off = pool.submit(drive, config), pool.submit(drive, baseline)
+            result, off_result = mine.result(), off.result()
+        result["baseline_rps"] = off_result["rps"]
+        result["baseline_cpu_us"] = cpu_us_per_request(off_result)
+        config.rounds.append(result)
+        return off_result
+
+    for round_no in range(rounds):
+        print(f"round {round_no + 1}", flush=True)
+        shift = round_no % len(measured)
+        order = measured[shift:] + measured[:shift]
+        if together:
+            baseline.rounds.append(merge_runs([beside_baseline(config) for config in order]))
+            continue
+        before = drive(baseline)
+        off_runs = [before]
+        for config in order:
+            result = drive(config)
+            after = drive(baseline)
+            off_runs.append(after)
+            result["baseline_rps"] = (before["rps"] + after["rps"]) / 2
+            result["baseline_cpu_us"] = (cpu_us_per_request(before) + cpu_us_per_request(after)) / 2
+            config.rounds.append(result)
+            before = after
+        baseline.rounds.append(merge_runs(off_runs))
+
+
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     """Run the benchmark (without the machine lock: main takes it) and return the report."""
     run_dir = Path(tempfile.mkdtemp(prefix="cattle-bench-telemetry-"))
@@ -436,39 +482,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                 print(f"{config.name:14s} {result['rps']:8.0f} req/s", flush=True)
                 return result
 
-            def drive_beside_baseline(config: Config) -> None:
-                with ThreadPoolExecutor(2) as pool:
-                    mine, off = pool.submit(drive, config), pool.submit(drive, baseline)
-                    result, off_result = mine.result(), off.result()
-                result["baseline_rps"] = off_result["rps"]
-                result["baseline_cpu_us"] = cpu_us_per_request(off_result)
-                config.rounds.append(result)
-                off_runs.append(off_result)
-
-            for round_no in range(args.rounds):
-                print(f"round {round_no + 1}", flush=True)
-                shift = round_no % len(measured)
-                if args.together:
-                    off_runs: list[dict[str, Any]] = []
-                    for config in measured[shift:] + measured[:shift]:
-                        drive_beside_baseline(config)
-                    baseline.rounds.append(merge_runs(off_runs))
-                    continue
-                # Every configuration runs between two runs of the baseline and
-                # is compared with their mean: the machine's drift cancels.
-                before = drive(baseline)
-                off_runs = [before]
-                for config in measured[shift:] + measured[:shift]:
-                    result = drive(config)
-                    after = drive(baseline)
-                    off_runs.append(after)
-                    result["baseline_rps"] = (before["rps"] + after["rps"]) / 2
-                    result["baseline_cpu_us"] = (
-                        cpu_us_per_request(before) + cpu_us_per_request(after)
-                    ) / 2
-                    config.rounds.append(result)
-                    before = after
-                baseline.rounds.append(merge_runs(off_runs))
+            run_rounds(baseline, measured, drive, rounds=args.rounds, together=args.together)
             counted = {
                 name: counted_requests(server_of(by_name[name]).port, wrkbench.NOTE_ROUTE)
                 - warm[name]

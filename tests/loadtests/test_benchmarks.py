@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,15 +85,16 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
 TELEMETRY_CONFIGS = ["off", "default", "no-access-log", "otlp", "otlp-down"]
 
 
-@pytest.mark.parametrize("together", [False, True], ids=["sequential", "together"])
-def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path, together: bool) -> None:
+def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
+    # Together mode, the one the committed results use; the sequential order
+    # is tested without nodes below.
     for tool in ("wrk", "taskset"):
         require(shutil.which(tool) is not None, f"{tool} is not installed (apt-get install wrk)")
     server_core, client_core = _cores()
     argv = [
         "--rounds", "1", "--seconds", "1", "--warmup", "0", "--connections", "4",
         "--server-core", str(server_core), "--client-core", str(client_core),
-        "--out", str(tmp_path / "telemetry"), *(["--together"] if together else []),
+        "--out", str(tmp_path / "telemetry"), "--together",
     ]  # fmt: skip
 
     report = bench_telemetry.run(bench_telemetry.parser().parse_args(argv), argv)
@@ -112,12 +114,38 @@ def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path, together: 
     assert cross["counted"] >= cross["sent"] > 0
     # The live collector really received spans: export happened, at about the sampled share.
     assert 0 < cross["otlp_spans_exported"] <= 4 * cross["otlp_counted"]
-    assert report["setup"]["together"] is together
+    assert report["setup"]["together"] is True
     # One round: no even rounds to agree with, so the run cannot be valid.
     assert report["judged"]["valid"] is False
     text = bench_telemetry.markdown(report)
     assert "# Telemetry overhead" in text and "Exporting to a live collector" in text
-    assert ("each beside a run of `off`" in text) is together
+    assert "each beside a run of `off`" in text
+
+
+def _fake_run(rps: float) -> dict[str, Any]:
+    return {"rps": rps, "requests": 100, "non_2xx": 0, "server_cpu_s": 0.1, "latency_ms": {}}
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["sequential", "together"])
+def test_every_configuration_runs_beside_the_baseline_and_none_always_first(
+    together: bool,
+) -> None:
+    off, a, b = (bench_telemetry.Config(name, {}, "") for name in ("off", "a", "b"))
+    order: list[str] = []
+
+    def drive(config: bench_telemetry.Config) -> dict[str, Any]:
+        order.append(config.name)
+        return _fake_run({"off": 1000.0, "a": 900.0, "b": 800.0}[config.name])
+
+    bench_telemetry.run_rounds(off, [a, b], drive, rounds=2, together=together)
+
+    if together:  # each beside one run of off, at the same time
+        assert sorted(order) == ["a", "a", "b", "b", "off", "off", "off", "off"]
+    else:  # each between two runs of off; the second round starts with b
+        assert order == ["off", "a", "off", "b", "off", "off", "b", "off", "a", "off"]
+    assert [len(c.rounds) for c in (off, a, b)] == [2, 2, 2]
+    assert all(r["baseline_rps"] == 1000.0 for r in a.rounds + b.rounds)
+    assert off.rounds[0]["requests"] == (200 if together else 300)
 
 
 def _summary(default_ratios: list[float]) -> dict[str, dict[str, list[float]]]:
