@@ -10,6 +10,11 @@ SHELL := /bin/bash
 SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk
 
 export UV_PYTHON_DOWNLOADS := never
+# Compile the dependencies' bytecode when installing them. Where
+# PYTHONDONTWRITEBYTECODE is set (CI images often do), Python never caches
+# it, and every process (each node the suite starts) compiles FastAPI,
+# SQLAlchemy and the rest from source again before it can serve.
+export UV_COMPILE_BYTECODE := 1
 UV := $(shell command -v uv 2>/dev/null)
 ifeq ($(UV),)
 UV := $(HOME)/.local/bin/uv
