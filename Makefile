@@ -33,7 +33,14 @@ PIP_USER_FLAGS := --user --quiet $(shell python3 -c 'import os, sysconfig; print
 
 $(UV):
 	@echo "uv not found: installing it for this user with pip"
-	python3 -m pip install $(PIP_USER_FLAGS) uv
+	@python3 -m pip --version >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "python3 has no pip: installing python3-pip"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip; \
+	else \
+	  echo "python3 has no pip: install it (sudo apt-get install python3-pip) or uv, then run make again" >&2; exit 1; \
+	fi
+	PIP_ROOT_USER_ACTION=ignore python3 -m pip install $(PIP_USER_FLAGS) uv
 
 $(VENV_STAMP): pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen
