@@ -1,19 +1,33 @@
 """Scale-out experiment: does throughput grow linearly with the number of nodes?
 
-For N in 1, 2, 4, 8 it brings up the lab with N nodes, each capped at the
-same CPU fraction (so one machine behaves like N small ones), drives it to
-saturation through HAProxy with locust, and measures steady-state
-throughput after a warm-up. It reports X(N), the efficiency
-E(N) = X(N) / (N * X(1)), a Universal Scalability Law fit
-X(N) = lambda N / (1 + sigma (N-1) + kappa N (N-1)) with its uncertainty, and
-latency percentiles per N, in docs/results/scaleout.{md,json,png}.
+Nodes are CPU-capped (cgroup v1 `cpu`, the same fraction of a core each), so
+one machine behaves like N small ones; locust drives the lab through HAProxy
+to saturation and counts steady-state throughput after a warm-up.
 
-A run is valid only if the nodes were the bottleneck: every node throttled
-by its CPU cap in most periods and using its share, the load generator with
-headroom, the machine not saturated. The report says which check failed.
+The machine drifts over minutes, so N values are never compared across
+minutes: for each k of the plan (besides 1) a pair of runs, N=1 and N=k,
+runs back to back, the order alternating from pair to pair, and the
+efficiency E(k) = X(k) / (k X(1)) is taken within each pair. Pairs repeat
+until E(k)'s interval is narrow (Plan.ci_width) or a bound on pairs or time
+is reached; the report gives per k the median of the pair ratios and a
+95% Student-t interval of their mean. Throughput per CPU-second the nodes
+used (read from their cgroups) is reported beside it: it does not move with
+the machine's speed.
 
-    python -m loadtests.experiments.scaleout            # the full run (about 6 minutes)
-    python -m loadtests.experiments.scaleout --smoke    # seconds: checks the code, not the machine
+A run is valid only if every run's nodes were the bottleneck (every node
+throttled by its cap in most periods and using its share, the load
+generator with headroom, the machine not saturated) *and* its pairs agree:
+a k whose pair ratios spread wider than Plan.max_spread makes the run not
+valid, whatever the per-node checks say.
+
+The Universal Scalability Law is fitted on N = 1, 2, 4 only (capacities
+relative to N=1 within each pair, so the drift stays out) and its prediction
+of X(8) is set against the X(8) measured in the same run; the fit is what
+`python -m loadtests.capacity` plans with. Results go to
+docs/results/scaleout.{md,json,png}.
+
+    python -m loadtests.experiments.scaleout            # the full run (tens of minutes)
+    python -m loadtests.experiments.scaleout --smoke    # a minute: checks the code, not the machine
 """
 
 from __future__ import annotations
@@ -24,29 +38,33 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from deploy.lab.cluster import Lab, LabOptions
 from loadtests import report as reports
-from loadtests.harness import analysis
-from loadtests.harness.loadrun import LoadResult, run_load
+from loadtests.harness import analysis, cgroupcpu, paired
+from loadtests.harness.loadrun import LoadResult, Sample, run_load
+from loadtests.harness.usl import band, fit_usl, peak_n, usl
 
 RESULTS = reports.RESULTS / "scaleout"
 
-# Validity thresholds (documented in docs/results/README.md).
+# Per-run validity thresholds (documented in docs/results/README.md).
 LOADGEN_MAX_CORES = 0.8  # one locust process: keep it well short of its core
 NODE_MIN_THROTTLED = 0.5  # a saturated capped node is throttled in most periods
 NODE_MIN_SHARE = 0.85  # ... and uses (nearly) all of its cap
 MACHINE_MAX_BUSY = 0.95  # the machine itself must not be the limit
 MAX_ERROR_RATE = 0.01
 
+Point = dict[str, Any]
+Measure = Callable[[int, Path], Point]
+
 
 @dataclass(frozen=True)
 class Plan:
     ns: tuple[int, ...] = (1, 2, 4, 8)
-    repeats: int = 2
     cpu: float = 0.1
     # 20 users split exactly 18/1/1 by the read-mostly weights (90/5/5), so
     # every N runs the same mix; fewer users would round it differently per N.
@@ -55,10 +73,30 @@ class Plan:
     measure_s: float = 20.0
     backend: str = "postgres"
     mix: str = "read-mostly"
+    # Pairs per k: at least min_pairs (even, so both orders count alike),
+    # more until the 95% interval of E(k) is at most ci_width wide, never
+    # more than max_pairs, and no new pair once max_minutes have passed.
+    min_pairs: int = 4
+    max_pairs: int = 10
+    ci_width: float = 0.05
+    max_minutes: float = 75.0
+    # A k whose pair ratios spread wider than this ((max - min) / median)
+    # makes the run not valid: its repeats disagree.
+    max_spread: float = 0.10
+    # The USL is fitted on these N only; the largest N of `ns` checks it.
+    fit_ns: tuple[int, ...] = (1, 2, 4)
 
 
 SMOKE = Plan(
-    ns=(1, 2), repeats=1, cpu=0.25, users_per_node=3, warmup_s=2.0, measure_s=3.0, backend="sqlite"
+    ns=(1, 2),
+    cpu=0.25,
+    users_per_node=3,
+    warmup_s=2.0,
+    measure_s=3.0,
+    backend="sqlite",
+    min_pairs=2,
+    max_pairs=2,
+    max_minutes=5.0,
 )
 
 
@@ -66,25 +104,70 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def measure(n: int, plan: Plan, run_dir: Path) -> dict[str, Any]:
-    """One point: N nodes at saturation, steady-state figures and validity checks."""
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def measure(n: int, plan: Plan, run_dir: Path) -> Point:
+    """One run: N nodes at saturation, steady-state figures, CPU used and validity checks."""
     lab = Lab(run_dir)
     lab.up(LabOptions(nodes=n, backend=plan.backend, cpu=plan.cpu, drain_delay_s=0.5))
+    readings: list[tuple[float, dict[str, float]]] = []
+    sources: set[str] = set()
     try:
         state = lab.load()
+        groups = {node["id"]: Path(node["cgroup"]) for node in state["nodes"] if node["cgroup"]}
+
+        def read_cgroups(sample: Sample) -> None:
+            used = {}
+            for node_id, group in groups.items():
+                reading = cgroupcpu.cpu_seconds(group)
+                if reading is not None:
+                    used[node_id], source = reading
+                    sources.add(source)
+            readings.append((sample.t, used))
+
         result = run_load(
             state["front"],
             state["nodes"],
             users=n * plan.users_per_node,
             duration_s=plan.warmup_s + plan.measure_s,
             mix=plan.mix,
+            on_sample=read_cgroups,
         )
     finally:
         lab.down()
-    return _point(n, plan, result)
+    point = _point(n, plan, result)
+    point.update(_cpu_used(result, plan, readings, sources))
+    return point
 
 
-def _point(n: int, plan: Plan, result: LoadResult) -> dict[str, Any]:
+def _cpu_used(
+    result: LoadResult,
+    plan: Plan,
+    readings: list[tuple[float, dict[str, float]]],
+    sources: set[str],
+) -> dict[str, Any]:
+    """Requests per CPU-second the nodes used, between the first and last cgroup
+    readings inside the measured window (requests counted over the same span)."""
+    lo, hi = result.started + plan.warmup_s, result.started + plan.warmup_s + plan.measure_s
+    inside = [(t, used) for t, used in readings if lo <= t <= hi]
+    empty = {"node_cpu_s": None, "cpu_span_s": None, "requests_per_cpu_s": None}
+    if len(inside) < 2:
+        return empty | {"cpu_source": None}
+    (t0, first), (t1, last) = inside[0], inside[-1]
+    cpu_s = sum(last[node] - first[node] for node in first.keys() & last.keys())
+    ok = result.column("ok"), result.column("t")
+    served = sum(1 for row in result.rows if row[ok[0]] and t0 <= row[ok[1]] < t1)
+    return {
+        "node_cpu_s": cpu_s,
+        "cpu_span_s": t1 - t0,
+        "requests_per_cpu_s": served / cpu_s if cpu_s > 0 else None,
+        "cpu_source": ", ".join(sorted(sources)) or None,
+    }
+
+
+def _point(n: int, plan: Plan, result: LoadResult) -> Point:
     start, end = plan.warmup_s, plan.warmup_s + plan.measure_s
     figures = analysis.summarize(result, analysis.window(result, start, end), plan.measure_s)
     lo, hi = result.started + start, result.started + end
@@ -126,68 +209,191 @@ def _point(n: int, plan: Plan, result: LoadResult) -> dict[str, Any]:
     }
 
 
-def usl(n: Any, lam: float, sigma: float, kappa: float) -> Any:
-    return lam * n / (1 + sigma * (n - 1) + kappa * n * (n - 1))
+def _settled(pairs: list[dict[str, Any]], plan: Plan) -> bool:
+    """Enough pairs for k: at least min_pairs, an even count, and a narrow interval."""
+    ratios = [p["efficiency"] for p in pairs]
+    if len(ratios) < plan.min_pairs or len(ratios) % 2:
+        return False
+    interval = paired.t_interval(ratios)
+    return interval is not None and interval[1] - interval[0] <= plan.ci_width
 
 
-def fit_usl(points: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Least-squares USL fit over every measured point, with standard errors."""
-    import numpy as np
-    from scipy.optimize import curve_fit
+def run_pairs(
+    plan: Plan, measure_one: Measure, base: Path, clock: Callable[[], float] = time.monotonic
+) -> tuple[list[dict[str, Any]], str]:
+    """Pairs of (N=1, N=k) back to back, order alternated, round-robin over k.
 
-    ns = np.array([p["n"] for p in points], dtype=float)
-    xs = np.array([p["throughput_rps"] for p in points], dtype=float)
-    if len(set(ns)) < 3:
-        return None  # three parameters need at least three distinct N
-    x1 = float(np.mean(xs[ns == ns.min()])) / float(ns.min())
-    try:
-        params, cov = curve_fit(
-            usl, ns, xs, p0=[x1, 0.01, 0.0001], bounds=([0, 0, 0], [np.inf, 1, 1]), maxfev=20000
-        )
-    except (RuntimeError, ValueError) as exc:
-        return {"error": str(exc)}
-    errors = np.sqrt(np.clip(np.diag(cov), 0, None))
+    Returns the pairs and why they stopped: every k's interval narrow, the
+    pair bound, or the time bound.
+    """
+    ks = [k for k in plan.ns if k != 1]
+    deadline = clock() + plan.max_minutes * 60
+    pairs: list[dict[str, Any]] = []
+    for index in range(plan.max_pairs):
+        open_ks = [k for k in ks if not _settled([p for p in pairs if p["k"] == k], plan)]
+        if not open_ks:
+            return pairs, "every interval narrow"
+        for k in open_ks:
+            if clock() > deadline:
+                return pairs, f"time bound ({plan.max_minutes:g} min)"
+            started = clock()
+            runs = {
+                n: measure_one(n, base / f"k{k}-pair{index}-n{n}")
+                for n in paired.first(index, 1, k)
+            }
+            x1, xk = runs[1]["throughput_rps"], runs[k]["throughput_rps"]
+            pair = {
+                "k": k,
+                "index": index,
+                "order": list(paired.first(index, 1, k)),
+                "x1_rps": x1,
+                "xk_rps": xk,
+                "efficiency": xk / (k * x1) if x1 else 0.0,
+                "per_cpu_ratio": _ratio(
+                    runs[k]["requests_per_cpu_s"], runs[1]["requests_per_cpu_s"]
+                ),
+                "runs": [runs[1], runs[k]],
+            }
+            pairs.append(pair)
+            print(
+                f"pair {index + 1} of N=1/N={k} (order {pair['order']}): X(1)={x1:.0f}, "
+                f"X({k})={xk:.0f} req/s, E={pair['efficiency']:.3f}"
+                + "".join(
+                    f"; N={r['n']} INVALID: {'; '.join(r['problems'])}"
+                    for r in pair["runs"]
+                    if not r["valid"]
+                )
+                + f" ({clock() - started:.0f} s)",
+                flush=True,
+            )
+    settled = all(_settled([p for p in pairs if p["k"] == k], plan) for k in ks)
+    return pairs, "every interval narrow" if settled else f"pair bound ({plan.max_pairs} per k)"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(pairs: list[dict[str, Any]], plan: Plan, stopped: str) -> dict[str, Any]:
+    """The report's figures from the pairs: per-N rows, the USL check, the verdict."""
+    runs = [run for pair in pairs for run in pair["runs"]]
+    x1_runs = [r["throughput_rps"] for r in runs if r["n"] == 1]
+    x1 = _median(x1_runs) or 0.0
+    x1_stderr = statistics.stdev(x1_runs) / len(x1_runs) ** 0.5 if len(x1_runs) > 1 else 0.0
+    problems = [
+        f"pair {pair['index'] + 1} of N=1/N={pair['k']}, N={run['n']}: {problem}"
+        for pair in pairs
+        for run in pair["runs"]
+        for problem in run["problems"]
+    ]
+    rows = [_row(1, [r for r in runs if r["n"] == 1], [])]
+    for k in (k for k in plan.ns if k != 1):
+        mine = [p for p in pairs if p["k"] == k]
+        row = _row(k, [p["runs"][1] for p in mine], mine, plan)
+        rows.append(row)
+        if row["pairs"] < plan.min_pairs or len({tuple(p["order"]) for p in mine}) < 2:
+            problems.append(
+                f"N={k}: {row['pairs']} pair(s), in {len({tuple(p['order']) for p in mine})} "
+                f"order(s) (at least {plan.min_pairs}, in both orders)"
+            )
+        if row["spread"] is not None and row["spread"] > plan.max_spread:
+            problems.append(
+                f"N={k}: the pairs' E({k}) spread {row['spread']:.0%} (max - min over median; "
+                f"at most {plan.max_spread:.0%}): the repeats disagree"
+            )
     return {
-        "lambda": float(params[0]),
-        "sigma": float(params[1]),
-        "kappa": float(params[2]),
-        "lambda_stderr": float(errors[0]),
-        "sigma_stderr": float(errors[1]),
-        "kappa_stderr": float(errors[2]),
-        "points": len(points),
+        "plan": asdict(plan),
+        "stopped": stopped,
+        "interval": "95% Student-t interval of the mean of the pair ratios",
+        "x1_rps": x1,
+        "x1_rps_stderr": x1_stderr,
+        "x1_spread": paired.spread(x1_runs),
+        "rows": rows,
+        "usl": usl_check(pairs, plan, x1, x1_stderr),
+        "valid": not problems,
+        "problems": problems,
+        "pairs": pairs,
     }
 
 
-def summarize_runs(points: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
-    by_n: dict[int, list[dict[str, Any]]] = {}
-    for point in points:
-        by_n.setdefault(point["n"], []).append(point)
-    x1 = statistics.fmean(p["throughput_rps"] for p in by_n[min(by_n)]) / min(by_n)
-    rows = []
-    for n, group in sorted(by_n.items()):
-        x = statistics.fmean(p["throughput_rps"] for p in group)
-        rows.append(
-            {
-                "n": n,
-                "throughput_rps": x,
-                "throughput_runs": [p["throughput_rps"] for p in group],
-                "efficiency": x / (n * x1) if x1 else None,
-                "p50_ms": statistics.fmean(p["p50_ms"] or 0 for p in group),
-                "p95_ms": statistics.fmean(p["p95_ms"] or 0 for p in group),
-                "p99_ms": statistics.fmean(p["p99_ms"] or 0 for p in group),
-                "loadgen_cpu_cores": max(p["loadgen_cpu_cores"] or 0 for p in group),
-                "machine_busy": max(p["machine_busy"] or 0 for p in group),
-                "valid": all(p["valid"] for p in group),
-            }
-        )
+def _row(
+    n: int, runs: list[Point], pairs: list[dict[str, Any]], plan: Plan | None = None
+) -> dict[str, Any]:
+    ratios = [p["efficiency"] for p in pairs] if n != 1 else [1.0] * len(runs)
+    interval = paired.t_interval(ratios) if n != 1 else None
+    per_cpu = [p["per_cpu_ratio"] for p in pairs if p["per_cpu_ratio"] is not None]
     return {
-        "plan": asdict(plan),
-        "x1_rps": x1,
-        "rows": rows,
-        "usl": fit_usl(points),
-        "valid": all(p["valid"] for p in points),
-        "problems": [f"N={p['n']}: {problem}" for p in points for problem in p["problems"]],
-        "points": points,
+        "n": n,
+        "pairs": len(pairs),
+        "throughput_runs": [r["throughput_rps"] for r in runs],
+        "throughput_median": _median([r["throughput_rps"] for r in runs]),
+        "efficiency_runs": ratios,
+        "efficiency_median": _median(ratios),
+        "efficiency_mean": _mean(ratios),
+        "efficiency_interval": list(interval) if interval else None,
+        "interval_width": interval[1] - interval[0] if interval else None,
+        "narrow": bool(interval and plan and interval[1] - interval[0] <= plan.ci_width),
+        "spread": paired.spread(ratios) if n != 1 else None,
+        "efficiency_by_order": {
+            "1 first": _median([p["efficiency"] for p in pairs if p["order"][0] == 1]),
+            f"{n} first": _median([p["efficiency"] for p in pairs if p["order"][0] == n]),
+        }
+        if n != 1
+        else None,
+        "requests_per_cpu_s_median": _median(
+            [r["requests_per_cpu_s"] for r in runs if r.get("requests_per_cpu_s") is not None]
+        ),
+        "per_cpu_ratio_median": _median(per_cpu),
+        "p50_ms": _median([r["p50_ms"] for r in runs if r["p50_ms"] is not None]),
+        "p99_ms": _median([r["p99_ms"] for r in runs if r["p99_ms"] is not None]),
+        "loadgen_cpu_cores": max((r["loadgen_cpu_cores"] or 0 for r in runs), default=None),
+        "machine_busy": max((r["machine_busy"] or 0 for r in runs), default=None),
+        "valid": all(r["valid"] for r in runs),
+    }
+
+
+def usl_check(
+    pairs: list[dict[str, Any]], plan: Plan, x1: float, x1_stderr: float
+) -> dict[str, Any]:
+    """The USL fitted on plan.fit_ns only, and its X at the largest N against the measured one.
+
+    Each pair gives a capacity relative to its own N=1 run, k E(k), which the
+    drift leaves alone; the fit holds C(1) = 1 and finds sigma and kappa from
+    those, and X(N) = X(1) C(N) with X(1) the median of the run's N=1 runs.
+    """
+    fit_ks = sorted({n for n in plan.fit_ns if n != 1})
+    points = [
+        {"n": p["k"], "throughput_rps": p["k"] * p["efficiency"]} for p in pairs if p["k"] in fit_ks
+    ]
+    if len({p["n"] for p in points}) < 2:
+        return {"error": f"the fit needs pairs at N = {fit_ks}; this run has N = {list(plan.ns)}"}
+    relative = fit_usl(points, lam=1.0)
+    if relative is None or "error" in relative:
+        return {"error": (relative or {}).get("error", "no fit")}
+    fit = relative | {
+        "lambda": x1,
+        "lambda_stderr": x1_stderr,
+        "fit_ns": list(plan.fit_ns),
+        "node_cpu": plan.cpu,
+        "largest_measured_n": max(plan.ns),
+        "peak_n": peak_n(relative["sigma"], relative["kappa"]),
+    }
+    check_n = max(plan.ns)
+    measured = [p["efficiency"] for p in pairs if p["k"] == check_n]
+    if check_n in plan.fit_ns or not measured:
+        return fit | {"check": None}
+    predicted = float(usl(check_n, x1, fit["sigma"], fit["kappa"]))
+    measured_rps = x1 * check_n * statistics.median(measured)
+    return fit | {
+        "check": {
+            "n": check_n,
+            "predicted_rps": predicted,
+            # X(1) is common to both sides: only sigma and kappa's uncertainty.
+            "predicted_interval": list(band(fit, check_n)),
+            "measured_rps": measured_rps,
+            "measured_raw_median_rps": _median([p["xk_rps"] for p in pairs if p["k"] == check_n]),
+            "relative_error": predicted / measured_rps - 1 if measured_rps else None,
+        }
     }
 
 
@@ -198,35 +404,64 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = report["rows"]
+    rows, pairs, x1 = report["rows"], report["pairs"], report["x1_rps"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.8))
+    for pair in pairs:
+        color = "tab:blue" if pair["order"][0] == 1 else "tab:purple"
+        ax1.plot(pair["k"], pair["efficiency"], "o", color=color, alpha=0.6)
+    for row in rows[1:]:
+        if row["efficiency_interval"]:
+            lo, hi = row["efficiency_interval"]
+            mean = row["efficiency_mean"]
+            ax1.errorbar(
+                row["n"] + 0.15, mean, yerr=[[mean - lo], [hi - mean]], fmt="s", color="black",
+                capsize=4,
+            )  # fmt: skip
+        ax1.plot(row["n"], row["efficiency_median"], "_", color="tab:red", markersize=22)
+    ax1.axhline(1.0, color="gray", linestyle="--")
+    ax1.axhline(0.95, color="tab:red", linestyle=":")
+    ax1.set(
+        xlabel="nodes N",
+        ylabel="E(N) within each pair",
+        title="E(N) per pair (blue: N=1 first), median, 95% t-interval",
+        xticks=[r["n"] for r in rows],
+        xticklabels=[str(r["n"]) for r in rows],
+    )
     ns = [r["n"] for r in rows]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
-    for point in report["points"]:
-        ax1.plot(point["n"], point["throughput_rps"], "o", color="tab:blue", alpha=0.5)
-    ax1.plot(ns, [r["throughput_rps"] for r in rows], "o-", color="tab:blue", label="measured X(N)")
+    for pair in pairs:
+        ax2.plot(pair["k"], x1 * pair["k"] * pair["efficiency"], "o", color="tab:blue", alpha=0.5)
+    ax2.plot(1, x1, "o", color="tab:blue")
     grid = np.linspace(1, max(ns), 100)
-    ax1.plot(grid, grid * report["x1_rps"], "--", color="gray", label="ideal N·X(1)")
+    ax2.plot(grid, grid * x1, "--", color="gray", label="ideal N·X(1)")
     fit = report.get("usl") or {}
-    if "lambda" in fit:
-        label = f"USL fit σ={fit['sigma']:.4f} κ={fit['kappa']:.5f}"
-        ax1.plot(
+    if "sigma" in fit:
+        ax2.plot(
             grid,
             usl(grid, fit["lambda"], fit["sigma"], fit["kappa"]),
             color="tab:orange",
-            label=label,
+            label=f"USL on N={fit['fit_ns']}: σ={fit['sigma']:.4f} κ={fit['kappa']:.5f}",
         )
-    ax1.set(xlabel="nodes N", ylabel="requests/s", title="Throughput at saturation")
-    ax1.legend()
-    ax2.bar([str(n) for n in ns], [r["efficiency"] for r in rows], color="tab:green")
-    ax2.axhline(1.0, color="gray", linestyle="--")
-    ax2.axhline(0.9, color="tab:red", linestyle=":", label="0.90")
-    ax2.set(xlabel="nodes N", ylabel="E(N) = X(N) / (N·X(1))", title="Efficiency", ylim=(0, 1.15))
-    ax2.legend()
-    for key, style in (("p50_ms", "o-"), ("p95_ms", "s-"), ("p99_ms", "^-")):
-        ax3.plot(ns, [r[key] for r in rows], style, label=key.removesuffix("_ms"))
-    ax3.set(xlabel="nodes N", ylabel="ms", title="Latency at saturation")
-    ax3.legend()
-    verdict = "valid run" if report["valid"] else "INVALID run (see report)"
+        if fit.get("check"):
+            check = fit["check"]
+            lo, hi = check["predicted_interval"]
+            ax2.errorbar(
+                check["n"] + 0.2, check["predicted_rps"],
+                yerr=[[check["predicted_rps"] - lo], [hi - check["predicted_rps"]]],
+                fmt="D", color="tab:orange", capsize=4, label=f"predicted X({check['n']})",
+            )  # fmt: skip
+    ax2.set(xlabel="nodes N", ylabel="X(1) · N · E(N)  req/s", title="Capacity (drift removed)")
+    ax2.legend(fontsize=8)
+    for pair in pairs:
+        for run in pair["runs"]:
+            if run.get("requests_per_cpu_s") is not None:
+                ax3.plot(run["n"], run["requests_per_cpu_s"], "o", color="tab:green", alpha=0.5)
+    medians = [
+        (r["n"], r["requests_per_cpu_s_median"]) for r in rows if r["requests_per_cpu_s_median"]
+    ]
+    if medians:
+        ax3.plot(*zip(*medians, strict=True), "_-", color="black", markersize=22)
+    ax3.set(xlabel="nodes N", ylabel="requests per node CPU-second", title="Work per CPU-second")
+    verdict = "valid run" if report["valid"] else "NOT valid (see report)"
     fig.suptitle(
         f"cattle scale-out, {report['plan']['cpu']} core per node, {report['plan']['mix']} mix — "
         f"{verdict} — {reports.when(report)}, {report['machine']['cores']} cores"
@@ -234,6 +469,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -246,79 +485,107 @@ def markdown(report: dict[str, Any]) -> str:
         f"Each node is capped at **{plan['cpu']} core** (cgroup v1 `cpu`), behind HAProxy, "
         f"on the {plan['backend']} backend; locust drives the **{plan['mix']}** mix with "
         f"{plan['users_per_node']} closed-loop users per node. Throughput is counted over "
-        f"{plan['measure_s']:.0f} s after a {plan['warmup_s']:.0f} s warm-up, "
-        f"{plan['repeats']} run(s) per N.",
+        f"{plan['measure_s']:g} s after a {plan['warmup_s']:g} s warm-up.",
         "",
-        f"**Verdict: {'valid' if report['valid'] else 'INVALID'}.**"
+        "The machine drifts over minutes, so every N is compared with N=1 **within a pair**: "
+        "the two runs back to back, N=1 first in odd pairs and last in even ones. "
+        f"E(N) = X(N) / (N·X(1)) is taken in each pair; pairs repeat (at least "
+        f"{plan['min_pairs']}, at most {plan['max_pairs']} per N, no new pair after "
+        f"{plan['max_minutes']:g} min) until the interval is at most {plan['ci_width']} wide. "
+        f"Stopped: {report['stopped']}. Interval: {report['interval']}.",
+        "",
+        f"**Verdict: {'valid' if report['valid'] else 'NOT valid'}.**"
         + ("" if report["valid"] else " Problems: " + "; ".join(report["problems"])),
         "",
-        "| N | X(N) req/s | runs | E(N) | p50 ms | p95 ms | p99 ms "
-        "| load generator cores | machine busy |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| N | pairs (N=1: runs) | E(N) median | interval | width | spread "
+        "| E(N) by order (N=1 first / last) | X(N) median req/s | req per node CPU-s "
+        "| p50 ms | p99 ms | load generator cores "
+        "| machine busy |",
+        "|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
-        runs = ", ".join(f"{x:.0f}" for x in r["throughput_runs"])
-        lines.append(
-            f"| {r['n']} | {r['throughput_rps']:.0f} | {runs} | {r['efficiency']:.3f} | "
-            f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['loadgen_cpu_cores']:.2f} | {r['machine_busy']:.0%} |"
+        interval = (
+            f"{r['efficiency_interval'][0]:.3f} – {r['efficiency_interval'][1]:.3f}"
+            if r["efficiency_interval"]
+            else "–"
         )
-    lines.append("")
-    spreads = [
-        (r["n"], (max(r["throughput_runs"]) - min(r["throughput_runs"])) / r["throughput_rps"])
-        for r in report["rows"]
-        if len(r["throughput_runs"]) > 1 and r["throughput_rps"]
+        orders = (
+            " / ".join(_f(v, ".3f") for v in r["efficiency_by_order"].values())
+            if r["efficiency_by_order"]
+            else "–"
+        )
+        lines.append(
+            f"| {r['n']} | {r['pairs'] or len(r['throughput_runs'])} | "
+            f"{_f(r['efficiency_median'], '.3f')} | {interval} | "
+            f"{_f(r['interval_width'], '.3f')} | "
+            f"{_f(r['spread'], '.0%')} | {orders} | {_f(r['throughput_median'], '.0f')} | "
+            f"{_f(r['requests_per_cpu_s_median'], '.0f')} | {_f(r['p50_ms'], '.1f')} | "
+            f"{_f(r['p99_ms'], '.1f')} | {_f(r['loadgen_cpu_cores'], '.2f')} | "
+            f"{_f(r['machine_busy'], '.0%')} |"
+        )
+    lines += [
+        "",
+        f"X(1) over the whole run: median {report['x1_rps']:.0f} req/s, its runs spread "
+        f"{_f(report['x1_spread'], '.0%')} (max - min over median): the drift the pairs "
+        "keep out of E(N). Requests per node CPU-second (the nodes' cgroups, over the "
+        "measured window) do not depend on how fast the machine ran.",
+        "",
     ]
-    if spreads:
-        widest_n, widest = max(spreads, key=lambda item: item[1])
+    if "sigma" in fit:
         lines += [
-            f"Run-to-run spread (max - min over mean) reaches {widest:.0%} (at N={widest_n}): "
-            "read E(N) to within that. An E(N) above 1 is noise around linear scaling, "
-            "not a fleet that does better than linearly.",
+            f"## Universal Scalability Law, fitted on N = {fit['fit_ns']} only",
+            "",
+            "Fitted on the pairs' capacities relative to their own N=1 run (N·E(N)), "
+            "X(N) = X(1)·N / (1 + σ(N−1) + κN(N−1)) with X(1) the run's median:",
+            "",
+            f"- X(1) = {fit['lambda']:.1f} ± {fit['lambda_stderr']:.1f} req/s (standard error)",
+            f"- σ (contention) = {fit['sigma']:.4f} ± {_f(fit['sigma_stderr'], '.4f')}",
+            f"- κ (coherency) = {fit['kappa']:.5f} ± {_f(fit['kappa_stderr'], '.5f')}",
+            "- adding nodes stops paying past N* = "
+            + (f"{fit['peak_n']:.0f}" if fit["peak_n"] else "none (κ ≈ 0)"),
             "",
         ]
-    if "lambda" in fit:
-        lines += [
-            "Universal Scalability Law fit over every run (X(N) = λN / (1 + σ(N−1) + κN(N−1))):",
-            "",
-            f"- λ = {fit['lambda']:.1f} ± {fit['lambda_stderr']:.1f} req/s per node",
-            f"- σ (contention) = {fit['sigma']:.4f} ± {fit['sigma_stderr']:.4f}",
-            f"- κ (coherency) = {fit['kappa']:.5f} ± {fit['kappa_stderr']:.5f}",
-            "",
-        ]
+        check = fit.get("check")
+        if check:
+            lo, hi = check["predicted_interval"]
+            lines += [
+                f"Predicted X({check['n']}) = {check['predicted_rps']:.0f} req/s "
+                f"(95% band over σ, κ: {lo:.0f} – {hi:.0f}); measured in this run "
+                f"X(1)·{check['n']}·E({check['n']}) = {check['measured_rps']:.0f} req/s "
+                f"(raw median of the N={check['n']} runs "
+                f"{_f(check['measured_raw_median_rps'], '.0f')}): "
+                f"the prediction is off by **{check['relative_error']:+.1%}**. "
+                f"Past N={check['n']} the fit is an extrapolation: read what "
+                "`python -m loadtests.capacity` says there with at least this error.",
+                "",
+            ]
+    elif fit:
+        lines += [f"No USL fit: {fit['error']}.", ""]
     lines += [
         "![scale-out](scaleout.png)",
         "",
-        "Per-node checks (each run): a node counts as saturated when it was throttled in at "
-        f"least {NODE_MIN_THROTTLED:.0%} of CFS periods and used at least "
-        f"{NODE_MIN_SHARE:.0%} of its cap; the load generator must stay under "
-        f"{LOADGEN_MAX_CORES} core and the machine under {MACHINE_MAX_BUSY:.0%} busy.",
+        "Validity: each run's nodes must be the bottleneck (every node throttled in at least "
+        f"{NODE_MIN_THROTTLED:.0%} of CFS periods and using at least {NODE_MIN_SHARE:.0%} "
+        f"of its cap; the load generator under {LOADGEN_MAX_CORES} core; the machine under "
+        f"{MACHINE_MAX_BUSY:.0%} busy; at most {MAX_ERROR_RATE:.0%} failed requests), every N "
+        f"needs at least {plan['min_pairs']} pairs in both orders, and the pairs' E(N) may "
+        f"spread at most {plan['max_spread']:.0%} (max - min over median).",
         "",
     ]
     return "\n".join(lines)
 
 
-def run(plan: Plan, command: str) -> dict[str, Any]:
-    """Every N of the plan, `repeats` times over; the report (written by the caller)."""
+def run(plan: Plan, command: str, measure_one: Measure | None = None) -> dict[str, Any]:
+    """The pairs of the plan; the report (written by the caller)."""
     base = Path(tempfile.mkdtemp(prefix="cattle-scaleout-", dir="/tmp"))
     base.chmod(0o755)
-    points = []
     try:
-        for repeat in range(plan.repeats):
-            for n in plan.ns:
-                started = time.monotonic()
-                point = measure(n, plan, base / f"n{n}-r{repeat}")
-                points.append(point)
-                print(
-                    f"N={n} run {repeat + 1}: {point['throughput_rps']:.0f} req/s, "
-                    f"loadgen {point['loadgen_cpu_cores'] or 0:.2f} cores, "
-                    f"{'valid' if point['valid'] else 'INVALID: ' + '; '.join(point['problems'])} "
-                    f"({time.monotonic() - started:.0f} s)",
-                    flush=True,
-                )
+        pairs, stopped = run_pairs(
+            plan, measure_one or (lambda n, run_dir: measure(n, plan, run_dir)), base
+        )
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    return reports.stamped(command, summarize_runs(points, plan))
+    return reports.stamped(command, summarize(pairs, plan, stopped))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,22 +594,29 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--smoke", action="store_true", help="seconds-long run of the code path")
+    parser.add_argument("--smoke", action="store_true", help="a short run of the code path")
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="writes OUT.json, OUT.md and OUT.png"
     )
     parser.add_argument("--cpu", type=float, help="cap per node (fraction of a core)")
-    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--min-pairs", type=int, help="pairs per N before the interval may stop it")
+    parser.add_argument("--max-pairs", type=int, help="pairs per N at most")
+    parser.add_argument("--max-minutes", type=float, help="no new pair after this long")
     parser.add_argument(
         "--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json"
     )
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else Plan()
-    if args.cpu is not None:
-        plan = Plan(**{**asdict(plan), "cpu": args.cpu})
-    if args.repeats is not None:
-        plan = Plan(**{**asdict(plan), "repeats": args.repeats})
+    changes = {
+        "cpu": args.cpu,
+        "min_pairs": args.min_pairs,
+        "max_pairs": args.max_pairs,
+        "max_minutes": args.max_minutes,
+    }
+    plan = Plan(**(asdict(plan) | {k: v for k, v in changes.items() if v is not None}))
+    if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:
+        parser.error("--min-pairs must be at least 2 and --max-pairs at least --min-pairs")
     command = reports.command_line(__spec__.name, argv)
     report = reports.main(
         "scaleout",
@@ -356,8 +630,12 @@ def main(argv: list[str] | None = None) -> int:
     if report is None:
         return 0
     for row in report["rows"]:
-        print(f"N={row['n']}: X={row['throughput_rps']:.0f} req/s  E={row['efficiency']:.3f}")
-    print(f"{'valid' if report['valid'] else 'INVALID'}; report in {args.out}.md")
+        print(
+            f"N={row['n']}: E median {_f(row['efficiency_median'], '.3f')}, interval "
+            f"{row['efficiency_interval'] or '–'}, "
+            f"X median {_f(row['throughput_median'], '.0f')} req/s"
+        )
+    print(f"{'valid' if report['valid'] else 'NOT valid'}; report in {args.out}.md")
     return 0
 
 

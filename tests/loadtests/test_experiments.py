@@ -7,6 +7,7 @@ checked for shape, never against a threshold.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from tests.support import require
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _lab_parts() -> None:
     require(
         shutil.which("haproxy") is not None or os.path.exists("/usr/sbin/haproxy"),
@@ -33,24 +34,43 @@ def _lab_parts() -> None:
         require(False, str(exc))
 
 
+@pytest.mark.usefixtures("_lab_parts")
 def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     out = tmp_path / "scaleout"
     assert scaleout.main(["--smoke", "--out", str(out)]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     assert reports.problems(saved) == []
     assert saved["command"] == f"python -m loadtests.experiments.scaleout --smoke --out {out}"
+    # One pair in each order, N=1 and N=2 back to back.
+    assert [pair["order"] for pair in saved["pairs"]] == [[1, 2], [2, 1]]
     assert [row["n"] for row in saved["rows"]] == list(scaleout.SMOKE.ns)
-    for row in saved["rows"]:
-        assert row["throughput_rps"] > 0
-        assert row["efficiency"] > 0
-        assert row["p50_ms"] > 0
-    assert saved["rows"][0]["efficiency"] == pytest.approx(1.0)
-    for point in saved["points"]:
-        # The validity checks ran on real samples of every node and the load generator.
-        assert set(point["nodes"]) == {f"n{i}" for i in range(1, point["n"] + 1)}
-        assert point["loadgen_cpu_cores"] is not None
-        assert isinstance(point["valid"], bool)
-    assert "| N | X(N) req/s |" in out.with_suffix(".md").read_text()
+    for pair in saved["pairs"]:
+        assert pair["efficiency"] == pytest.approx(pair["xk_rps"] / (2 * pair["x1_rps"]))
+        for run in pair["runs"]:
+            assert run["throughput_rps"] > 0
+            assert run["p50_ms"] > 0
+            # The validity checks ran on real samples of every node and the load generator.
+            assert set(run["nodes"]) == {f"n{i}" for i in range(1, run["n"] + 1)}
+            assert run["loadgen_cpu_cores"] is not None
+            assert isinstance(run["valid"], bool)
+            # CPU the nodes used, read from their cgroups over the measured window.
+            assert run["node_cpu_s"] > 0
+            assert run["requests_per_cpu_s"] > 0
+            assert run["cpu_source"]
+    n1, n2 = saved["rows"]
+    assert n1["efficiency_median"] == pytest.approx(1.0)
+    assert len(n1["throughput_runs"]) == 2
+    assert n2["pairs"] == 2
+    assert n2["efficiency_median"] > 0
+    low, high = n2["efficiency_interval"]
+    assert low <= n2["efficiency_mean"] <= high
+    assert n2["spread"] is not None
+    assert isinstance(saved["valid"], bool)
+    # N=1, 2 cannot fit three parameters' worth of USL: the report says so.
+    assert "error" in saved["usl"]
+    text = out.with_suffix(".md").read_text()
+    assert "| N | pairs (N=1: runs) | E(N) median | interval |" in text
+    assert "No USL fit" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
@@ -65,6 +85,80 @@ def test_usl_fit_recovers_known_parameters():
     assert fit["kappa"] == pytest.approx(0.001, abs=1e-5)
 
 
+def _fake_runs(x, noise=None):
+    """A measure function without nodes: X(N) from `x`, times a drift that grows every run."""
+    calls = itertools.count()
+    noise = noise or (lambda n, i: 1.0)
+
+    def measure_one(n, run_dir):
+        i = next(calls)
+        rps = x(n) * (1 + 0.01 * i) * noise(n, i)  # the machine speeds up 1% per run
+        return {
+            "n": n, "throughput_rps": rps, "requests_per_cpu_s": x(n) / n, "p50_ms": 10.0,
+            "p99_ms": 30.0, "loadgen_cpu_cores": 0.1, "machine_busy": 0.3, "nodes": {},
+            "valid": True, "problems": [],
+        }  # fmt: skip
+
+    return measure_one
+
+
+def test_scaleout_pairs_alternate_and_cancel_the_drift(tmp_path):
+    plan = scaleout.Plan(ns=(1, 2, 4, 8), min_pairs=4, max_pairs=6)
+    x = lambda n: scaleout.usl(n, 50.0, 0.02, 0.002)  # noqa: E731
+    pairs, stopped = scaleout.run_pairs(plan, _fake_runs(x), tmp_path)
+    assert stopped == "every interval narrow"
+    # Round-robin over k, each k's pairs alternating which N runs first.
+    assert [(p["k"], p["order"]) for p in pairs[:6]] == [
+        (2, [1, 2]), (4, [1, 4]), (8, [1, 8]), (2, [2, 1]), (4, [4, 1]), (8, [8, 1]),
+    ]  # fmt: skip
+    assert len(pairs) == 3 * plan.min_pairs
+    report = scaleout.summarize(pairs, plan, stopped)
+    assert report["valid"], report["problems"]
+    for row in report["rows"][1:]:
+        true = x(row["n"]) / (row["n"] * x(1))
+        # A 1%-per-run drift moves single pairs by about 1% either way, by order;
+        # the median over both orders stays close, and the interval holds it.
+        low, high = row["efficiency_interval"]
+        assert low <= true <= high
+        assert row["efficiency_median"] == pytest.approx(true, abs=0.01)
+        assert row["narrow"]
+    check = report["usl"]["check"]
+    assert report["usl"]["fit_ns"] == [1, 2, 4]
+    assert check["n"] == 8
+    assert abs(check["relative_error"]) < 0.02
+    low, high = check["predicted_interval"]
+    assert low <= check["predicted_rps"] <= high * 1.0001
+
+
+def test_scaleout_stops_at_the_pair_bound_when_the_interval_stays_wide(tmp_path):
+    plan = scaleout.Plan(ns=(1, 2), min_pairs=2, max_pairs=4, ci_width=0.001)
+    wobble = lambda n, i: 1.2 if (n == 2 and i % 4 == 1) else 1.0  # noqa: E731
+    pairs, stopped = scaleout.run_pairs(plan, _fake_runs(lambda n: 50.0 * n, wobble), tmp_path)
+    assert stopped == "pair bound (4 per k)"
+    assert len(pairs) == 4
+    report = scaleout.summarize(pairs, plan, stopped)
+    assert not report["rows"][1]["narrow"]
+    # The pairs disagree by about 20%, wider than the stated spread: not valid,
+    # although every run passed its own checks.
+    assert all(run["valid"] for pair in pairs for run in pair["runs"])
+    assert not report["valid"]
+    assert any("the repeats disagree" in problem for problem in report["problems"])
+
+
+def test_scaleout_stops_at_the_time_bound(tmp_path):
+    plan = scaleout.Plan(ns=(1, 2, 4), min_pairs=2, max_pairs=10, max_minutes=1.0)
+    ticks = itertools.count(step=25)  # every clock read: 25 s later
+    pairs, stopped = scaleout.run_pairs(
+        plan, _fake_runs(lambda n: 10.0 * n), tmp_path, clock=lambda: float(next(ticks))
+    )
+    assert stopped == "time bound (1 min)"
+    report = scaleout.summarize(pairs, plan, stopped)
+    # Too few pairs, in one order only: said, and not valid.
+    assert not report["valid"]
+    assert any("both orders" in problem for problem in report["problems"])
+
+
+@pytest.mark.usefixtures("_lab_parts")
 def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path):
     out = tmp_path / "nodeloss"
     assert nodeloss.main(["--smoke", "--out", str(out)]) == 0
