@@ -1,7 +1,9 @@
 """Node-loss experiment: steady load on N nodes while nodes leave and come back.
 
 Two runs on a lab of N=4 CPU-capped nodes behind HAProxy: one at about 70%
-of capacity, one at saturation. During each, on a schedule: drain a node
+of capacity, one at saturation; then a control run, at saturation on a lab
+whose HAProxy does not retry, which shows what the retries protect against
+(failures are expected there). During each, on a schedule: drain a node
 (SIGTERM: its drain sequence), restart it, kill -9 another, restart it, and
 (with --backend patroni) kill the database primary. Afterwards every
 acknowledged create is audited against what the service stores.
@@ -24,7 +26,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,8 @@ class Plan:
     )
     baseline_s: tuple[float, float] = (5.0, 20.0)
     drain_delay_s: float = 2.0
+    # The same drill at saturation with HAProxy's retries off, beside the protected runs.
+    control: bool = True
 
 
 SMOKE = Plan(
@@ -243,45 +247,46 @@ def acknowledged(result: LoadResult) -> dict[str, str]:
     }
 
 
+def _drill_and_audit(lab: Lab, plan: Plan, *, rate_per_user: float | None) -> dict[str, Any]:
+    front = lab.load()["front"]
+    result, left = drill(lab, plan, rate_per_user=rate_per_user)
+    audited = asyncio.run(audit(front, acknowledged(result), prefix=result.prefix))
+    return analyse(result, plan, audited, left)
+
+
 def run(plan: Plan, command: str) -> dict[str, Any]:
-    """The drill at saturation, then below it, each audited; the report (written by the caller)."""
+    """The drill at saturation, then below it, each audited; then (plan.control) at
+    saturation on a lab without HAProxy retries; the report (written by the caller)."""
     base = Path(tempfile.mkdtemp(prefix="cattle-nodeloss-", dir="/tmp"))
     base.chmod(0o755)
     runs: dict[str, Any] = {}
+    options = LabOptions(
+        nodes=plan.nodes, backend=plan.backend, cpu=plan.cpu, drain_delay_s=plan.drain_delay_s
+    )
     try:
         lab = Lab(base / "run")
-        lab.up(
-            LabOptions(
-                nodes=plan.nodes,
-                backend=plan.backend,
-                cpu=plan.cpu,
-                drain_delay_s=plan.drain_delay_s,
-            )
-        )
+        lab.up(options)
         try:
-            front = lab.load()["front"]
-            saturated, left = drill(lab, plan, rate_per_user=None)
-            runs["saturation"] = analyse(
-                saturated,
-                plan,
-                asyncio.run(audit(front, acknowledged(saturated), prefix=saturated.prefix)),
-                left,
-            )
+            runs["saturation"] = _drill_and_audit(lab, plan, rate_per_user=None)
+            runs["saturation"]["haproxy_retries"] = True
             print(
                 f"saturation: baseline {runs['saturation']['baseline_rps']:.0f} req/s", flush=True
             )
             _restore(lab, plan)
             rate = plan.steady_fraction * runs["saturation"]["baseline_rps"] / plan.users
-            steady, left = drill(lab, plan, rate_per_user=rate)
-            runs["steady"] = analyse(
-                steady,
-                plan,
-                asyncio.run(audit(front, acknowledged(steady), prefix=steady.prefix)),
-                left,
-            )
-            runs["steady"]["offered_rps"] = rate * plan.users
+            runs["steady"] = _drill_and_audit(lab, plan, rate_per_user=rate)
+            runs["steady"] |= {"offered_rps": rate * plan.users, "haproxy_retries": True}
         finally:
             lab.down()
+        if plan.control:
+            control = Lab(base / "control")
+            control.up(replace(options, retries=False))
+            try:
+                runs["control"] = _drill_and_audit(control, plan, rate_per_user=None)
+                runs["control"]["haproxy_retries"] = False
+            finally:
+                control.down()
+            print(f"control (retries off): {runs['control']['failed']} failed", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     figures = {
@@ -305,7 +310,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [name for name in ("steady", "saturation") if name in report["runs"]]
+    names = [name for name in ("steady", "saturation", "control") if name in report["runs"]]
     fig, axes = plt.subplots(len(names), 1, figsize=(13, 4.2 * len(names)), squeeze=False)
     for ax, name in zip(axes[:, 0], names, strict=True):
         data = report["runs"][name]
@@ -338,7 +343,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 fontsize=8,
             )
         failed = data["failed"]
-        ax.set_title(f"{name}: {data['requests']} requests, {failed} failed; audit {data['audit']}")
+        title = f"{_title(name)}: {data['requests']} requests, {failed} failed"
+        ax.set_title(f"{title}; audit {data['audit']}")
         handles, labels = ax.get_legend_handles_labels()
         handles2, labels2 = latency.get_legend_handles_labels()
         ax.legend(handles + handles2, labels + labels2, loc="lower left", fontsize=8, ncol=4)
@@ -358,20 +364,20 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{reports.measured(report)} Reproduce with `{report['command']}`.",
         "",
-        f"{plan['nodes']} nodes, each capped at {plan['cpu']} core, behind HAProxy (retries on), "
+        f"{plan['nodes']} nodes, each capped at {plan['cpu']} core, behind HAProxy, "
         f"{plan['backend']} backend, {plan['users']} locust users on the read-mostly mix "
         "(readers with consistency tokens, writers with Idempotency-Keys and If-Match, listers). "
         "Clients never retry: every failure counted here reached a client.",
         "",
     ]
     expected = report["expected_capacity_after_loss"]
-    for name in ("saturation", "steady"):
+    for name in ("saturation", "steady", "control"):
         data = report["runs"].get(name)
         if not data:
             continue
         offered = f", offered {data['offered_rps']:.0f} req/s" if "offered_rps" in data else ""
         lines += [
-            f"## {name} (baseline {data['baseline_rps']:.0f} req/s{offered})",
+            f"## {_title(name)} (baseline {data['baseline_rps']:.0f} req/s{offered})",
             "",
             f"{data['requests']} requests, **{data['failed']} failed**. Audit of every "
             f"acknowledged create: {data['audit']}.",
@@ -396,6 +402,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += ["![node loss timeline](nodeloss.png)", ""]
     return "\n".join(lines)
+
+
+def _title(name: str) -> str:
+    if name == "control":
+        return "control: saturation with HAProxy retries off (failures expected)"
+    return f"{name}, HAProxy retries on"
 
 
 def main(argv: list[str] | None = None) -> int:

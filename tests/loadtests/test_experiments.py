@@ -164,7 +164,11 @@ def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path):
     assert nodeloss.main(["--smoke", "--out", str(out)]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     assert reports.problems(saved) == []
-    assert set(saved["runs"]) == {"saturation", "steady"}
+    assert set(saved["runs"]) == {"saturation", "steady", "control"}
+    assert [saved["runs"][name]["haproxy_retries"] for name in ("saturation", "control")] == [
+        True,
+        False,
+    ]
     for name, run in saved["runs"].items():
         events = [e["event"] for e in run["events"]]
         assert events == ["drain n1", "restart n1", "kill n2", "restart n2"], name
@@ -181,5 +185,7 @@ def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path):
         assert run["audit"]["duplicated"] == 0
         assert len(run["timeline"]) >= nodeloss.SMOKE.duration_s - 1
     assert saved["runs"]["steady"]["offered_rps"] > 0
-    assert "| drain n1 |" in out.with_suffix(".md").read_text()
+    text = out.with_suffix(".md").read_text()
+    assert "| drain n1 |" in text
+    assert "control: saturation with HAProxy retries off (failures expected)" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
