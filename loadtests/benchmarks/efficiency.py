@@ -2,7 +2,7 @@
 
     python -m loadtests.benchmarks.efficiency   # ~2 min; docs/results/efficiency.{md,json}
 
-Five servers, each one uvicorn process as the node runs it (uvloop, httptools,
+Seven servers, each one uvicorn process as the node runs it (uvloop, httptools,
 one worker, uvicorn's access log off), all pinned to CPU core 0; wrk pinned to
 core 1 drives GET /v1/notes/{id} of one existing note at saturation on
 127.0.0.1, one server at a time, same connections and duration for all.
@@ -12,9 +12,14 @@ report gives their median and range.
 
 Configurations:
   cattle                the real node (`python -m service serve`, production
-                        settings, SQLite), defaults: telemetry on, access log on
-  cattle-telemetry-off  the same with CATTLE_TELEMETRY_ENABLED=false and
+                        settings, SQLite), defaults: read cache on, telemetry
+                        on, access log on (the cache serves every read)
+  cattle-no-cache       the same with CATTLE_CACHE=off: every read reads the
+                        database (the per-node figure of the database path)
+  cattle-no-cache-no-telemetry  that, and CATTLE_TELEMETRY_ENABLED=false and
                         CATTLE_ACCESS_LOG=false (for reference)
+  cattle-postgres-no-cache  cattle-no-cache on PostgreSQL (primary only); the
+                        database's processes pinned to wrk's core
   fastapi               bare FastAPI, in-memory: the same route and JSON through
                         a pydantic response model, from a dict (no database)
   starlette             bare Starlette: JSONResponse from a dict
@@ -34,12 +39,14 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.lab.postgres import PostgresCluster, postmaster_pid
 from loadtests import report as reports
 from loadtests.benchmarks import baselines
 from loadtests.harness import wrk as wrkbench
@@ -48,6 +55,7 @@ from loadtests.harness.wrk import request
 RESULTS = reports.RESULTS / "efficiency"
 REFERENCE = "raw-asgi"
 CATTLE = "cattle"
+DATABASE_READ = "cattle-no-cache"  # the database path's figure
 FASTAPI = "fastapi"
 # A server using at least this much of its core was saturated; a client
 # using this much of its own may have been the limit instead.
@@ -62,6 +70,7 @@ class Config:
     what: str
     node_env: dict[str, str] | None = None  # a cattle node with these overrides
     app: str | None = None  # or a baseline app for uvicorn
+    postgres: bool = False  # the node's database is the benchmark's PostgreSQL
     server: wrkbench.Server | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
@@ -73,11 +82,31 @@ class Config:
 
 def configs() -> list[Config]:
     return [
-        Config(CATTLE, "the real node, defaults: telemetry on, JSON access log", node_env={}),
         Config(
-            "cattle-telemetry-off",
-            "the real node, telemetry and access log off",
-            node_env={"CATTLE_TELEMETRY_ENABLED": "false", "CATTLE_ACCESS_LOG": "false"},
+            CATTLE,
+            "the real node, defaults: read cache on (every read a hit), telemetry on, "
+            "JSON access log",
+            node_env={},
+        ),
+        Config(
+            DATABASE_READ,
+            "the real node, read cache off: every read reads SQLite",
+            node_env={"CATTLE_CACHE": "off"},
+        ),
+        Config(
+            "cattle-no-cache-no-telemetry",
+            "the same, telemetry and access log off too",
+            node_env={
+                "CATTLE_CACHE": "off",
+                "CATTLE_TELEMETRY_ENABLED": "false",
+                "CATTLE_ACCESS_LOG": "false",
+            },
+        ),
+        Config(
+            "cattle-postgres-no-cache",
+            "the real node on PostgreSQL (primary, on wrk's core), read cache off",
+            node_env={"CATTLE_CACHE": "off"},
+            postgres=True,
         ),
         Config(
             FASTAPI,
@@ -110,24 +139,77 @@ def baseline_env(note_json: str) -> dict[str, str]:
     return env | {baselines.NOTE_ENV: note_json}
 
 
+def start_postgres(run_dir: Path, core: int) -> tuple[PostgresCluster, str]:
+    """A migrated PostgreSQL primary pinned to `core`; returns it and the node's URL."""
+    # PostgreSQL runs as an unprivileged user, which must reach its directory.
+    run_dir.chmod(0o755)
+    cluster = PostgresCluster(run_dir / "pg")
+    cluster.start()
+    pid = postmaster_pid(cluster.primary.data_dir)
+    assert pid is not None
+    # Its backends fork from the postmaster and inherit its core; the rest move now.
+    subprocess.run(
+        ["taskset", "-a", "-p", "-c", str(core), str(pid)], check=True, stdout=subprocess.DEVNULL
+    )
+    for child in _children(pid):
+        subprocess.run(
+            ["taskset", "-p", "-c", str(core), str(child)], check=False, stdout=subprocess.DEVNULL
+        )
+    url = cluster.primary_dsn().replace("postgresql://", "postgresql+asyncpg://", 1)
+    wrkbench.migrate(run_dir / "unused", database_url=url)
+    return cluster, url
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _copy_note(cluster: PostgresCluster, note: dict[str, Any]) -> None:
+    """The note the SQLite nodes serve, as the same row in PostgreSQL."""
+    values = [note["id"], note["title"], note["body"], note["version"]]
+    quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+    times = f"'{note['created_at']}', '{note['updated_at']}'"
+    insert = "INSERT INTO notes (id, title, body, version, created_at, updated_at) VALUES"
+    cluster.psql(f"{insert} ({quoted}, {times})")
+
+
 def start_all(
-    all_configs: list[Config], args: argparse.Namespace, data_dir: Path, run_dir: Path
+    all_configs: list[Config],
+    args: argparse.Namespace,
+    data_dir: Path,
+    run_dir: Path,
+    postgres: tuple[PostgresCluster, str] | None,
 ) -> str:
     """Start every server (the nodes first: they create the note); return the note's path."""
     nodes = [c for c in all_configs if c.node_env is not None]
     for config in nodes:
         assert config.node_env is not None
+        env = dict(config.node_env)
+        if config.postgres:
+            assert postgres is not None
+            env["CATTLE_DATABASE_URL"] = postgres[1]
         config.server = wrkbench.start_node(
-            config.name, config.node_env, data_dir=data_dir, core=args.server_core, log_dir=run_dir
+            config.name, env, data_dir=data_dir, core=args.server_core, log_dir=run_dir
         )
     for config in nodes:
         wrkbench.wait_ready(config.running, "/startupz")
+    first = next(c for c in nodes if not c.postgres)
     note = json.dumps({"title": "bench", "body": "x" * 200}).encode()
-    status, body = request(nodes[0].running.port, "POST", "/v1/notes", note)
+    status, body = request(first.running.port, "POST", "/v1/notes", note)
     assert status == 201, body
     path = f"/v1/notes/{json.loads(body)['id']}"
-    status, body = request(nodes[0].running.port, "GET", path)
+    status, body = request(first.running.port, "GET", path)
     assert status == 200, body
+    if postgres is not None:
+        _copy_note(postgres[0], json.loads(body))
     # The baselines serve the very note cattle stored, so every body is the same JSON.
     env = baseline_env(body.decode())
     for config in all_configs:
@@ -171,9 +253,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="cattle-bench-efficiency-"))
     data_dir = run_dir / "data"
     loadavg_before = os.getloadavg()
+    postgres: tuple[PostgresCluster, str] | None = None
     try:
         wrkbench.migrate(data_dir)
-        path = start_all(all_configs, args, data_dir, run_dir)
+        if any(c.postgres for c in all_configs):
+            postgres = start_postgres(run_dir, args.client_core)
+        path = start_all(all_configs, args, data_dir, run_dir, postgres)
         body_bytes = check_same_body(all_configs, path)
         if args.warmup > 0:
             for config in all_configs:
@@ -204,6 +289,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for config in all_configs:
             if config.server is not None:
                 wrkbench.stop(config.server)
+        if postgres is not None:
+            postgres[0].stop()
+            postgres[0].remove()
     shutil.rmtree(run_dir, ignore_errors=True)
 
     figures = {
@@ -211,7 +299,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "setup": {
             **wrkbench.setup_of(args, loadavg_before),
             "body_bytes": body_bytes,
-            "cattle_database": "SQLite (embedded)",
+            "cattle_database": "SQLite (embedded); PostgreSQL for cattle-postgres-no-cache",
         },
         "thresholds": {
             "saturated_cores": SATURATED_CORES,
@@ -281,6 +369,7 @@ def summarize(all_configs: list[Config]) -> dict[str, Any]:
             "app": config.app,
             "rps": _spread([r["rps"] for r in runs], 1),
             "rps_per_core": _spread([_per_core(r) for r in runs], 1),
+            "cpu_us_per_request": _spread([1e6 / _per_core(r) for r in runs], 1),
             "ratio_to_raw_asgi": _ratios(config, reference),
             "server_cpu_cores": _spread(server_cores, 3),
             "wrk_cpu_cores": _spread(wrk_cores, 3),
@@ -311,8 +400,9 @@ def _range(spread: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     setup = report["setup"]
-    cattle = s[CATTLE]
+    cattle, database_read = s[CATTLE], s[DATABASE_READ]
     vs_fastapi = report["pairs"][f"{CATTLE}/{FASTAPI}"]
+    database_vs_fastapi = report["pairs"][f"{DATABASE_READ}/{FASTAPI}"]
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
     unsaturated = [n for n, row in s.items() if not row["saturated"]]
     client_limited = [n for n, row in s.items() if row["client_limited"]]
@@ -321,11 +411,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{reports.measured(report)} Versions: {versions}.",
         "",
-        f"**cattle's read endpoint at default settings serves {cattle['rps']['median']:.0f} req/s "
-        f"on one core ({cattle['rps_per_core']['median']:.0f} per core-second used): "
-        f"{vs_fastapi['rps']['median']:.1%} of bare FastAPI, in-memory, and "
-        f"{cattle['ratio_to_raw_asgi']['rps']['median']:.1%} of a raw ASGI app, "
-        "in the same process model.**",
+        f"**cattle's read by id with the read cache off (every read reads SQLite, telemetry "
+        f"on) serves {database_read['rps']['median']:.0f} req/s on one core "
+        f"({database_read['cpu_us_per_request']['median']:.0f} µs of CPU per request): "
+        f"{database_vs_fastapi['per_core']['median']:.1%} of bare FastAPI, in-memory, per "
+        f"core-second. At default settings (the cache on, every read a hit) it serves "
+        f"{cattle['rps']['median']:.0f} req/s ({cattle['cpu_us_per_request']['median']:.0f} µs): "
+        f"{vs_fastapi['per_core']['median']:.1%} of bare FastAPI; in the same process model.**",
         "",
         *(
             [
@@ -338,14 +430,15 @@ def markdown(report: dict[str, Any]) -> str:
             else []
         ),
         "| configuration | what | req/s (median) | ratio to raw ASGI (median, range) "
-        "| req/s per core-second | server CPU, cores (min) | wrk CPU, cores (max) "
-        "| p50 ms | p99 ms | non-2xx |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| req/s per core-second | CPU µs per request | server CPU, cores (min) "
+        "| wrk CPU, cores (max) | p50 ms | p99 ms | non-2xx |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in s.items():
         lines.append(
             f"| `{name}` | {row['what']} | {row['rps']['median']:.0f} | "
             f"{_range(row['ratio_to_raw_asgi']['rps'])} | {row['rps_per_core']['median']:.0f} | "
+            f"{row['cpu_us_per_request']['median']:.0f} | "
             f"{row['server_cpu_cores']['median']:.2f} ({row['server_cpu_cores']['min']:.2f}) | "
             f"{row['wrk_cpu_cores']['median']:.2f} ({row['wrk_cpu_cores']['max']:.2f}) | "
             f"{row['p50_ms_median']:.2f} | {row['p99_ms_median']:.2f} | {row['non_2xx']} |"
@@ -420,13 +513,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Other CPU use on the machine during the runs (all cores, minus server and wrk): "
         f"at most {other:.2f} cores. Load average {setup['loadavg_before']} before, "
         f"{setup['loadavg_after']} after; the run held the machine-wide experiment lock.",
-        "- What the gap contains: per request cattle runs three plain-ASGI middlewares "
-        "(telemetry: spans, metrics, access log; edge: node attribution, body limit, "
-        "last-resort errors; in-flight counting for the drain), resolves its dependencies "
-        "(database, consistency token), reads the note from SQLite through SQLAlchemy async "
-        "and aiosqlite's thread, and sends `ETag` and `X-Read-Source` headers. The baselines "
-        "do none of that: `fastapi` is the floor for a FastAPI route of this shape, not a "
-        "competitor that does the same work without a database.",
+        "- What the gap contains: per request cattle runs its middlewares (telemetry: "
+        "OpenTelemetry's ASGI middleware, metrics, JSON access log; edge: node attribution, "
+        "body limit, last-resort errors; in-flight counting for the drain), resolves its "
+        "dependencies (consistency token, If-None-Match), reads the note (from the read cache; "
+        "with the cache off from SQLite on the driver in the event loop's thread, or from "
+        "PostgreSQL through the SQLAlchemy session path), and sends `ETag` and "
+        "`X-Read-Source` headers. The baselines do none of that: `fastapi` is the floor for a "
+        "FastAPI route of this shape, not a competitor that does the same work without a "
+        "database.",
+        "- PostgreSQL ran as one primary started by the benchmark (deploy/lab/postgres.py), "
+        f"its processes pinned to core {setup['client_core']} beside wrk.",
         "",
     ]
     return "\n".join(lines)
@@ -443,13 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     if report is None:
         return 0
-    cattle = report["summary"][CATTLE]
-    print(
-        f"cattle {cattle['rps']['median']:.0f} req/s: "
-        f"{report['pairs'][f'{CATTLE}/{FASTAPI}']['rps']['median']:.3f} of bare FastAPI, "
-        f"{cattle['ratio_to_raw_asgi']['rps']['median']:.3f} of raw ASGI; "
-        f"wrote {args.out}.md and .json"
-    )
+    for name in (DATABASE_READ, CATTLE):
+        row = report["summary"][name]
+        print(
+            f"{name} {row['rps']['median']:.0f} req/s: "
+            f"{report['pairs'][f'{name}/{FASTAPI}']['per_core']['median']:.3f} of bare FastAPI "
+            "per core-second"
+        )
+    print(f"wrote {args.out}.md and .json")
     return 0
 
 

@@ -176,9 +176,12 @@ def start_node(
     )
 
 
-def migrate(data_dir: Path) -> None:
+def migrate(data_dir: Path, *, database_url: str | None = None) -> None:
+    """Migrate the embedded SQLite under `data_dir`, or the database at `database_url`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CATTLE_")}
     env["CATTLE_DATA_DIR"] = str(data_dir)
+    if database_url is not None:
+        env["CATTLE_DATABASE_URL"] = database_url
     subprocess.run(
         [sys.executable, "-m", "service", "migrate"],
         cwd=REPO,

@@ -1,20 +1,21 @@
 """The cache for routes: `CachedReadsDep` reads a resource by id through the node's cache.
 
-A route hands `reads.get(key, load)` a function of a read session that
-returns the resource as a `Representation` (or None: not found, never
-cached), and answers with `representation.response(...)`: ETag, 304 on a
-matching If-None-Match and X-Read-Source are the same whether the database
-or the cache served it, and with CATTLE_CACHE=off the same code reads the
-database every time. A route that changes a resource declares
-`invalidations: InvalidationsDep` and calls `invalidations.wrote(session,
-key)` after its write block, before it answers.
+A route declares its read as a `RowRead` (service/db/direct.py) and hands
+`reads.get(key, read, values, represent)` the values of its parameters and
+a function that turns the row into a `Representation`; it answers with
+`representation.response(...)`. ETag, 304 on a matching If-None-Match and
+X-Read-Source are the same whether the database or the cache served it,
+and with CATTLE_CACHE=off the same code reads the database every time. A
+route that changes a resource declares `invalidations: InvalidationsDep`
+and calls `invalidations.wrote(session, key)` after its write block,
+before it answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service import conditional, node
 from service.cache.store import ReadCache
 from service.db import consistency
+from service.db.direct import RowRead
 from service.db.engines import Database, consistency_token
 from service.deps import DatabaseDep, MinLsnDep
 
@@ -50,7 +52,7 @@ class Representation:
         return Response(self.body, media_type=self.media_type, headers=headers)
 
 
-Load = Callable[[AsyncSession], Awaitable[Representation | None]]
+Represent = Callable[[dict[str, Any]], Representation]
 
 
 class CachedReads:
@@ -61,24 +63,32 @@ class CachedReads:
         self.cache = cache
         self.min_lsn = min_lsn
 
-    async def get(self, key: str, load: Load) -> tuple[Representation | None, str]:
+    async def get(
+        self, key: str, read: RowRead, values: Mapping[str, Any], represent: Represent
+    ) -> tuple[Representation | None, str]:
         """The resource under `key` and who served it ("cache", or the database source).
 
         A hit needs an entry stamped at or after the request's consistency
-        token; a miss runs `load` like an uncached read (a replica that has
-        the token's write, else the primary) and stores what it found,
-        stamped with the source's position read before `load` ran.
+        token; a miss runs `read` like an uncached read (a replica that has
+        the token's write, else the primary) and stores what `represent`
+        made of the row, stamped with the source's position as of the read.
+        No row is never cached.
         """
         if self.cache is None:
-            return await self.db.run_read(load, min_lsn=self.min_lsn)
+            row, source, _ = await self.db.fetch_row(read, values, min_lsn=self.min_lsn)
+            return (None if row is None else represent(row)), source
         cached = self.cache.get(key, min_lsn=self.min_lsn)
         if cached is not None:
             assert isinstance(cached, Representation)
             return cached, SOURCE
         read_at = self.cache.clock()  # before the stamp: the entry's TTL starts here
-        found, source, stamp = await self.db.run_stamped_read(load, min_lsn=self.min_lsn)
-        if found is not None:
-            self.cache.fill(key, found, stamp=stamp, read_at=read_at)
+        row, source, stamp = await self.db.fetch_row(
+            read, values, min_lsn=self.min_lsn, stamped=True
+        )
+        if row is None:
+            return None, source
+        found = represent(row)
+        self.cache.fill(key, found, stamp=stamp, read_at=read_at)
         return found, source
 
 

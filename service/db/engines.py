@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -25,6 +25,7 @@ from sqlalchemy.util import await_only
 from service import NAME
 from service.config import Settings
 from service.db import consistency
+from service.db.direct import POSITION_KEY, RowRead, SQLiteReader, SQLiteUnavailable
 from service.db.errors import ConnectionLost, DatabaseTimeout, is_unavailable
 from service.db.pool import PoolWatch
 from service.db.replicas import Replica, ReplicaSet, replica_name
@@ -156,6 +157,13 @@ class Database:
             self.writer.execution_options(isolation_level="AUTOCOMMIT")
             if self.is_postgres
             else create_engine(self.url, settings, role="reader")
+        )
+        # Hot reads by key on SQLite: the driver on the loop's thread (direct.py).
+        database = make_url(self.url).database
+        self.direct = (
+            SQLiteReader(Path(database), busy_timeout_ms=_DIRECT_BUSY_TIMEOUT_MS)
+            if not self.is_postgres and database and database != ":memory:"
+            else None
         )
         self.pool_watch = PoolWatch()
         self._writer_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
@@ -326,6 +334,41 @@ class Database:
                 stamp = await self.position(session) if stamped else None
                 return await read(session), read_source(session), stamp
 
+    async def fetch_row(
+        self,
+        read: RowRead,
+        values: Mapping[str, Any],
+        *,
+        min_lsn: int | None = None,
+        stamped: bool = False,
+    ) -> tuple[dict[str, Any] | None, str, int | None]:
+        """Run `read` with `values`: the row (or None), its source, and (`stamped`)
+        the source's position as `run_stamped_read` gives it.
+
+        On SQLite it runs on the driver in the loop's thread, the stamp in the
+        same statement; every committed write is visible to it, so `min_lsn`
+        asks nothing more. If the file is busy past the short bound, the read
+        goes the session way, which waits without holding the loop.
+        """
+        if self.direct is not None:
+            compiled = read.compiled(self.writer.dialect, stamped=stamped)
+            try:
+                raw = self.direct.fetch(compiled, compiled.arguments(values))
+            except SQLiteUnavailable:
+                log.info("direct SQLite read failed; reading through a session", exc_info=True)
+            else:
+                if raw is None:
+                    return None, "primary", None
+                row = compiled.row(raw)
+                stamp = row.pop(POSITION_KEY) if stamped else None
+                return row, "primary", None if stamp is None else int(stamp)
+
+        async def fetch(session: AsyncSession) -> dict[str, Any] | None:
+            found = (await session.execute(read.statement, dict(values))).first()
+            return None if found is None else dict(found._mapping)
+
+        return await self._run_read(fetch, min_lsn=min_lsn, stamped=stamped)
+
     async def position(self, session: AsyncSession) -> int | None:
         """The position of `session`'s source, read now: every write whose token
         is at or below it is visible to the session's next statement.
@@ -426,6 +469,8 @@ class Database:
         return replica if replica.replay_lsn >= min_lsn else None
 
     async def dispose(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
         await self.replicas.dispose()
         await self.writer.dispose()
         if not self.is_postgres:
@@ -435,6 +480,10 @@ class Database:
 # The loop time by which the current request's database work must end
 # (Database.bounded); per task, so nested calls share their request's bound.
 _DEADLINE: ContextVar[float | None] = ContextVar("database_deadline", default=None)
+# How long a direct SQLite read may hold the event loop waiting for a lock
+# (WAL readers wait only on recovery and checkpoint edge cases); past it
+# the read goes through a session, whose wait holds no loop.
+_DIRECT_BUSY_TIMEOUT_MS = 20
 # Left for answering once the token's read gave up, inside the request's bound.
 _TOKEN_MARGIN_S = 0.25
 

@@ -95,6 +95,10 @@ def _serialize(note: Note) -> bytes:
     return NoteOut.model_validate(note).model_dump_json().encode()
 
 
+def _representation(row: dict[str, Any]) -> cache.Representation:
+    return cache.Representation(row["version"], NoteOut(**row).model_dump_json().encode())
+
+
 def _note_response(
     note: Note, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
@@ -161,14 +165,10 @@ async def get_note(
     """Read a note. Send its ETag in `If-None-Match` to get 304 when unchanged,
     and a write's `Consistency-Token` to be sure to see that write."""
 
-    async def find(session: AsyncSession) -> cache.Representation | None:
-        try:
-            note = await service.get_note(session, note_id=note_id)
-        except service.NoteNotFound:
-            return None  # not cached: ids are the server's, so a miss is a deleted note or a guess
-        return cache.Representation(note.version, _serialize(note))
-
-    found, source = await reads.get(_cache_key(note_id), find)
+    # A missing note is not cached: ids are the server's, so a miss is a deleted note or a guess.
+    found, source = await reads.get(
+        _cache_key(note_id), service.NOTE_BY_ID, {"id": note_id}, _representation
+    )
     if found is None:
         raise _not_found(note_id, consistency.headers(source=source))
     return found.response(source=source, if_none_match=if_none_match)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db.direct import RowRead
 from service.db.types import utcnow, uuid7
 from service.notes.models import Note
 
@@ -30,11 +31,12 @@ async def create_note(session: AsyncSession, *, title: str, body: str) -> Note:
     return note
 
 
-async def get_note(session: AsyncSession, *, note_id: uuid.UUID) -> Note:
-    note = await session.get(Note, note_id)
-    if note is None:
-        raise NoteNotFound(note_id)
-    return note
+# The hot read (GET /v1/notes/{id}): on the driver itself, see service/db/direct.py.
+NOTE_BY_ID = RowRead(
+    select(Note.id, Note.title, Note.body, Note.version, Note.created_at, Note.updated_at).where(
+        Note.id == bindparam("id")
+    )
+)
 
 
 async def list_notes(

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from deploy.lab.postgres import PostgresNotInstalled, find_bindir
 from loadtests import report as reports
 from loadtests.benchmarks import efficiency as bench_efficiency
 from loadtests.benchmarks import telemetry as bench_telemetry
@@ -23,7 +24,15 @@ from tests.support import require
 
 pytestmark = pytest.mark.cluster
 
-NAMES = ["cattle", "cattle-telemetry-off", "fastapi", "starlette", "raw-asgi"]
+NAMES = [
+    "cattle",
+    "cattle-no-cache",
+    "cattle-no-cache-no-telemetry",
+    "cattle-postgres-no-cache",
+    "fastapi",
+    "starlette",
+    "raw-asgi",
+]
 
 
 def _cores() -> tuple[int, int]:
@@ -32,9 +41,14 @@ def _cores() -> tuple[int, int]:
     return allowed[0], allowed[-1]
 
 
+@pytest.mark.postgres
 def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     for tool in ("wrk", "taskset"):
         require(shutil.which(tool) is not None, f"{tool} is not installed (apt-get install wrk)")
+    try:
+        find_bindir()
+    except PostgresNotInstalled as exc:
+        require(False, str(exc))
     server_core, client_core = _cores()
     out = tmp_path / "efficiency"
     args = bench_efficiency.parser().parse_args(
@@ -59,13 +73,14 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
         assert run["server_cpu_s"] > 0, name
         assert run["wrk_cpu_s"] > 0, name
         assert row["rps_per_core"]["median"] > 0, name
+        assert row["cpu_us_per_request"]["median"] > 0, name
         assert row["ratio_to_raw_asgi"]["rps"]["median"] > 0, name
         assert row["p50_ms_median"] > 0, name
         assert row["p99_ms_median"] >= row["p50_ms_median"], name
         assert isinstance(row["saturated"], bool)
         assert isinstance(row["client_limited"], bool)
     assert summary["raw-asgi"]["ratio_to_raw_asgi"]["rps"]["median"] == 1.0
-    assert set(report["pairs"]) == {"cattle/fastapi", "cattle-telemetry-off/fastapi"}
+    assert set(report["pairs"]) == {f"{name}/fastapi" for name in NAMES[:4]}
     for ratio in report["pairs"].values():
         assert ratio["rps"]["median"] > 0
         assert ratio["per_core"]["median"] > 0

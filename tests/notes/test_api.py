@@ -334,8 +334,8 @@ async def test_unexpected_error_is_500_problem_without_trace(client, monkeypatch
     async def broken(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(service, "get_note", broken)
-    response = await client.get(f"/v1/notes/{uuid.uuid4()}")
+    monkeypatch.setattr(service, "list_notes", broken)
+    response = await client.get("/v1/notes")
     assert_problem(response, 500)
     assert "secret internals" not in response.text
     assert response.headers["x-served-by"] == "test-node"

@@ -103,8 +103,8 @@ async def test_database_unavailable(client, monkeypatch):
     async def unreachable(*args, **kwargs):
         raise ConnectionRefusedError("no database")
 
-    monkeypatch.setattr(notes, "get_note", unreachable)
-    response = await client.get(f"/v1/notes/{uuid.uuid4()}")
+    monkeypatch.setattr(notes, "list_notes", unreachable)
+    response = await client.get("/v1/notes")
     _pinned(response, "urn:cattle:problem:database-unavailable", 503)
     assert response.headers["retry-after"] == "1"
 

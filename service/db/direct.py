@@ -1,0 +1,161 @@
+"""Hot reads on the driver itself: one statement, compiled once, no ORM.
+
+A read of one row by key is the request a fleet serves most, and through an
+ORM session on a pooled async engine most of its cost is the path, not the
+database: checking a connection out of the pool, the async adaptation
+around it, the identity map, attribute instrumentation. A `RowRead` is a
+SQLAlchemy Core `select` (so the query, its types and both dialects are
+still SQLAlchemy's) compiled once per dialect to the driver's SQL with the
+types' own bind and result processors; `Database.fetch_row` runs it:
+
+- on SQLite, on one read-only `sqlite3` connection per process, called on
+  the event loop's thread. A lookup by primary key in WAL mode takes no
+  lock a writer holds and returns in microseconds; a hand-off to a driver
+  thread per statement (aiosqlite) costs more than the lookup. The
+  connection's busy timeout bounds how long the loop can ever wait.
+- on PostgreSQL, through the reader session path (replica choice, the
+  consistency token, failover to the primary), as a Core statement.
+
+Writes, migrations and every other read keep the ORM session path.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Select, column, select, table
+from sqlalchemy.engine import Dialect
+
+from service.db import consistency
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A `RowRead` for one dialect: the driver's SQL and the types' processors."""
+
+    sql: str
+    params: tuple[str, ...]  # bind parameter names, in the SQL's positional order
+    defaults: tuple[Any, ...]  # their values in the statement (a literal's), else None
+    binds: tuple[Callable[[Any], Any] | None, ...]
+    keys: tuple[str, ...]  # the row's column names
+    results: tuple[Callable[[Any], Any] | None, ...]
+
+    def arguments(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The positional arguments for `values`, through the types' bind processors."""
+        given = [
+            values[name] if default is None else values.get(name, default)
+            for name, default in zip(self.params, self.defaults, strict=True)
+        ]
+        return tuple(
+            value if bind is None else bind(value)
+            for value, bind in zip(given, self.binds, strict=True)
+        )
+
+    def row(self, raw: Sequence[Any]) -> dict[str, Any]:
+        """A driver row as a dict of Python values (the types' result processors)."""
+        return {
+            key: value if process is None else process(value)
+            for key, value, process in zip(self.keys, raw, self.results, strict=False)
+        }
+
+
+def compile_for(statement: Select[*tuple[Any, ...]], dialect: Dialect) -> Compiled:
+    compiled = statement.compile(dialect=dialect)
+    params = tuple(compiled.positiontup or ())
+    columns = list(statement.selected_columns)
+    return Compiled(
+        sql=str(compiled),
+        params=params,
+        defaults=tuple(compiled.binds[name].effective_value for name in params),
+        binds=tuple(
+            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in params
+        ),
+        keys=tuple(str(c.key) for c in columns),
+        results=tuple(
+            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
+        ),
+    )
+
+
+# SQLite's position (consistency.COMMIT_COUNTER), read in the row's own
+# statement: one statement is one snapshot, so the stamp and the row agree.
+_COUNTER = table(consistency.COMMIT_COUNTER, column("id"), column("position"))
+POSITION_KEY = "_commit_position"
+_POSITION = (
+    select(_COUNTER.c.position).where(_COUNTER.c.id == 1).scalar_subquery().label(POSITION_KEY)
+)
+
+
+class RowRead:
+    """A read of at most one row, declared once at import (module level).
+
+    `statement` is a Core `select` of columns with named bind parameters,
+    such as `select(Note.id, Note.title).where(Note.id == bindparam("id"))`.
+    """
+
+    def __init__(self, statement: Select[*tuple[Any, ...]]) -> None:
+        self.statement = statement
+        # The same row with SQLite's commit counter as its last column.
+        self.stamped_statement = statement.add_columns(_POSITION)
+        self._compiled: dict[tuple[str, bool], Compiled] = {}
+
+    def compiled(self, dialect: Dialect, *, stamped: bool = False) -> Compiled:
+        key = (dialect.name, stamped)
+        found = self._compiled.get(key)
+        if found is None:
+            statement = self.stamped_statement if stamped else self.statement
+            found = self._compiled[key] = compile_for(statement, dialect)
+        return found
+
+
+class SQLiteUnavailable(ConnectionError):
+    """The SQLite file could not be read now (locked past the bound, I/O error):
+    a ConnectionError, so the app answers 503 database-unavailable."""
+
+
+# Errors of an unreadable file rather than a wrong statement.
+_UNAVAILABLE = ("locked", "busy", "disk i/o", "unable to open", "malformed", "readonly")
+
+
+class SQLiteReader:
+    """One read-only sqlite3 connection of this process, used on the loop's thread."""
+
+    def __init__(self, path: Path, *, busy_timeout_ms: int) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self._connection: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self.path,
+            isolation_level=None,  # autocommit: each statement is its own snapshot
+            check_same_thread=False,  # opened and used on the loop's thread, closed at shutdown
+            cached_statements=64,
+        )
+        connection.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
+        connection.execute("PRAGMA query_only=ON")
+        return connection
+
+    def fetch(self, compiled: Compiled, arguments: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        try:
+            if self._connection is None:
+                self._connection = self._connect()
+            row: tuple[Any, ...] | None = self._connection.execute(
+                compiled.sql, arguments
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if not any(reason in str(exc).lower() for reason in _UNAVAILABLE):
+                raise
+            self.close()  # the next read opens a fresh one
+            raise SQLiteUnavailable(f"the SQLite file could not be read: {exc}") from exc
+        return row
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
