@@ -13,22 +13,27 @@ types' own bind and result processors; `Database.fetch_row` runs it:
   lock a writer holds and returns in microseconds; a hand-off to a driver
   thread per statement (aiosqlite) costs more than the lookup. The
   connection's busy timeout bounds how long the loop can ever wait.
-- on PostgreSQL, through the reader session path (replica choice, the
-  consistency token, failover to the primary), as a Core statement.
+- on PostgreSQL, on an asyncpg pool per source (the primary and each
+  replica) with the statement prepared once per connection: the driver's
+  own pool, not SQLAlchemy's checkout and async adaptation around it. The
+  source is chosen as for every read (service/db/engines.py).
 
 Writes, migrations and every other read keep the ORM session path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import Select, column, select, table
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import consistency
 
@@ -159,3 +164,56 @@ class SQLiteReader:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+class PostgresPools:
+    """An asyncpg pool per PostgreSQL source, opened on first use, closed at shutdown.
+
+    Each pool connects as the source's engine does (the dialect's own
+    connect arguments: several hosts, target_session_attrs) with the same
+    client-side bounds, and `connect_args` on top (server settings, timeouts).
+    """
+
+    def __init__(self, *, max_size: int, connect_args: Mapping[str, Any]) -> None:
+        self.max_size = max_size
+        self.connect_args = dict(connect_args)
+        self._pools: dict[str, asyncpg.Pool] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+
+    async def pool(self, name: str, engine: AsyncEngine) -> asyncpg.Pool:
+        found = self._pools.get(name)
+        if found is not None:
+            return found
+        async with self._opening.setdefault(name, asyncio.Lock()):
+            found = self._pools.get(name)
+            if found is None:
+                _, kwargs = engine.dialect.create_connect_args(engine.url)
+                found = self._pools[name] = await asyncpg.create_pool(
+                    **kwargs, **self.connect_args, min_size=0, max_size=self.max_size
+                )
+            return found
+
+    async def fetch(
+        self,
+        name: str,
+        engine: AsyncEngine,
+        compiled: Compiled,
+        arguments: tuple[Any, ...],
+        *,
+        position: str | None = None,
+    ) -> tuple[asyncpg.Record | None, str | None]:
+        """The row, and (`position`: a query of one text value) the source's position,
+        read first on the same connection."""
+        pool = await self.pool(name, engine)
+        async with pool.acquire() as connection:
+            at = None if position is None else await connection.fetchval(position)
+            row = await connection.fetchrow(compiled.sql, *arguments)
+        return row, at
+
+    async def close(self, timeout_s: float) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            try:
+                await asyncio.wait_for(pool.close(), timeout_s)
+            except (Exception, TimeoutError):
+                pool.terminate()  # a frozen server answers no goodbye

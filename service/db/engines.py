@@ -25,8 +25,15 @@ from sqlalchemy.util import await_only
 from service import NAME
 from service.config import Settings
 from service.db import consistency
-from service.db.direct import POSITION_KEY, RowRead, SQLiteReader, SQLiteUnavailable
-from service.db.errors import ConnectionLost, DatabaseTimeout, is_unavailable
+from service.db.direct import (
+    POSITION_KEY,
+    Compiled,
+    PostgresPools,
+    RowRead,
+    SQLiteReader,
+    SQLiteUnavailable,
+)
+from service.db.errors import ConnectionLost, DatabaseTimeout, SourceUnavailable, is_unavailable
 from service.db.pool import PoolWatch
 from service.db.replicas import Replica, ReplicaSet, replica_name
 
@@ -47,16 +54,7 @@ def create_engine(url: str, settings: Settings, *, role: str) -> AsyncEngine:
     if sa_url.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url, settings, role=role)
     if sa_url.get_driver_name() == "asyncpg":
-        # The client-side bounds (reasons in service/config.py): a frozen
-        # server answers nothing, so only the client can stop waiting.
-        kwargs["connect_args"] = {
-            "server_settings": {
-                "application_name": f"{NAME}:{settings.node_id}:{role}",
-                "statement_timeout": str(int(settings.db_statement_timeout_s * 1000)),
-            },
-            "timeout": settings.db_connect_timeout_s,
-            "command_timeout": settings.db_command_timeout_s,
-        }
+        kwargs["connect_args"] = asyncpg_connect_args(settings, role=role)
     if role == "reader":
         kwargs["isolation_level"] = "AUTOCOMMIT"  # single-statement reads need no BEGIN
     return create_async_engine(
@@ -67,6 +65,20 @@ def create_engine(url: str, settings: Settings, *, role: str) -> AsyncEngine:
         pool_recycle=1800,
         **kwargs,
     )
+
+
+def asyncpg_connect_args(settings: Settings, *, role: str) -> dict[str, Any]:
+    """What every asyncpg connection of the node is opened with."""
+    # The client-side bounds (reasons in service/config.py): a frozen
+    # server answers nothing, so only the client can stop waiting.
+    return {
+        "server_settings": {
+            "application_name": f"{NAME}:{settings.node_id}:{role}",
+            "statement_timeout": str(int(settings.db_statement_timeout_s * 1000)),
+        },
+        "timeout": settings.db_connect_timeout_s,
+        "command_timeout": settings.db_command_timeout_s,
+    }
 
 
 def _create_sqlite_engine(url: str, settings: Settings, *, role: str) -> AsyncEngine:
@@ -163,6 +175,15 @@ class Database:
         self.direct = (
             SQLiteReader(Path(database), busy_timeout_ms=_DIRECT_BUSY_TIMEOUT_MS)
             if not self.is_postgres and database and database != ":memory:"
+            else None
+        )
+        # Hot reads by key on PostgreSQL: the driver's own pools (direct.py).
+        self.pools = (
+            PostgresPools(
+                max_size=settings.db_pool_size,
+                connect_args=asyncpg_connect_args(settings, role="direct-reader"),
+            )
+            if self.is_postgres
             else None
         )
         self.pool_watch = PoolWatch()
@@ -363,11 +384,59 @@ class Database:
                 stamp = row.pop(POSITION_KEY) if stamped else None
                 return row, "primary", None if stamp is None else int(stamp)
 
+        if self.pools is not None:
+            return await self._fetch_row_postgres(read, values, min_lsn=min_lsn, stamped=stamped)
+
         async def fetch(session: AsyncSession) -> dict[str, Any] | None:
             found = (await session.execute(read.statement, dict(values))).first()
             return None if found is None else dict(found._mapping)
 
         return await self._run_read(fetch, min_lsn=min_lsn, stamped=stamped)
+
+    async def _fetch_row_postgres(
+        self, read: RowRead, values: Mapping[str, Any], *, min_lsn: int | None, stamped: bool
+    ) -> tuple[dict[str, Any] | None, str, int | None]:
+        """`fetch_row` on the asyncpg pools: the source chosen as `read` chooses it,
+        a replica that fails taken out of rotation and the read run on the primary."""
+        assert self.pools is not None
+        compiled = read.compiled(self.writer.dialect)
+        arguments = compiled.arguments(values)
+        async with self.bounded():
+            replica = self.replicas.pick(min_lsn)
+            if replica is None and min_lsn is not None:
+                replica = await self._replica_caught_up_now(min_lsn)
+            if replica is not None:
+                try:
+                    raw, at = await self.pools.fetch(
+                        replica.name,
+                        replica.engine,
+                        compiled,
+                        arguments,
+                        position=_REPLAY_LSN if stamped else None,
+                    )
+                except Exception as exc:
+                    if not is_unavailable(exc):
+                        raise
+                    replica.mark_unreachable(exc)
+                    log.info("read failed on a replica; running it on the primary", exc_info=True)
+                else:
+                    stamp = None if at is None else consistency.parse_lsn(at)
+                    return _postgres_row(compiled, raw), replica.name, stamp
+            try:
+                raw, at = await self.pools.fetch(
+                    "primary",
+                    self.writer,
+                    compiled,
+                    arguments,
+                    position=_INSERT_LSN if stamped else None,
+                )
+            except Exception as exc:
+                if not is_unavailable(exc) or isinstance(exc, ConnectionError):
+                    raise
+                raise SourceUnavailable(f"the primary could not be read: {exc}") from exc
+            # Below the insert position, as `position` explains.
+            stamp = None if at is None else consistency.parse_lsn(at) - 1
+            return _postgres_row(compiled, raw), "primary", stamp
 
     async def position(self, session: AsyncSession) -> int | None:
         """The position of `session`'s source, read now: every write whose token
@@ -471,6 +540,8 @@ class Database:
     async def dispose(self) -> None:
         if self.direct is not None:
             self.direct.close()
+        if self.pools is not None:
+            await self.pools.close(self.settings.db_command_timeout_s)
         await self.replicas.dispose()
         await self.writer.dispose()
         if not self.is_postgres:
@@ -501,6 +572,14 @@ _BUMP_COMMIT_COUNTER = text(
     f"UPDATE {_COUNTER} SET position = position + 1 WHERE id = 1 RETURNING position"  # noqa: S608 (a constant)
 )
 _READ_COMMIT_COUNTER = text(f"SELECT position FROM {_COUNTER} WHERE id = 1")  # noqa: S608
+
+_REPLAY_LSN = "SELECT pg_last_wal_replay_lsn()::text"
+_INSERT_LSN = "SELECT pg_current_wal_insert_lsn()::text"
+
+
+def _postgres_row(compiled: Compiled, raw: Any) -> dict[str, Any] | None:
+    return None if raw is None else compiled.row(tuple(raw))
+
 
 _TOKEN_KEY = "consistency_token"  # noqa: S105 (a dict key, not a secret)
 _SOURCE_KEY = "read_source"

@@ -40,8 +40,16 @@ class ConnectionLost(ConnectionError):
     """
 
 
+class SourceUnavailable(ConnectionError):
+    """A database source failed a read made on the driver itself (service/db/direct.py).
+
+    A ConnectionError, so the app answers it 503 database-unavailable.
+    """
+
+
 def is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, OSError | TimeoutError | PoolTimeout):
+    # The driver's own errors reach here unwrapped from reads on its pools (direct.py).
+    if isinstance(exc, (OSError, TimeoutError, PoolTimeout, *_ASYNCPG_UNAVAILABLE)):
         return True
     if not isinstance(exc, DBAPIError):
         return False

@@ -1,12 +1,12 @@
 """The read path: one note read is one SQL statement, on either database.
 
-On SQLite the read by id runs on the node's direct connection (the driver on
-the event loop's thread, service/db/direct.py), never through the engine;
-with the read cache on, the entry's stamp (the commit counter) is read in
-that same statement. On PostgreSQL it runs through the reader engine outside
-any transaction (autocommit spares the BEGIN and ROLLBACK round trips); with
-the cache on, a miss adds the one statement that stamps the entry (the
-source's position, read before the row). A hit runs none.
+The read by id runs on the driver itself (service/db/direct.py), never
+through the engine: on SQLite on the node's one direct connection (the
+driver on the event loop's thread), where with the read cache on the entry's
+stamp (the commit counter) is a column of that same statement; on PostgreSQL
+on an asyncpg pool outside any transaction, where with the cache on a miss
+adds the one statement that stamps the entry (the source's position, read
+before the row). A hit runs none.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import event
 
@@ -27,7 +28,7 @@ from tests.conftest import serve_asgi
 
 @pytest.mark.parametrize("cache", [False, True], ids=["cache-off", "cache-on"])
 async def test_reading_a_note_is_one_statement_and_no_transaction(
-    settings: Settings, cache: bool
+    settings: Settings, cache: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = settings.model_copy(update={"cache": cache})
     async with serve_asgi(create_app(settings)) as (http, state):
@@ -44,6 +45,12 @@ async def test_reading_a_note_is_one_statement_and_no_transaction(
         def on_statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
             engine_statements.append(statement.split()[0].upper())
 
+        for method in ("fetchrow", "fetchval"):
+            monkeypatch.setattr(
+                asyncpg.connection.Connection,
+                method,
+                _counted(getattr(asyncpg.connection.Connection, method), direct_statements),
+            )
         event.listen(reader, "before_cursor_execute", on_statement)
         try:
             if database.direct is not None:
@@ -59,19 +66,24 @@ async def test_reading_a_note_is_one_statement_and_no_transaction(
 
     assert read.status_code == again.status_code == 200
     assert read.json()["title"] == "read"
-    if database.direct is not None:
-        assert engine_statements == []  # never through the engine
-        # One statement: with the cache on, the stamp is a column of it.
+    assert engine_statements == []  # never through the engine
+    if database.direct is not None or not cache:
+        # One statement (SQLite: with the cache on, the stamp is a column of it).
         assert first == ["SELECT"]
-        assert direct_statements == (["SELECT"] if cache else ["SELECT", "SELECT"])
-    elif not cache:
-        assert first == ["SELECT"]  # no BEGIN before it
-        assert engine_statements == ["SELECT", "SELECT"]
     else:
         assert first == ["SELECT", "SELECT"]  # the position, then the note; no BEGIN
-        assert engine_statements == first  # the second read was a hit
+    # With the cache on, the second read was a hit: no statement.
+    assert direct_statements == (first if cache else first + first)
     if cache:
         assert again.headers["x-read-source"] == "cache"
+
+
+def _counted(method: Any, statements: list[str]) -> Any:
+    async def counted(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        statements.append(query.split()[0].upper())
+        return await method(self, query, *args, **kwargs)
+
+    return counted
 
 
 def _warm(database: Any) -> tuple[Any, tuple[Any, ...]]:
