@@ -73,24 +73,31 @@ async def require_json(
         )
 
 
-async def min_lsn(
-    token: Annotated[
-        str | None,
-        Header(
-            alias=consistency.HEADER,
-            description="From a write response: read at least what that write left behind.",
-            # Documented, not enforced here: a token of another shape gets
-            # the 400 problem below rather than a generic 422.
-            json_schema_extra={"type": "string", "pattern": consistency.TOKEN_PATTERN},
-        ),
-    ] = None,
-) -> int | None:
+# The request header of a write's consistency token, declared once.
+ConsistencyTokenHeader = Annotated[
+    str | None,
+    Header(
+        alias=consistency.HEADER,
+        description="From a write response: read at least what that write left behind.",
+        # Documented, not enforced here: a token of another shape gets
+        # the 400 problem below rather than a generic 422.
+        json_schema_extra={"type": "string", "pattern": consistency.TOKEN_PATTERN},
+    ),
+]
+
+
+def decode_token(token: str | None) -> int | None:
+    """The position a consistency token asks for (None: none sent); 400 if malformed."""
     if token is None:
         return None
     try:
         return consistency.decode(token)
     except consistency.InvalidToken as exc:
         raise Problem(400, str(exc), slug="invalid-consistency-token") from None
+
+
+async def min_lsn(token: ConsistencyTokenHeader = None) -> int | None:
+    return decode_token(token)
 
 
 MinLsnDep = Annotated[int | None, Depends(min_lsn)]

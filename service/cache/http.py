@@ -25,7 +25,7 @@ from service.cache.store import ReadCache
 from service.db import consistency
 from service.db.direct import RowRead
 from service.db.engines import Database, consistency_token
-from service.deps import DatabaseDep, MinLsnDep
+from service.deps import ConsistencyTokenHeader, decode_token
 
 # X-Read-Source of a response the node's cache served.
 SOURCE = "cache"
@@ -108,8 +108,10 @@ class Invalidations:
         self.cache.wrote(keys, None if token is None else consistency.decode(token))
 
 
-async def cached_reads(request: Request, db: DatabaseDep, min_lsn: MinLsnDep) -> CachedReads:
-    return CachedReads(db, node.cache(request), min_lsn)
+async def cached_reads(request: Request, token: ConsistencyTokenHeader = None) -> CachedReads:
+    # One dependency, not three (database, token, cache): FastAPI's cost per
+    # request grows with every dependency it resolves, and this is the hot read.
+    return CachedReads(node.database(request), node.cache(request), decode_token(token))
 
 
 async def invalidations(request: Request) -> Invalidations:
