@@ -10,6 +10,12 @@ bound is added), and a read with A's token is never stale at all.
 
 The control runs the same with a 30 s TTL: B serves old notes for far longer
 than the bound, so the measurement can see staleness when there is some.
+
+A loss the bus can see: one `inv` message lost on B's wire (before B reads
+its header) leaves a gap in A's sequence numbers, which the next message from
+A shows; B then drops every entry older than that message's LSN, and its
+next read misses, within a heartbeat. The control turns loss detection off:
+with a 30 s TTL, B keeps answering the old note.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import pytest
 
 from deploy.lab.postgres import free_port
 from service.app import create_app
+from service.bus import membership
+from service.bus.membership import Loss
 from tests.conftest import serve_asgi
 from tests.notes.test_cache import node_settings
 
@@ -156,3 +164,67 @@ async def test_control_a_long_ttl_shows_the_staleness_lost_invalidations_cause(
     seen = await run(sqlite_url, tmp_path, ttl_s=30.0, drop=1.0)
     assert seen["worst_stale_s"] > 1.0  # the writes span 3 s; B kept the first copy
     assert seen["stale_with_token"] == 0
+
+
+def drop_one_invalidation_on_the_wire(bus) -> list[int]:  # type: ignore[no-untyped-def]
+    """Make `bus` lose the next `inv` message before it reads its header, as a
+    full socket or a lost connection would: the next message shows the gap."""
+    handle = bus._handle
+    dropped: list[int] = []
+
+    def lossy(frames) -> None:  # type: ignore[no-untyped-def]
+        if not dropped and frames[0].bytes == b"inv":
+            dropped.append(1)
+            return
+        handle(frames)
+
+    bus._handle = lossy
+    return dropped
+
+
+async def stale_seconds_after_one_lost_invalidation(url: str, tmp_path: Path) -> tuple[float, dict]:
+    """B caches a note, loses the invalidation of A's next write of it; how long
+    B answers the old version (TTL 30 s: only the bus can make it fresh)."""
+    async with fleet(url, tmp_path, ttl_s=30.0) as [(a, _), (b, b_state), _c]:
+        created = await a.post("/v1/notes", json={"title": "old"})
+        note = created.headers["location"]
+        bus = b_state["bus"]
+        heard_by = time.monotonic() + 3.0  # a heartbeat a second
+        while {"a", "c"} - set(bus.membership.peers) and time.monotonic() < heard_by:  # bounded
+            await asyncio.sleep(0.02)
+        # B has heard A and C: a message lost now is a gap, and no first
+        # message of a late joiner will empty B's cache during the measurement.
+        assert {"a", "c"} <= set(bus.membership.peers)
+        assert (await b.get(note)).headers["x-read-source"] != "cache"  # a miss fills it
+        assert (await b.get(note)).headers["x-read-source"] == "cache"
+        dropped = drop_one_invalidation_on_the_wire(bus)
+        written = await a.patch(
+            note, json={"title": "new"}, headers={"If-Match": created.headers["etag"]}
+        )
+        assert written.status_code == 200
+        answered = time.monotonic()
+        deadline = answered + 3.0  # heartbeats come every second
+        while time.monotonic() < deadline:  # bounded
+            if (await b.get(note)).json()["title"] == "new":
+                break
+            await asyncio.sleep(0.02)
+        return time.monotonic() - answered, {"dropped": len(dropped), **b_state["bus"].losses}
+
+
+async def test_one_invalidation_lost_on_the_wire_is_a_gap_and_the_next_read_misses(
+    sqlite_url, tmp_path
+):
+    stale_s, seen = await stale_seconds_after_one_lost_invalidation(sqlite_url, tmp_path)
+    assert seen["dropped"] == 1
+    assert seen[Loss.gap] == 1  # the next message from A (a heartbeat) showed the gap
+    # Within a heartbeat interval (1 s, jittered) and scheduling slack, not the 30 s TTL.
+    assert stale_s < 1.5
+
+
+async def test_control_without_loss_detection_the_lost_invalidation_leaves_b_stale(
+    sqlite_url, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(membership, "DETECT_LOSS", False)
+    stale_s, seen = await stale_seconds_after_one_lost_invalidation(sqlite_url, tmp_path)
+    assert seen["dropped"] == 1
+    assert stale_s >= 3.0  # still the old note when the bounded wait ended
