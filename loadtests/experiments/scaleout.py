@@ -446,7 +446,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
             lo, hi = check["predicted_interval"]
             ax2.errorbar(
                 check["n"] + 0.2, check["predicted_rps"],
-                yerr=[[check["predicted_rps"] - lo], [hi - check["predicted_rps"]]],
+                # The band comes from draws clipped at sigma, kappa >= 0: an
+                # estimate on that bound can sit at the band's edge (or just past it).
+                yerr=[
+                    [max(0.0, check["predicted_rps"] - lo)],
+                    [max(0.0, hi - check["predicted_rps"])],
+                ],
                 fmt="D", color="tab:orange", capsize=4, label=f"predicted X({check['n']})",
             )  # fmt: skip
     ax2.set(xlabel="nodes N", ylabel="X(1) · N · E(N)  req/s", title="Capacity (drift removed)")
