@@ -110,7 +110,7 @@ bench-efficiency: sysdeps $(VENV_STAMP) ## req/s per core: cattle vs bare FastAP
 failover: sysdeps $(VENV_STAMP) ## Patroni failover under write load -> docs/results/failover.*
 	$(PY) -m loadtests.experiments.failover
 
-scaleout: sysdeps $(VENV_STAMP) ## throughput vs nodes (1, 2, 4, 8), USL fit -> docs/results/scaleout.*
+scaleout: sysdeps $(VENV_STAMP) ## throughput of 2, 4, 8 nodes in pairs beside 1, USL fit -> docs/results/scaleout.*
 	$(PY) -m loadtests.experiments.scaleout
 
 nodeloss: sysdeps $(VENV_STAMP) ## drain / kill -9 / restart under load, audit -> docs/results/nodeloss.*
