@@ -42,14 +42,31 @@ def _state(pid: int) -> str | None:
 
 
 def is_ours(pid: int | None, marker: str) -> bool:
-    """Alive (not a zombie) and carrying `marker` in its command line or environment."""
-    if not pid or _state(pid) in (None, "Z", "X"):
-        return False
-    for name in ("cmdline", "environ"):
-        with contextlib.suppress(OSError):
-            if marker.encode() in Path(f"/proc/{pid}/{name}").read_bytes():
-                return True
+    """Alive (not a zombie) and carrying `marker` in its command line or environment.
+
+    A process in the middle of exec() (a node's `sh` wrapper becoming Python)
+    shows an empty command line and environment for a moment: read again
+    rather than call it gone, which once failed a lab's `up` and left the
+    node running.
+    """
+    for _ in range(_EXEC_READS):  # bounded
+        if not pid or _state(pid) in (None, "Z", "X"):
+            return False
+        seen = 0
+        for name in ("cmdline", "environ"):
+            with contextlib.suppress(OSError):
+                data = Path(f"/proc/{pid}/{name}").read_bytes()
+                if marker.encode() in data:
+                    return True
+                seen += len(data)
+        if seen:
+            return False  # readable, and not ours
+        time.sleep(_EXEC_PAUSE_S)
     return False
+
+
+_EXEC_READS = 20
+_EXEC_PAUSE_S = 0.005
 
 
 def reap(pid: int) -> None:
