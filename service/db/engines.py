@@ -27,7 +27,6 @@ from service.config import Settings
 from service.db import consistency
 from service.db.direct import (
     POSITION_KEY,
-    Compiled,
     PostgresPools,
     RowRead,
     SQLiteReader,
@@ -152,7 +151,7 @@ class Database:
 
     Route handlers own the transaction: `async with db.write() as session:`
     commits when the block ends and rolls back if it raises, so a response is
-    only produced after its data is durable. Reads go through `db.read(...)`,
+    only produced after its data is durable. Reads go through `db.run_read(...)`,
     which picks a replica fresh enough for the caller, else the primary.
     """
 
@@ -283,7 +282,7 @@ class Database:
         # The insert position, read after our commit, is at or past the end
         # of our commit record even with synchronous_commit=off, where the
         # write position (pg_current_wal_lsn) may not have reached it yet.
-        query = text("SELECT pg_current_wal_insert_lsn()::text")
+        query = text(_INSERT_LSN)
         try:
             async with asyncio.timeout(self.time_left_s()):
                 if not self.is_postgres:
@@ -342,18 +341,12 @@ class Database:
     async def _run_read(
         self, read: Callable[[AsyncSession], Awaitable[T]], *, min_lsn: int | None, stamped: bool
     ) -> tuple[T, str, int | None]:
-        async with self.bounded():
-            try:
-                async with self.read(min_lsn=min_lsn) as session:
-                    stamp = await self.position(session) if stamped else None
-                    return await read(session), read_source(session), stamp
-            except Exception as exc:
-                if not self.replicas.replicas or not is_unavailable(exc):
-                    raise
-                log.info("read failed on a replica; running it on the primary", exc_info=True)
-            async with self.read(primary=True) as session:
+        async def attempt(replica: Replica | None) -> tuple[T, str, int | None]:
+            async with self._session(replica) as session:
                 stamp = await self.position(session) if stamped else None
                 return await read(session), read_source(session), stamp
+
+        return await self._on_a_source(attempt, min_lsn=min_lsn)
 
     async def fetch_row(
         self,
@@ -369,7 +362,9 @@ class Database:
         On SQLite it runs on the driver in the loop's thread, the stamp in the
         same statement; every committed write is visible to it, so `min_lsn`
         asks nothing more. If the file is busy past the short bound, the read
-        goes the session way, which waits without holding the loop.
+        goes the session way, which waits without holding the loop. On
+        PostgreSQL it runs on the driver's own pool of the source chosen as
+        for every read.
         """
         if self.direct is not None:
             compiled = read.compiled(self.writer.dialect, stamped=stamped)
@@ -385,7 +380,37 @@ class Database:
                 return row, "primary", None if stamp is None else int(stamp)
 
         if self.pools is not None:
-            return await self._fetch_row_postgres(read, values, min_lsn=min_lsn, stamped=stamped)
+            pools = self.pools
+            compiled = read.compiled(self.writer.dialect)
+            arguments = compiled.arguments(values)
+
+            async def on_driver(
+                replica: Replica | None,
+            ) -> tuple[dict[str, Any] | None, str, int | None]:
+                name, engine = (
+                    ("primary", self.writer) if replica is None else (replica.name, replica.engine)
+                )
+                try:
+                    raw, at = await pools.fetch(
+                        name,
+                        engine,
+                        compiled,
+                        arguments,
+                        position=_position_query(replica) if stamped else None,
+                    )
+                except Exception as exc:
+                    if (
+                        replica is None
+                        and is_unavailable(exc)
+                        and not isinstance(exc, ConnectionError)
+                    ):
+                        # A raw driver error: named as the session path names it (a 503).
+                        raise SourceUnavailable(f"the primary could not be read: {exc}") from exc
+                    raise
+                row = None if raw is None else compiled.row(tuple(raw))
+                return row, name, None if at is None else _stamp(replica, at)
+
+            return await self._on_a_source(on_driver, min_lsn=min_lsn)
 
         async def fetch(session: AsyncSession) -> dict[str, Any] | None:
             found = (await session.execute(read.statement, dict(values))).first()
@@ -393,50 +418,26 @@ class Database:
 
         return await self._run_read(fetch, min_lsn=min_lsn, stamped=stamped)
 
-    async def _fetch_row_postgres(
-        self, read: RowRead, values: Mapping[str, Any], *, min_lsn: int | None, stamped: bool
-    ) -> tuple[dict[str, Any] | None, str, int | None]:
-        """`fetch_row` on the asyncpg pools: the source chosen as `read` chooses it,
-        a replica that fails taken out of rotation and the read run on the primary."""
-        assert self.pools is not None
-        compiled = read.compiled(self.writer.dialect)
-        arguments = compiled.arguments(values)
+    async def _on_a_source(
+        self, attempt: Callable[[Replica | None], Awaitable[T]], *, min_lsn: int | None
+    ) -> T:
+        """The one way a read chooses its source: `attempt(replica)` on a replica
+        that has replayed `min_lsn`, else `attempt(None)` on the primary. A
+        replica that fails as unavailable leaves rotation and the attempt runs
+        again on the primary, so losing a replica costs no request."""
         async with self.bounded():
             replica = self.replicas.pick(min_lsn)
             if replica is None and min_lsn is not None:
                 replica = await self._replica_caught_up_now(min_lsn)
             if replica is not None:
                 try:
-                    raw, at = await self.pools.fetch(
-                        replica.name,
-                        replica.engine,
-                        compiled,
-                        arguments,
-                        position=_REPLAY_LSN if stamped else None,
-                    )
+                    return await attempt(replica)
                 except Exception as exc:
                     if not is_unavailable(exc):
                         raise
                     replica.mark_unreachable(exc)
                     log.info("read failed on a replica; running it on the primary", exc_info=True)
-                else:
-                    stamp = None if at is None else consistency.parse_lsn(at)
-                    return _postgres_row(compiled, raw), replica.name, stamp
-            try:
-                raw, at = await self.pools.fetch(
-                    "primary",
-                    self.writer,
-                    compiled,
-                    arguments,
-                    position=_INSERT_LSN if stamped else None,
-                )
-            except Exception as exc:
-                if not is_unavailable(exc) or isinstance(exc, ConnectionError):
-                    raise
-                raise SourceUnavailable(f"the primary could not be read: {exc}") from exc
-            # Below the insert position, as `position` explains.
-            stamp = None if at is None else consistency.parse_lsn(at) - 1
-            return _postgres_row(compiled, raw), "primary", stamp
+            return await attempt(None)
 
     async def position(self, session: AsyncSession) -> int | None:
         """The position of `session`'s source, read now: every write whose token
@@ -467,56 +468,28 @@ class Database:
         if not self.is_postgres:
             position = await session.scalar(_READ_COMMIT_COUNTER)
             return None if position is None else int(position)
-        if read_source(session) == "primary":
-            lsn = await session.scalar(text("SELECT pg_current_wal_insert_lsn()::text"))
-            return None if lsn is None else consistency.parse_lsn(str(lsn)) - 1
-        lsn = await session.scalar(text("SELECT pg_last_wal_replay_lsn()::text"))
-        return None if lsn is None else consistency.parse_lsn(str(lsn))
+        replica = session.info.get(_REPLICA_KEY)
+        lsn = await session.scalar(text(_position_query(replica)))
+        return None if lsn is None else _stamp(replica, str(lsn))
 
     @asynccontextmanager
-    async def read(
-        self, *, min_lsn: int | None = None, primary: bool = False
-    ) -> AsyncIterator[AsyncSession]:
-        """A read-only session on a replica that has replayed `min_lsn`, else the primary.
+    async def _session(self, replica: Replica | None) -> AsyncIterator[AsyncSession]:
+        """A read-only session on `replica`, or on the primary for None.
 
-        `read_source(session)` names the source, for attribution. A replica
-        that fails is taken out of rotation (and the error raised: use
-        `run_read` to have the read retried on the primary).
+        `read_source(session)` names the source, for attribution. A
+        connection that failed mid-command is discarded, never pooled again.
         """
-        async with self.bounded():
-            replica = None if primary else self.replicas.pick(min_lsn)
-            if replica is None and min_lsn is not None and not primary:
-                replica = await self._replica_caught_up_now(min_lsn)
-            if replica is not None:
-                session = replica.sessions()
-                try:
-                    await session.connection()
-                except Exception as exc:
-                    if not is_unavailable(exc):
-                        raise
-                    replica.mark_unreachable(exc)
+        session = self._reader_sessions() if replica is None else replica.sessions()
+        session.info[_SOURCE_KEY] = "primary" if replica is None else replica.name
+        session.info[_REPLICA_KEY] = replica
+        async with session:
+            try:
+                yield session
+            except BaseException as exc:
+                if _dead(exc):
+                    # Mid-command or gone: back in the pool it would hang the next user.
                     await session.invalidate()
-                else:
-                    session.info[_SOURCE_KEY] = replica.name
-                    async with session:
-                        try:
-                            yield session
-                        except BaseException as exc:
-                            if is_unavailable(exc):
-                                replica.mark_unreachable(exc)
-                            if _dead(exc):
-                                await session.invalidate()
-                            raise
-                    return
-            async with self._reader_sessions() as session:
-                session.info[_SOURCE_KEY] = "primary"
-                try:
-                    yield session
-                except BaseException as exc:
-                    if _dead(exc):
-                        # Mid-command or gone: back in the pool it would hang the next user.
-                        await session.invalidate()
-                    raise
+                raise
 
     async def _replica_caught_up_now(self, min_lsn: int) -> Replica | None:
         """Ask one usable replica for its live position: the cached one may be
@@ -526,7 +499,7 @@ class Database:
             return None
         try:
             async with replica.engine.connect() as conn:
-                position = await conn.scalar(text("SELECT pg_last_wal_replay_lsn()::text"))
+                position = await conn.scalar(text(_REPLAY_LSN))
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
@@ -573,16 +546,26 @@ _BUMP_COMMIT_COUNTER = text(
 )
 _READ_COMMIT_COUNTER = text(f"SELECT position FROM {_COUNTER} WHERE id = 1")  # noqa: S608
 
+# A source's WAL position (see Database.position): replay on a replica; on
+# the primary the insert position, which a token is read from too.
 _REPLAY_LSN = "SELECT pg_last_wal_replay_lsn()::text"
 _INSERT_LSN = "SELECT pg_current_wal_insert_lsn()::text"
 
 
-def _postgres_row(compiled: Compiled, raw: Any) -> dict[str, Any] | None:
-    return None if raw is None else compiled.row(tuple(raw))
+def _position_query(replica: Replica | None) -> str:
+    return _INSERT_LSN if replica is None else _REPLAY_LSN
+
+
+def _stamp(replica: Replica | None, lsn: str) -> int:
+    """A position read with `_position_query`, as a cache stamp: on the primary
+    one below it, for the reason `Database.position` gives."""
+    position = consistency.parse_lsn(lsn)
+    return position - 1 if replica is None else position
 
 
 _TOKEN_KEY = "consistency_token"  # noqa: S105 (a dict key, not a secret)
 _SOURCE_KEY = "read_source"
+_REPLICA_KEY = "replica"
 
 
 def consistency_token(session: AsyncSession) -> str | None:

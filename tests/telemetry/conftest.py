@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from sqlalchemy import Integer, bindparam, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.app import create_app
 from service.config import Settings
@@ -40,9 +41,12 @@ def add_item_route(app: FastAPI) -> None:
 
     async def get_item(item_id: int, request: Request) -> dict[str, int]:
         database: Database = request.state.database
-        async with database.read() as session:
-            statement = text("SELECT :id").bindparams(bindparam("id", type_=Integer))
-            found = (await session.execute(statement, {"id": item_id})).scalar_one()
+        statement = text("SELECT :id").bindparams(bindparam("id", type_=Integer))
+
+        async def read(session: AsyncSession) -> int:
+            return (await session.execute(statement, {"id": item_id})).scalar_one()
+
+        found, _ = await database.run_read(read)
         if found >= MISSING_ITEM:
             raise HTTPException(404, "no such item")
         return {"id": found}
