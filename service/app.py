@@ -92,6 +92,9 @@ def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
     return {**rest, **branches[0]}
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def _install_database_errors(app: FastAPI) -> None:
     """A database that cannot be reached is the node's problem, not the client's.
 
@@ -102,12 +105,16 @@ def _install_database_errors(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         if not is_unavailable(exc):
             raise exc
+        outcome = (
+            "nothing was changed: retry it"
+            if request.method in _SAFE_METHODS
+            else "a write may or may not have been applied: retry with the same "
+            "Idempotency-Key to be safe"
+        )
         return problem_response(
             Problem(
                 503,
-                "the database is unavailable right now; the request was not completed "
-                "(a write may or may not have been applied: retry with the same "
-                "Idempotency-Key to be safe)",
+                f"the database is unavailable right now; the request was not completed ({outcome})",
                 slug="database-unavailable",
                 headers={"Retry-After": "1"},
             ),

@@ -107,6 +107,12 @@ async def test_database_unavailable(client, monkeypatch):
     response = await client.get("/v1/notes")
     _pinned(response, "urn:cattle:problem:database-unavailable", 503)
     assert response.headers["retry-after"] == "1"
+    # A read changed nothing, and its answer says so; a write's cannot.
+    assert "nothing was changed" in response.json()["detail"]
+    monkeypatch.setattr(notes, "create_note", unreachable)
+    response = await client.post("/v1/notes", json={"title": "t"})
+    _pinned(response, "urn:cattle:problem:database-unavailable", 503)
+    assert "may or may not have been applied" in response.json()["detail"]
 
 
 @pytest.mark.parametrize(
