@@ -34,17 +34,19 @@ below 1.0 core was not the bottleneck. Takes the machine-wide experiment lock
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from deploy.lab.postgres import PostgresCluster, postmaster_pid
 from loadtests import report as reports
@@ -147,29 +149,17 @@ def start_postgres(run_dir: Path, core: int) -> tuple[PostgresCluster, str]:
     cluster.start()
     pid = postmaster_pid(cluster.primary.data_dir)
     assert pid is not None
-    # Its backends fork from the postmaster and inherit its core; the rest move now.
-    subprocess.run(
-        ["taskset", "-a", "-p", "-c", str(core), str(pid)], check=True, stdout=subprocess.DEVNULL
-    )
-    for child in _children(pid):
-        subprocess.run(
-            ["taskset", "-p", "-c", str(core), str(child)], check=False, stdout=subprocess.DEVNULL
-        )
+    # Its backends fork from the postmaster and inherit its core; the rest move
+    # now. Every PostgreSQL process is single-threaded: one affinity each.
+    postmaster = psutil.Process(pid)
+    postmaster.cpu_affinity([core])
+    for child in postmaster.children():
+        # A backend that ended since is no loss: it needs no core.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.cpu_affinity([core])
     url = cluster.primary_dsn().replace("postgresql://", "postgresql+asyncpg://", 1)
     wrkbench.migrate(run_dir / "unused", database_url=url)
     return cluster, url
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _copy_note(cluster: PostgresCluster, note: dict[str, Any]) -> None:
