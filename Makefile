@@ -6,8 +6,12 @@ SHELL := /bin/bash
 
 # Debian packages the test suite starts for real: PostgreSQL (primary and
 # streaming replicas), Patroni + etcd (HA mode), HAProxy (the lab's front),
-# wrk (benchmarks).
-SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk
+# wrk (benchmarks), and for the anycast front BIRD 2 (the router), ExaBGP
+# (the nodes' sidecars, whose healthcheck runs curl) and nftables (pinning).
+# The lab runs its own bird with its own config and control socket inside
+# its own network namespace; Debian's bird.service (host namespace,
+# /etc/bird, /run/bird) is neither used nor touched.
+SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk bird2 exabgp nftables curl
 
 export UV_PYTHON_DOWNLOADS := never
 # Compile the dependencies' bytecode when installing them. Where

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deploy.lab.cluster import BACKENDS, DEFAULT_RUN_DIR, Lab, LabError, LabOptions
+from deploy.lab.cluster import BACKENDS, DEFAULT_RUN_DIR, FRONTS, Lab, LabError, LabOptions
 from deploy.lab.postgres import PostgresError, PostgresNotInstalled
 
 
@@ -39,7 +39,18 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--backend", choices=BACKENDS, default="sqlite")
     up.add_argument("--replicas", type=int, default=0, help="streaming replicas (postgres)")
-    up.add_argument("--front", choices=("haproxy", "none"), default="haproxy")
+    up.add_argument(
+        "--front",
+        choices=FRONTS,
+        default="haproxy",
+        help="haproxy on loopback; anycast: BIRD router + ExaBGP sidecars in namespaces",
+    )
+    up.add_argument(
+        "--pinning",
+        choices=("on", "off"),
+        default="on",
+        help="anycast: the router keeps each flow on its node when next hops change",
+    )
     up.add_argument("--cpu", type=_fraction, help="cap each node at this fraction of a core")
     up.add_argument("--drain-delay", type=float, default=2.0, help="seconds (default 2)")
     up.add_argument(
@@ -71,6 +82,15 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--keep", action="store_true", help="only create the drain file; the node stays up"
             )
+        if verb == "kill":
+            sub.add_argument(
+                "--machine",
+                action="store_true",
+                help="anycast: kill everything in NODE's namespace (its ExaBGP too)",
+            )
+    verbs.add_parser(
+        "pinning", parents=[common], help="anycast: switch the router's connection pinning"
+    ).add_argument("state", choices=("on", "off"))
     verbs.add_parser("down", parents=[common], help="stop everything the lab started")
     return top
 
@@ -83,6 +103,25 @@ def _print_status(state: dict[str, Any]) -> None:
     print(f"database: {database.get('primary')}")
     for replica in database.get("replicas", []):
         print(f"  replica: {replica}")
+    router = state.get("router")
+    if router is not None:
+        hops = ", ".join(router.get("next_hops", [])) or "none"
+        print(
+            f"anycast {state['front']}  client namespace {state['anycast']['client_netns']}  "
+            f"pinning {'on' if router.get('pinning') else 'off'}  "
+            f"bird {'running' if router['bird_running'] else 'NOT running'}"
+        )
+        print(f"router ECMP next hops: {hops}")
+        print(f"{'node':6} {'pid':>8} {'url':24} {'state':10} {'bgp':12} {'announced':10} sidecar")
+        for node in state["nodes"]:
+            health = node.get("health") or {}
+            lifecycle = health.get("lifecycle") or ("down" if not node["running"] else "?")
+            print(
+                f"{node['id']:6} {node['pid'] or '-':>8} {node['url']:24} {lifecycle!s:10} "
+                f"{node.get('bgp') or '-':12} {'yes' if node.get('announced') else 'no':10} "
+                f"{'running' if node.get('sidecar_running') else 'down'}"
+            )
+        return
     print(f"{'node':6} {'pid':>8} {'url':24} {'state':10} {'haproxy':12} cgroup")
     for node in state["nodes"]:
         health = node.get("health") or {}
@@ -113,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     drain_delay_s=args.drain_delay,
                     retries=not args.no_retries,
                     observe=not args.no_observe,
+                    pinning=args.pinning == "on",
                 )
             )
             _print_status(lab.status())
@@ -133,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             lab.undrain(args.node)
             print(f"{args.node}: drain file removed")
         elif args.verb == "kill":
-            lab.kill(args.node)
-            print(f"{args.node}: killed (SIGKILL)")
+            lab.kill(args.node, machine=args.machine)
+            print(f"{args.node}: killed (SIGKILL){' with its namespace' if args.machine else ''}")
         elif args.verb == "restart":
             node = lab.restart(args.node)
             print(f"{args.node}: running again, pid {node['pid']}")
+        elif args.verb == "pinning":
+            lab.set_pinning(args.state == "on")
+            print(f"pinning {args.state}")
         elif args.verb == "down":
             stopped = lab.down()
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))

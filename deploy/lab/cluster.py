@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploy.lab import cgroups, haproxy, procs
+from deploy.lab import anycast, cgroups, haproxy, netns, procs
 from deploy.lab.postgres import PostgresCluster, free_port
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUN_DIR = REPO_ROOT / "run" / "lab"
 STATE_FILE = "lab.json"
 BACKENDS = ("sqlite", "postgres", "patroni")
+FRONTS = ("haproxy", "anycast", "none")
 
 
 class LabError(RuntimeError):
@@ -52,6 +53,8 @@ class LabOptions:
     # HAProxy's per-client limit (429 past it); the default never throttles the lab's load.
     rate_limit_per_10s: int = haproxy.DEFAULT_RATE_LIMIT_PER_10S
     node_env: dict[str, str] = field(default_factory=dict)
+    # Anycast front: the router keeps each flow on the node it started on.
+    pinning: bool = True
 
 
 def _http_status(url: str, timeout_s: float = 1.0) -> int | None:
@@ -135,6 +138,14 @@ class Lab:
             pid = member.get("pid")
             if pid and procs.is_ours(pid, str(member.get("data_dir", "-"))):
                 live.append(f"postgres {member['name']} (pid {pid})")
+        live += [
+            f"exabgp {n['id']} (pid {n['sidecar']['pid']})"
+            for n in state.get("nodes", [])
+            if anycast.sidecar_running(n.get("sidecar"))
+        ]
+        bird = (state.get("anycast") or {}).get("bird") or {}
+        if procs.is_ours(bird.get("pid"), bird.get("config", "-")):
+            live.append(f"bird (pid {bird['pid']})")
         return live
 
     # -- up ------------------------------------------------------------------
@@ -149,11 +160,20 @@ class Lab:
                 cgroups.check_available()
             except cgroups.CgroupsUnavailable as exc:
                 raise LabError(str(exc)) from None
+        if options.front not in FRONTS:
+            raise LabError(f"--front {options.front!r}: choose one of {', '.join(FRONTS)}")
         if options.front == "haproxy":
             try:
                 haproxy.find_haproxy()
             except haproxy.HAProxyError as exc:
                 raise LabError(str(exc)) from None
+        if options.front == "anycast":
+            try:
+                anycast.check_installed()
+            except anycast.AnycastError as exc:
+                raise LabError(str(exc)) from None
+            if options.backend != "sqlite":
+                raise LabError("--front anycast runs on --backend sqlite for now")
         self._prepare_run_dir()
         state: dict[str, Any] = {
             "lab_id": secrets.token_hex(4),
@@ -167,6 +187,7 @@ class Lab:
                 "cpu": options.cpu,
                 "retries": options.retries,
                 "observe": options.observe,
+                "pinning": options.pinning if options.front == "anycast" else None,
             },
             "front": None,
             "nodes": [],
@@ -182,8 +203,14 @@ class Lab:
             self._migrate(state)
             # Fixed bus ports, known before any node starts: each node's
             # CATTLE_BUS_PEERS names all the others.
-            bus_ports = {f"n{i}": free_port() for i in range(1, options.nodes + 1)}
-            for node_id in bus_ports:
+            node_ids = [f"n{i}" for i in range(1, options.nodes + 1)]
+            if options.front == "anycast":
+                self._start_anycast_router(state, node_ids, options)
+                # Each node in its own namespace: the same port everywhere.
+                bus_ports = dict.fromkeys(node_ids, anycast.BUS_PORT)
+            else:
+                bus_ports = {node_id: free_port() for node_id in node_ids}
+            for node_id in node_ids:
                 state["nodes"].append(self._new_node(state, node_id, options, bus_ports))
                 self._save(state)
             self._wait_nodes(state)
@@ -193,6 +220,9 @@ class Lab:
             if options.front == "haproxy":
                 state["haproxy"] = self._start_haproxy(state, options)
                 state["front"] = state["haproxy"]["front_url"]
+            if options.front == "anycast":
+                self._start_sidecars(state, options)
+                state["front"] = f"http://{anycast.VIP}:{anycast.SERVICE_PORT}"
             self._save(state)
         except BaseException:
             self.down()
@@ -252,6 +282,41 @@ class Lab:
         }
         return info
 
+    def _start_anycast_router(
+        self, state: dict[str, Any], node_ids: list[str], options: LabOptions
+    ) -> None:
+        try:
+            state["anycast"] = anycast.plan(state["lab_id"], node_ids, pinning=options.pinning)
+            self._save(state)  # names first: `down` finds them after a failed `up`
+            anycast.create_network(state["anycast"])
+            state["anycast"]["bird"] = anycast.start_router(state["anycast"], self.run_dir)
+            self._save(state)
+        except (anycast.AnycastError, netns.NetnsError) as exc:
+            raise LabError(str(exc)) from None
+
+    def _start_sidecars(self, state: dict[str, Any], options: LabOptions) -> None:
+        plan = state["anycast"]
+        try:
+            for node in state["nodes"]:
+                node["sidecar"] = anycast.start_sidecar(
+                    plan, node["id"], drain_file=node["drain_file"], run_dir=self.run_dir
+                )
+                self._save(state)
+            anycast.wait_next_hops(plan, {n["id"] for n in state["nodes"]}, timeout_s=20)
+            anycast.set_pinning(plan, self.run_dir, options.pinning)
+        except (anycast.AnycastError, netns.NetnsError) as exc:
+            raise LabError(str(exc)) from None
+
+    def set_pinning(self, on: bool) -> dict[str, Any]:
+        """Switch the anycast router's connection pinning on or off (for new flows)."""
+        state = self.load()
+        if not state.get("anycast"):
+            raise LabError("pinning needs a lab with --front anycast")
+        anycast.set_pinning(state["anycast"], self.run_dir, on)
+        state["options"]["pinning"] = on
+        self._save(state)
+        return state
+
     def _migrate(self, state: dict[str, Any]) -> None:
         env = self._base_env(state)
         result = subprocess.run(
@@ -286,22 +351,33 @@ class Lab:
         options: LabOptions,
         bus_ports: dict[str, int],
     ) -> dict[str, Any]:
-        port, agent_port = free_port(), free_port()
-        peers = [f"tcp://127.0.0.1:{p}" for other, p in bus_ports.items() if other != node_id]
+        plan = state.get("anycast")
+        if plan:
+            # Its own namespace: listens on every address there (the VIP on
+            # lo and its link), the same ports as every other node.
+            port, agent_port = anycast.SERVICE_PORT, anycast.AGENT_PORT
+            address = {n: plan["nodes"][n]["address"] for n in bus_ports}
+            bind_host = "0.0.0.0"  # inside the node's own namespace only
+        else:
+            port, agent_port = free_port(), free_port()
+            address = dict.fromkeys(bus_ports, "127.0.0.1")
+            bind_host = "127.0.0.1"
+        peers = [f"tcp://{address[o]}:{p}" for o, p in bus_ports.items() if o != node_id]
         node: dict[str, Any] = {
             "id": node_id,
-            "host": "127.0.0.1",
+            "host": address[node_id],
             "port": port,
-            "url": f"http://127.0.0.1:{port}",
+            "url": f"http://{address[node_id]}:{port}",
+            "netns": plan["nodes"][node_id]["netns"] if plan else None,
             "agent_port": agent_port,
-            "bus": f"tcp://127.0.0.1:{bus_ports[node_id]}",
+            "bus": f"tcp://{address[node_id]}:{bus_ports[node_id]}",
             "drain_file": str(self.run_dir / f"{node_id}.drain"),
             "log": str(self.run_dir / f"{node_id}.log"),
             "cgroup": None,
             "pid": None,
             "env": {
                 "CATTLE_NODE_ID": node_id,
-                "CATTLE_HOST": "127.0.0.1",
+                "CATTLE_HOST": bind_host,
                 "CATTLE_PORT": str(port),
                 "CATTLE_AGENT_PORT": str(agent_port),
                 "CATTLE_DRAIN_FILE": str(self.run_dir / f"{node_id}.drain"),
@@ -309,7 +385,7 @@ class Lab:
                 "CATTLE_SHUTDOWN_TIMEOUT_S": str(options.shutdown_timeout_s),
                 "CATTLE_ADMIN_TOKEN": state["admin_token"],
                 "CATTLE_ACCESS_LOG": "false",
-                "CATTLE_BUS_BIND": f"tcp://127.0.0.1:{bus_ports[node_id]}",
+                "CATTLE_BUS_BIND": f"tcp://{bind_host}:{bus_ports[node_id]}",
                 "CATTLE_BUS_PEERS": ",".join(peers),
                 **options.node_env,
             },
@@ -335,6 +411,8 @@ class Lab:
                 "sh",
                 *argv,
             ]
+        if node.get("netns"):
+            argv = netns.exec_argv(node["netns"], argv)
         with contextlib.suppress(FileNotFoundError):
             Path(node["drain_file"]).unlink()
         node["pid"] = procs.spawn(argv, log=Path(node["log"]), env=env, cwd=REPO_ROOT)
@@ -350,10 +428,26 @@ class Lab:
             if not procs.is_ours(node["pid"], marker):
                 tail = Path(node["log"]).read_text(errors="replace").splitlines()[-15:]
                 raise LabError(f"node {node['id']} exited while starting:\n" + "\n".join(tail))
-            if _http_status(node["url"] + "/readyz") == 200:
+            if self._node_status(node, "/readyz") == 200:
                 return
             time.sleep(0.05)
         raise LabError(f"node {node['id']} not ready in time; see {node['log']}")
+
+    def _node_status(self, node: dict[str, Any], path: str) -> int | None:
+        if not node.get("netns"):
+            return _http_status(node["url"] + path)
+        try:
+            return netns.http_get(node["netns"], "127.0.0.1", node["port"], path)[0]
+        except (OSError, ValueError):
+            return None
+
+    def _node_json(self, node: dict[str, Any], path: str) -> Any:
+        if not node.get("netns"):
+            return _http_json(node["url"] + path)
+        try:
+            return json.loads(netns.http_get(node["netns"], "127.0.0.1", node["port"], path)[1])
+        except (OSError, ValueError):
+            return None
 
     def _start_haproxy(self, state: dict[str, Any], options: LabOptions) -> dict[str, Any]:
         front_port, stats_port = free_port(), free_port()
@@ -409,11 +503,17 @@ class Lab:
             Path(node["drain_file"]).unlink()
         return node
 
-    def kill(self, node_id: str) -> dict[str, Any]:
+    def kill(self, node_id: str, *, machine: bool = False) -> dict[str, Any]:
+        """SIGKILL the node; with `machine` (anycast), everything in its namespace
+        too (ExaBGP and its check): the router then sees the session close."""
         state = self.load()
         node = self.node(state, node_id)
         marker = self._marker(state, node_id)
-        if not procs.signal_pid(node["pid"], marker, signal.SIGKILL):
+        if machine:
+            if not node.get("netns"):
+                raise LabError("kill --machine needs a lab with --front anycast")
+            anycast.kill_namespace(state["anycast"], node_id)
+        elif not procs.signal_pid(node["pid"], marker, signal.SIGKILL):
             raise LabError(f"node {node_id} is not running")
         procs.wait_gone(node["pid"], marker, 5)
         return node
@@ -436,6 +536,15 @@ class Lab:
         finally:
             if group is not None:
                 group.cap(state["options"]["cpu"])
+        if node.get("netns") and not anycast.sidecar_running(node.get("sidecar")):
+            # Its machine was lost with it (kill --machine): the sidecar comes back too.
+            node["sidecar"] = anycast.start_sidecar(
+                state["anycast"], node_id, drain_file=node["drain_file"], run_dir=self.run_dir
+            )
+            for i, existing in enumerate(state["nodes"]):
+                if existing["id"] == node_id:
+                    state["nodes"][i] = node
+            self._save(state)
         return node
 
     # -- down ----------------------------------------------------------------
@@ -466,9 +575,19 @@ class Lab:
                 procs.wait_gone(node["pid"], marker, 5)
             stopped.append(f"node {node['id']}")
         for node in state.get("nodes", []):
+            if anycast.sidecar_running(node.get("sidecar")):
+                anycast.stop_sidecar(node["sidecar"])
+                stopped.append(f"exabgp {node['id']}")
             if node.get("cgroup"):
                 with contextlib.suppress(OSError):
                     cgroups.CpuGroup(Path(node["cgroup"])).remove()
+        plan = state.get("anycast")
+        if plan:
+            bird = plan.get("bird") or {}
+            if procs.is_ours(bird.get("pid"), bird.get("config", "-")):
+                procs.stop(bird["pid"], bird["config"], timeout_s=5)
+                stopped.append("bird")
+            stopped += [f"namespace {name}" for name in anycast.teardown(plan)]
         database: dict[str, Any] = state.get("database") or {}
         database_live = any(name.startswith("postgres") for name in self.live_processes(state))
         if database.get("kind") == "postgres" and database_live:
@@ -490,6 +609,26 @@ class Lab:
 
     # -- status ----------------------------------------------------------------
 
+    def _router_view(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What the anycast router says: BGP sessions, announcing nodes, ECMP next hops."""
+        plan = state["anycast"]
+        bird = plan.get("bird") or {}
+        view: dict[str, Any] = {
+            "bird_running": procs.is_ours(bird.get("pid"), bird.get("config", "-"))
+        }
+        view["pinning"] = plan.get("pinning")
+        if view["bird_running"]:
+            with contextlib.suppress(anycast.AnycastError):
+                view["sessions"] = anycast.bgp_sessions(bird)
+                view["announcing"] = anycast.announcing(bird, plan["vip"])
+        with contextlib.suppress(netns.NetnsError):
+            view["next_hops"] = anycast.next_hop_nodes(plan)
+        for node in state["nodes"]:
+            node["sidecar_running"] = anycast.sidecar_running(node.get("sidecar"))
+            node["bgp"] = (view.get("sessions") or {}).get(node["id"])
+            node["announced"] = node["id"] in (view.get("announcing") or [])
+        return view
+
     def status(self) -> dict[str, Any]:
         """lab.json plus each node's live health and HAProxy's view."""
         state = self.load()
@@ -500,7 +639,7 @@ class Lab:
                 proxy_view = haproxy.server_states(Path(proxy["socket"]))
         for node in state["nodes"]:
             running = procs.is_ours(node["pid"], self._marker(state, node["id"]))
-            health = _http_json(node["url"] + "/healthz") if running else None
+            health = self._node_json(node, "/healthz") if running else None
             node["running"] = running
             node["health"] = health
             if node["id"] in proxy_view:
@@ -511,6 +650,9 @@ class Lab:
                     "sessions": row.get("scur"),
                     "agent": row.get("agent_status"),
                 }
+        plan = state.get("anycast")
+        if plan:
+            state["router"] = self._router_view(state)
         state.pop("cursor_secret", None)
         state.pop("admin_token", None)
         for node in state["nodes"]:

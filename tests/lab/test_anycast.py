@@ -1,0 +1,377 @@
+"""The anycast front for real: BIRD with ECMP, ExaBGP sidecars, nodes in namespaces.
+
+One lab (3 nodes, SQLite) for the module; each test leaves it with all three
+nodes announced. Load comes from the lab's client namespace through sockets
+made there, so every packet stays inside namespaces the lab created. Each
+"nothing lost" claim has its control run the same way: the same drain and
+return with pinning off does break flows.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.lab import anycast, netns, procs
+from deploy.lab.cluster import Lab, LabError, LabOptions
+from tests.conftest import scratch_dir
+from tests.support import require, wait_until
+
+pytestmark = [pytest.mark.cluster]
+
+NODES = {"n1", "n2", "n3"}
+# The drain file must take the route away within this (the sidecar checks
+# every anycast.CHECK_INTERVAL_S).
+DRAIN_WITHDRAW_BOUND_S = 0.5
+# A killed node (its sidecar alive, or its whole namespace gone) is withdrawn
+# on the next check or at once when its BGP session closes.
+KILL_WITHDRAW_BOUND_S = 1.0
+
+
+def _require_anycast_parts() -> None:
+    try:
+        anycast.check_installed()
+    except anycast.AnycastError as exc:
+        require(False, str(exc))
+
+
+def _host_links() -> set[str]:
+    out = netns.ip("-o", "link", "show")
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
+
+
+def _host_nft_tables() -> str:
+    result = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False)
+    return result.stdout
+
+
+def _pids_inside(state: dict[str, Any]) -> list[int]:
+    return [pid for name in netns.names(state["anycast"]["prefix"]) for pid in netns.pids(name)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # PID 1 reaps slowly
+
+
+def _assert_nothing_left(lab: Lab, state: dict[str, Any], pids: list[int], links: set[str]) -> None:
+    assert lab.live_processes(state) == []
+    assert netns.names(state["anycast"]["prefix"]) == []
+    assert [pid for pid in pids if not _gone(pid)] == []
+    assert _host_links() == links  # nothing was ever made in the host's namespace
+    assert anycast.PIN_TABLE not in _host_nft_tables()
+
+
+@contextlib.contextmanager
+def _anycast_lab(options: LabOptions) -> Iterator[Lab]:
+    _require_anycast_parts()
+    base = scratch_dir("cattle-anycast-")
+    lab = Lab(base / "run")
+    links = _host_links()
+    try:
+        lab.up(options)
+        yield lab
+    finally:
+        state: dict[str, Any] = {}
+        with contextlib.suppress(LabError):
+            state = lab.load()
+        pids = _pids_inside(state) if state.get("anycast") else []
+        lab.down()
+        if state.get("anycast"):
+            _assert_nothing_left(lab, state, pids, links)
+        assert lab.down() == []  # safe to run twice
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with _anycast_lab(LabOptions(nodes=3, front="anycast", drain_delay_s=1.0)) as running:
+        yield running
+
+
+def _plan(lab: Lab) -> dict[str, Any]:
+    plan: dict[str, Any] = lab.load()["anycast"]
+    return plan
+
+
+def _all_announced(lab: Lab) -> None:
+    """Every node running and announced (what each test starts from and leaves)."""
+    status = lab.status()
+    for node in status["nodes"]:
+        if not node["running"] or not node["sidecar_running"]:
+            lab.restart(node["id"])
+    anycast.wait_next_hops(_plan(lab), NODES, timeout_s=15)
+
+
+# -- load from the client namespace ----------------------------------------------
+
+
+@dataclass
+class Outcome:
+    at: float  # time.monotonic() when the request was sent
+    opened_at: float  # when its connection was opened
+    node: str | None
+    error: str | None  # None: a 200
+
+
+@dataclass
+class ClientLoad:
+    """Bounded load at the VIP: `connections` keep-alive clients in the client
+    namespace, each sending a request every `pause_s` and opening a new
+    connection after `requests_per_connection` (so new flows keep starting),
+    after a `Connection: close` or after an error; no retries. Stops at
+    `max_s` at the latest."""
+
+    lab: Lab
+    connections: int = 12
+    pause_s: float = 0.05
+    requests_per_connection: int = 20
+    max_s: float = 40.0
+    path: str = "/v1/notes?limit=1"
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        plan = _plan(self.lab)
+        self._target = (plan["client_netns"], plan["vip"], plan["port"])
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._client, daemon=True) for _ in range(self.connections)
+        ]
+
+    def __enter__(self) -> ClientLoad:
+        self._deadline = time.monotonic() + self.max_s
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        assert not any(t.is_alive() for t in self._threads)
+
+    def _client(self) -> None:
+        client_netns, vip, port = self._target
+        connection: netns.HTTPConnection | None = None
+        opened_at = 0.0
+        sent = 0
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            if connection is None:
+                connection = netns.HTTPConnection(client_netns, vip, port, timeout=3)
+                opened_at = time.monotonic()
+                sent = 0
+            sent += 1
+            sent_at = time.monotonic()
+            try:
+                connection.request("GET", self.path)
+                response = connection.getresponse()
+                response.read()
+                error = None if response.status == 200 else f"HTTP {response.status}"
+                self.outcomes.append(
+                    Outcome(sent_at, opened_at, response.getheader("x-served-by"), error)
+                )
+                if response.will_close or sent >= self.requests_per_connection:
+                    connection.close()
+                    connection = None
+            except (OSError, http.client.HTTPException) as exc:
+                self.outcomes.append(Outcome(sent_at, opened_at, None, type(exc).__name__))
+                connection.close()
+                connection = None
+            self._stop.wait(self.pause_s)
+        if connection is not None:
+            connection.close()
+
+    # -- what it saw
+
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.error]
+
+    def resets(self) -> int:
+        return sum(o.error == "ConnectionResetError" for o in self.failed())
+
+    def errors(self) -> dict[str, int]:
+        return dict(collections.Counter(o.error for o in self.failed() if o.error))
+
+    def served_on_new_connections(self, since: float) -> dict[str, int]:
+        return dict(
+            collections.Counter(o.node for o in self.outcomes if o.opened_at >= since and o.node)
+        )
+
+
+def _seconds_until_hops(lab: Lab, expected: set[str], since: float, timeout_s: float) -> float:
+    """Seconds from `since` until the router's next hops are `expected` (polled every 5 ms)."""
+    plan = _plan(lab)
+    assert wait_until(lambda: set(anycast.next_hop_nodes(plan)) == expected, timeout_s=timeout_s), (
+        f"router next hops {anycast.next_hop_nodes(plan)}, expected {sorted(expected)}"
+    )
+    return time.monotonic() - since
+
+
+def _drain_and_return(lab: Lab, node_id: str) -> dict[str, Any]:
+    """Under load: drain `node_id` by its drain file, stop it, start it again."""
+    with ClientLoad(lab) as load:
+        time.sleep(1.5)
+        drained_at = time.monotonic()
+        Path(lab.node(lab.load(), node_id)["drain_file"]).touch()
+        withdrawn_s = _seconds_until_hops(lab, NODES - {node_id}, drained_at, timeout_s=5)
+        lab.drain(node_id)  # SIGTERM: the drain runs out, the node exits 0
+        restarted_at = time.monotonic()
+        lab.restart(node_id)
+        announced_s = _seconds_until_hops(lab, NODES, restarted_at, timeout_s=15)
+        back_at = time.monotonic()
+        time.sleep(2.0)
+    return {
+        "withdrawn_s": withdrawn_s,
+        "announced_after_restart_s": announced_s,
+        "requests": len(load.outcomes),
+        "failed": len(load.failed()),
+        "resets": load.resets(),
+        "errors": load.errors(),
+        "served_after_return": load.served_on_new_connections(back_at),
+    }
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+def test_three_nodes_announce_and_new_connections_reach_all(lab):
+    status = lab.status()
+    router = status["router"]
+    assert router["bird_running"]
+    assert router["sessions"] == dict.fromkeys(sorted(NODES), "Established")
+    assert router["announcing"] == sorted(NODES)
+    assert router["next_hops"] == sorted(NODES)
+    assert all(n["announced"] and n["health"]["status"] == "pass" for n in status["nodes"])
+    assert status["front"] == f"http://{anycast.VIP}:{anycast.SERVICE_PORT}"
+
+    # Fresh connections from the client namespace: ECMP spreads their flows.
+    plan = _plan(lab)
+    served: collections.Counter[str] = collections.Counter()
+    for _ in range(60):
+        status_code, _body, node = _get(plan, "/v1/notes?limit=1")
+        assert status_code == 200
+        served[node] += 1
+    assert set(served) == NODES, served
+
+
+def _get(plan: dict[str, Any], path: str) -> tuple[int, bytes, str]:
+    connection = netns.HTTPConnection(plan["client_netns"], plan["vip"], plan["port"], timeout=3)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read(), response.getheader("x-served-by") or ""
+    finally:
+        connection.close()
+
+
+def test_a_drain_withdraws_at_once_and_pinning_loses_no_flow(lab):
+    _all_announced(lab)
+    lab.set_pinning(True)
+    seen = _drain_and_return(lab, "n2")
+    print(f"\npinning on, drain and return of n2: {seen}")
+    assert seen["withdrawn_s"] <= DRAIN_WITHDRAW_BOUND_S
+    assert seen["requests"] > 200
+    assert seen["failed"] == 0, seen["errors"]
+    assert seen["resets"] == 0
+    # Back in: new connections reach it again.
+    assert seen["served_after_return"].get("n2", 0) > 0, seen["served_after_return"]
+
+
+def test_without_pinning_the_same_drain_and_return_break_flows(lab):
+    """The control: plain ECMP rehashes established flows when next hops change."""
+    _all_announced(lab)
+    lab.set_pinning(False)
+    try:
+        seen = _drain_and_return(lab, "n2")
+    finally:
+        lab.set_pinning(True)
+    print(f"\npinning off, drain and return of n2: {seen}")
+    assert seen["withdrawn_s"] <= DRAIN_WITHDRAW_BOUND_S
+    assert seen["resets"] > 0, seen
+
+
+def test_kill_9_is_withdrawn_and_new_connections_succeed(lab):
+    _all_announced(lab)
+    plan = _plan(lab)
+    with ClientLoad(lab) as load:
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        lab.kill("n1")  # the node only: its sidecar's next check fails
+        node_gone_s = _seconds_until_hops(lab, NODES - {"n1"}, killed_at, timeout_s=5)
+        settled_at = time.monotonic()
+        time.sleep(1.5)
+        machine_at = time.monotonic()
+        lab.kill("n3", machine=True)  # node, ExaBGP and its check: the session closes
+        machine_gone_s = _seconds_until_hops(lab, {"n2"}, machine_at, timeout_s=5)
+        after_machine = time.monotonic()
+        time.sleep(1.5)
+    on_n1 = [o for o in load.outcomes if killed_at <= o.at and o.opened_at < killed_at]
+    print(
+        f"\nkill -9 n1: route gone after {node_gone_s:.3f} s; kill -9 of n3's namespace: "
+        f"{machine_gone_s:.3f} s; failed {len(load.failed())} of {len(load.outcomes)} "
+        f"({load.errors()}); requests on connections opened before the kill that failed: "
+        f"{sum(1 for o in on_n1 if o.error)}"
+    )
+    assert node_gone_s <= KILL_WITHDRAW_BOUND_S
+    assert machine_gone_s <= KILL_WITHDRAW_BOUND_S
+    # Once the route is gone, every new connection lands on a live node.
+    late = [o for o in load.outcomes if o.opened_at >= settled_at and o.at < machine_at]
+    late += [o for o in load.outcomes if o.opened_at >= after_machine]
+    assert late and not [o for o in late if o.error], collections.Counter(o.error for o in late)
+    assert {o.node for o in load.outcomes if o.opened_at >= after_machine} == {"n2"}
+    for node_id in ("n1", "n3"):
+        lab.restart(node_id)
+    anycast.wait_next_hops(plan, NODES, timeout_s=15)
+
+
+def test_a_silent_sidecar_is_dropped_when_the_hold_time_runs_out(lab):
+    """A hung machine closes nothing: only BGP's hold time (3 s) takes its route away."""
+    _all_announced(lab)
+    state = lab.load()
+    sidecar = lab.node(state, "n2")["sidecar"]
+    assert procs.signal_pid(sidecar["pid"], sidecar["config"], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        gone_s = _seconds_until_hops(lab, NODES - {"n2"}, stopped_at, timeout_s=10)
+    finally:
+        procs.signal_pid(sidecar["pid"], sidecar["config"], signal.SIGCONT)
+    print(f"\nExaBGP of n2 stopped (SIGSTOP): route gone after {gone_s:.3f} s")
+    assert anycast.HOLD_TIME_S - 1 <= gone_s <= anycast.HOLD_TIME_S + 1
+    lab.kill("n2", machine=True)  # its session is gone; start it clean
+    _all_announced(lab)
+
+
+def test_a_failed_up_leaves_nothing_behind():
+    # A node that cannot start (its pool size is invalid) fails `up` after the
+    # namespaces, the router and the first node exist.
+    with pytest.raises(LabError, match="exited while starting"):  # noqa: SIM117
+        with _anycast_lab(
+            LabOptions(nodes=1, front="anycast", node_env={"CATTLE_DB_POOL_SIZE": "0"})
+        ):
+            pass
+
+
+def test_status_and_cli_show_the_router(lab, capsys):
+    from deploy.lab.cli import main
+
+    assert main(["status", "--run-dir", str(lab.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "router ECMP next hops: n1, n2, n3" in out
+    assert out.count("Established") == 3
+    assert os.path.exists(lab.load()["anycast"]["bird"]["socket"])
