@@ -18,7 +18,7 @@ from service.health.lifecycle import State
 from service.lifespan import lifespan
 from service.middleware import EdgeMiddleware
 from service.problems import Problem, install, problem_response
-from service.telemetry import Telemetry
+from service.telemetry import Telemetry, fastapi_telemetry
 from service.telemetry import install as install_telemetry
 
 
@@ -27,6 +27,7 @@ def create_app(
 ) -> FastAPI:
     """One node's app, serving `domains_served` (all of service/domains.py by default)."""
     settings = settings or Settings()
+    telemetry = Telemetry(settings)
     app = FastAPI(
         title=service.NAME,
         version=service.__version__,
@@ -35,6 +36,8 @@ def create_app(
         # Starlette's trailing-slash redirect builds its Location from the
         # Host header, which a client controls: an unknown path is a 404.
         redirect_slashes=False,
+        # Spans and metrics per request, around everything: they see every final status.
+        telemetry=fastapi_telemetry(telemetry),
     )
     node.hold(app, settings=settings)
     # Lifecycle, in-flight counter, drain controller, probe and admin routes.
@@ -49,11 +52,9 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         close_connections=health.leaving(app),
     )
-    telemetry = Telemetry(settings)
     # The lifecycle as a metric: health owns the state, telemetry reports it.
     lifecycle = node.lifecycle(app)
     telemetry.observe_lifecycle([state.value for state in State], lambda: lifecycle.state.value)
-    # Last, so outermost: spans and metrics see every final status.
     install_telemetry(app, telemetry)
     _describe_parameters_as_sent(app)
     return app

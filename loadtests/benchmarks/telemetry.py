@@ -13,10 +13,13 @@ gives the median of those ratios over rounds and their range.
 
 Configurations:
   off          CATTLE_TELEMETRY_ENABLED=false CATTLE_ACCESS_LOG=false
-  default      nothing set: the OTel ASGI middleware (server spans, 10% of new
-               traces recorded, HTTP metrics), /metrics, uvicorn's access log
-               through python-json-logger
+  default      nothing set: FastAPI's own OpenTelemetry support (server spans,
+               10% of new traces recorded, HTTP metrics), /metrics, uvicorn's
+               access log through python-json-logger
   no-access-log  default with CATTLE_ACCESS_LOG=false (splits the cost)
+  asgi-middleware  default, but spans and HTTP metrics by
+               opentelemetry-instrumentation-asgi's middleware
+               (loadtests.benchmarks.asgi_node), what cattle used before
   otlp         default + OTEL_EXPORTER_OTLP_ENDPOINT at a live collector
                (loadtests.benchmarks.collector, on the load generator's core): 10% of
                traces recorded and exported, metrics exported every 60 s
@@ -69,12 +72,14 @@ class Config:
     name: str
     env: dict[str, str]
     note: str
+    module: str = "service"  # the node's `python -m` module
     server: wrkbench.Server | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
 HEADLINE = "default"  # the verdict is about it
 OTLP = "otlp"
+ASGI_MIDDLEWARE = "asgi-middleware"
 
 
 def configs(collector_url: str, black_hole_url: str) -> list[Config]:
@@ -86,6 +91,13 @@ def configs(collector_url: str, black_hole_url: str) -> list[Config]:
         ),
         Config("default", {}, "defaults: server spans (10% recorded), metrics, JSON access log"),
         Config("no-access-log", {"CATTLE_ACCESS_LOG": "false"}, "defaults, access log off"),
+        Config(
+            ASGI_MIDDLEWARE,
+            {},
+            "defaults, but spans and HTTP metrics by opentelemetry-instrumentation-asgi's "
+            "middleware instead of FastAPI's own",
+            module="loadtests.benchmarks.asgi_node",
+        ),
         Config(
             OTLP,
             {"OTEL_EXPORTER_OTLP_ENDPOINT": collector_url},
@@ -290,11 +302,15 @@ def markdown(report: dict[str, Any]) -> str:
         "figures per round are the median of its runs.",
         "- CPU µs/request is the node process's CPU time (user + system, all its threads) over "
         "the responses wrk counted, per round; its ratio is taken within each round as well.",
-        "- `default` is the OTel ASGI middleware with the app's own providers (probes and "
-        "/metrics excluded), the SDK's sampler at cattle's default (parentbased_traceidratio "
-        "0.1: a tenth of the requests record a span and its SQL spans, for nobody when no "
-        "exporter is set), the SQLAlchemy instrumentation, /metrics, and uvicorn's access log "
-        "formatted by python-json-logger.",
+        "- `default` is FastAPI's own OpenTelemetry support with the app's own providers "
+        "(probes and /metrics excluded, operation spans off), the SDK's sampler at cattle's "
+        "default (parentbased_traceidratio 0.1: a tenth of the requests record a span and its "
+        "SQL spans, for nobody when no exporter is set), the SQLAlchemy instrumentation, "
+        "/metrics, and uvicorn's access log formatted by python-json-logger.",
+        f"- `{ASGI_MIDDLEWARE}` is `python -m loadtests.benchmarks.asgi_node`: the same app "
+        "with opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware (the same providers "
+        "and exclusions, one span per request) instead; FastAPI then leaves spans and HTTP "
+        "metrics to it.",
         "- `otlp` exports to `python -m loadtests.benchmarks.collector` pinned to the load "
         "generator's core: 10% of new traces are recorded with their SQL spans and exported in "
         "batches by the SDK's background thread, which runs on the node's core.",
@@ -445,6 +461,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                     data_dir=data_dir,
                     core=args.server_core,
                     log_dir=run_dir,
+                    module=config.module,
                 )
             wrkbench.wait_ready(collector, "/stats")
             servers = [server_of(config) for config in all_configs]

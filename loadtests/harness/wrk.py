@@ -163,12 +163,19 @@ def node_env(name: str, port: int, data_dir: Path, extra: dict[str, str]) -> dic
 
 
 def start_node(
-    name: str, extra_env: dict[str, str], *, data_dir: Path, core: int, log_dir: Path
+    name: str,
+    extra_env: dict[str, str],
+    *,
+    data_dir: Path,
+    core: int,
+    log_dir: Path,
+    module: str = "service",
 ) -> Server:
+    """A node (`python -m service serve`, or `python -m MODULE` serving the same way)."""
     port = free_port()
     return start(
         name,
-        [sys.executable, "-m", "service", "serve"],
+        [sys.executable, "-m", module, *(["serve"] if module == "service" else [])],
         port=port,
         env=node_env(name, port, data_dir, extra_env),
         core=core,

@@ -18,7 +18,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 import service
 from service.config import Settings
-from service.telemetry.middleware import QUIET_PATHS
+from service.telemetry.http import is_quiet
 
 ACCESS_LOGGER = "uvicorn.access"
 
@@ -61,8 +61,7 @@ class AccessFields(logging.Filter):
         if not isinstance(args, tuple) or len(args) != 5:
             return True
         client, method, path, _http_version, status = args
-        first = "/" + str(path).partition("?")[0].split("/", 2)[1]  # /readyz/primary: /readyz
-        if first in QUIET_PATHS and int(str(status)) < 500:
+        if is_quiet(str(path)) and int(str(status)) < 500:
             return False
         record.client, record.method, record.path, record.status = client, method, path, status
         return True

@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 
 from deploy.lab.postgres import PostgresNotInstalled, find_bindir
 from loadtests import report as reports
+from loadtests.benchmarks import asgi_node
 from loadtests.benchmarks import efficiency as bench_efficiency
 from loadtests.benchmarks import telemetry as bench_telemetry
+from service.app import create_app
+from service.config import Settings
+from tests.conftest import serve_asgi
 from tests.support import require
 
 pytestmark = pytest.mark.cluster
@@ -97,7 +102,7 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert report["command"] in md
 
 
-TELEMETRY_CONFIGS = ["off", "default", "no-access-log", "otlp", "otlp-down"]
+TELEMETRY_CONFIGS = ["off", "default", "no-access-log", "asgi-middleware", "otlp", "otlp-down"]
 
 
 def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
@@ -177,3 +182,41 @@ def test_a_telemetry_run_is_valid_when_odd_and_even_rounds_agree() -> None:
     assert not judged["valid"]
     assert (judged["ratio_odd_rounds"], judged["ratio_even_rounds"]) == (0.95, 0.85)
     assert not bench_telemetry.judge(_summary([0.95]))["valid"]
+
+
+async def test_the_asgi_middleware_node_is_measured_by_that_middleware_alone(
+    sqlite_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The benchmark's `asgi-middleware` row is what its name says: spans and HTTP
+    metrics by opentelemetry-instrumentation-asgi, FastAPI's own stepping aside
+    (each request counted once), and the default node has none of the former."""
+    monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", "http")  # what build_app sets
+    database = tmp_path / "node.db"
+    shutil.copyfile(sqlite_template, database)
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{database}",
+        data_dir=tmp_path,
+        environment="production",
+        cursor_secret="test-cursor-secret-0123456789",
+    )
+
+    async def scrape(app: FastAPI) -> str:
+        async with serve_asgi(app) as (http, _):
+            created = await http.post("/v1/notes", json={"title": "t"})
+            assert created.status_code == 201
+            for _ in range(3):
+                assert (await http.get(created.headers["location"])).status_code == 200
+            return (await http.get("/metrics")).text
+
+    middleware = await scrape(asgi_node.build_app(settings))
+    default = await scrape(create_app(settings))
+    # Only the ASGI middleware records body sizes.
+    assert "http_server_request_body_size" in middleware
+    assert "http_server_request_body_size" not in default
+    for text in (middleware, default):
+        counts = [
+            line for line in text.splitlines()
+            if line.startswith("http_server_request_duration_seconds_count")
+            and 'http_request_method="GET"' in line and 'http_response_status_code="200"' in line
+        ]  # fmt: skip
+        assert len(counts) == 1 and counts[0].endswith(" 3.0"), counts
