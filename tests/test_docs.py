@@ -49,6 +49,7 @@ def test_every_include_names_a_file_of_the_repo() -> None:
 OVERHEAD_ROWS = {
     "default": "defaults (no OTLP endpoint)",
     "no-access-log": "defaults, access log off",
+    "asgi-middleware": "defaults, spans and HTTP metrics by the ASGI middleware instead",
     "otlp": "OTLP to a live collector, 10% of traces exported",
     "otlp-down": "OTLP to a collector that never answers",
 }
@@ -69,6 +70,40 @@ def test_the_telemetry_cost_quoted_is_the_committed_result() -> None:
             f"{row['ratio_max']:.1%}) | {row['cpu_ratio_median']:.2f} |"
         )
         assert expected in page, expected
+    # FastAPI's own telemetry against the ASGI middleware, in the same run.
+    asgi, default = summary["asgi-middleware"], summary["default"]
+    assert (
+        f"kept {asgi['ratio_median']:.1%} against the defaults' {default['ratio_median']:.1%}"
+        in page
+    )
+    assert (
+        f"cost {asgi['cpu_us_per_request_median']:.0f} µs of CPU per request against "
+        f"{default['cpu_us_per_request_median']:.0f} µs" in page
+    )
+
+
+def test_the_sdk_call_costs_quoted_are_the_committed_result() -> None:
+    result = json.loads((REPO / "docs/results/otel-cost.json").read_text())
+    page = (REPO / "docs/observability.md").read_text()
+    assert f"commit {result['commit']}" in page
+    summary = result["summary"]
+    for label, name in (
+        ("the cached read itself, telemetry off", "read"),
+        ("the same read, FastAPI's telemetry on", "read+telemetry"),
+        ("`Histogram.record` of the duration", "record"),
+        ("`UpDownCounter.add` (in-flight; twice per request)", "add"),
+        ("a server span the sampler drops", "span-dropped"),
+        ("a recorded server span", "span-recorded"),
+        ("one JSON access log line", "access-log"),
+    ):
+        row = summary[name]
+        expected = (
+            f"| {label} | {row['us_per_call_median']:.2f} | {row['share_of_read_median']:.1%} |"
+        )
+        assert expected in page, expected
+    floor = result["metrics_floor"]
+    assert f"{floor['share_of_read_median']:.1%} of the read" in page
+    assert f"({floor['us_median']:.1f} µs)" in page
 
 
 def _kept(row: dict) -> str:

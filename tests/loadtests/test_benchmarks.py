@@ -21,6 +21,7 @@ from deploy.lab.postgres import PostgresNotInstalled, find_bindir
 from loadtests import report as reports
 from loadtests.benchmarks import asgi_node
 from loadtests.benchmarks import efficiency as bench_efficiency
+from loadtests.benchmarks import otel_cost as bench_otel_cost
 from loadtests.benchmarks import telemetry as bench_telemetry
 from service.app import create_app
 from service.config import Settings
@@ -220,3 +221,23 @@ async def test_the_asgi_middleware_node_is_measured_by_that_middleware_alone(
             and 'http_request_method="GET"' in line and 'http_response_status_code="200"' in line
         ]  # fmt: skip
         assert len(counts) == 1 and counts[0].endswith(" 3.0"), counts
+
+
+def test_the_otel_cost_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
+    out = tmp_path / "otel-cost"
+    argv = ["--rounds", "2", "--calls", "20", "--no-lock", "--out", str(out)]
+    assert bench_otel_cost.main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert reports.problems(report) == []
+    summary = report["summary"]
+    assert set(summary) == {
+        "read", "read+telemetry", "record", "add", "span-dropped", "span-recorded", "access-log",
+    }  # fmt: skip
+    for name, row in summary.items():
+        assert len(report["rounds"][name]) == 2, name
+        assert row["us_per_call_median"] > 0, name
+    assert summary["read"]["share_of_read_median"] == 1.0
+    # A whole read costs more than any one SDK call inside it.
+    assert summary["record"]["us_per_call_median"] < summary["read"]["us_per_call_median"]
+    assert report["metrics_floor"]["us_median"] > 0
+    assert out.with_suffix(".md").read_text().startswith("# What the OpenTelemetry SDK")

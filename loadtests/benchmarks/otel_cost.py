@@ -1,0 +1,315 @@
+"""Benchmark: what the OpenTelemetry SDK's per-request calls cost, beside a whole read.
+
+    python -m loadtests.benchmarks.otel_cost   # ~1 min; docs/results/otel-cost.{md,json}
+
+The telemetry benchmark gives the cost of telemetry as a whole; this one says
+where its floor is. In one process, round after round in a rotated order, it
+times (CPU time of the calling thread, per call):
+
+  read            GET /v1/notes/{id} answered from the node's cache, through
+                  the whole app called in-process (no socket, no server), with
+                  telemetry off: the reference, a node's cheapest request
+  read+telemetry  the same app with telemetry on (FastAPI's own spans and
+                  HTTP metrics; no access log: no server writes one here)
+  record          one Histogram.record of a request duration with the five
+                  attributes FastAPI gives it, on a provider built as the
+                  node builds its own (Prometheus reader, bucket view)
+  add             one UpDownCounter.add with two attributes (in-flight
+                  requests: twice per request)
+  span-dropped    start and end of a server span the sampler drops
+  span-recorded   start and end of a server span that is recorded (no
+                  processor: what recording alone costs)
+  access-log      one uvicorn access line through the node's JSON formatter
+                  and filters, to a file
+
+The report divides each by the read's cost measured in the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+from opentelemetry.trace import SpanKind
+from opentelemetry.util.types import AttributeValue
+from prometheus_client import CollectorRegistry
+from starlette.types import Message, Scope
+
+from loadtests import report as reports
+from service import domains
+from service.app import create_app
+from service.config import Settings
+from service.db import migrate
+from service.telemetry.logs import AccessFields, TraceContext, json_formatter
+from service.telemetry.metrics import build_meter_provider
+from service.telemetry.tracing import build_resource
+
+RESULTS = reports.RESULTS / "otel-cost"
+READ = "read"
+# What FastAPI records a request's duration with (a GET that matched a route).
+DURATION_ATTRIBUTES: dict[str, AttributeValue] = {
+    "url.scheme": "http",
+    "http.request.method": "GET",
+    "network.protocol.version": "1.1",
+    "http.route": "/v1/notes/{note_id}",
+    "http.response.status_code": 200,
+}
+IN_FLIGHT_ATTRIBUTES: dict[str, AttributeValue] = {
+    "url.scheme": "http",
+    "http.request.method": "GET",
+}
+
+Case = Callable[[], Awaitable[None]]
+
+
+async def _call(
+    app: FastAPI, state: dict[str, Any], method: str, path: str, body: bytes = b""
+) -> list[Message]:
+    """One request to `app` as uvicorn would hand it over; the messages it sent."""
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"node"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": dict(state),
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def _read_case(app: FastAPI, state: dict[str, Any]) -> Case:
+    """A read of one note, written through the app itself and read once to fill the cache."""
+    note = json.dumps({"title": "bench", "body": "x" * 200}).encode()
+    created = await _call(app, state, "POST", "/v1/notes", note)
+    assert created[0]["status"] == 201, created
+    path = "/v1/notes/" + json.loads(created[1]["body"])["id"]
+
+    async def read() -> None:
+        sent = await _call(app, state, "GET", path)
+        assert sent[0]["status"] == 200, sent
+
+    await read()
+    return read
+
+
+def _sync(function: Callable[[], object]) -> Case:
+    async def case() -> None:
+        function()
+
+    return case
+
+
+def _sdk_cases(log: logging.StreamHandler[Any]) -> dict[str, Case]:
+    resource = build_resource("bench")
+    meter = build_meter_provider(resource, CollectorRegistry(auto_describe=False)).get_meter("b")
+    duration = meter.create_histogram("http.server.request.duration", unit="s")
+    in_flight = meter.create_up_down_counter("http.server.active_requests")
+    dropped = TracerProvider(resource=resource, sampler=ALWAYS_OFF).get_tracer("b")
+    recorded = TracerProvider(resource=resource, sampler=ALWAYS_ON).get_tracer("b")
+
+    def span(tracer: Any) -> Callable[[], None]:
+        def start_and_end() -> None:
+            tracer.start_span("GET /v1/notes/{note_id}", kind=SpanKind.SERVER).end()
+
+        return start_and_end
+
+    access = logging.getLogger("bench.uvicorn.access")
+    access.propagate = False
+    access.addFilter(AccessFields())
+    log.setFormatter(json_formatter("bench"))
+    log.addFilter(TraceContext())
+    access.addHandler(log)
+    access.setLevel(logging.INFO)
+    line = ('%s - "%s %s HTTP/%s" %d', "127.0.0.1:50000", "GET", "/v1/notes/x", "1.1", 200)
+    return {
+        "record": _sync(lambda: duration.record(0.0004, DURATION_ATTRIBUTES)),
+        "add": _sync(lambda: in_flight.add(1, IN_FLIGHT_ATTRIBUTES)),
+        "span-dropped": _sync(span(dropped)),
+        "span-recorded": _sync(span(recorded)),
+        "access-log": _sync(lambda: access.info(*line)),
+    }
+
+
+async def _timed(case: Case, calls: int) -> float:
+    """CPU µs of the calling thread per call (the event loop's: every case runs on it)."""
+    started = time.thread_time()
+    for _ in range(calls):
+        await case()
+    return (time.thread_time() - started) / calls * 1e6
+
+
+async def _measure(args: argparse.Namespace, work: Path) -> dict[str, list[float]]:
+    settings: dict[str, Any] = {
+        "environment": "production",
+        "cursor_secret": "bench-cursor-secret-0123456789",
+        "node_id": "bench",
+        "drain_delay_s": 0,
+    }
+    apps: dict[str, FastAPI] = {}
+    for name, enabled in ((READ, False), ("read+telemetry", True)):
+        data = work / name
+        data.mkdir()
+        node = Settings(data_dir=data, telemetry_enabled=enabled, **settings)
+        await migrate.migrate(node.effective_database_url, domains.schema())
+        apps[name] = create_app(node)
+    cases: dict[str, Case] = {}
+    async with (
+        apps[READ].router.lifespan_context(apps[READ]) as off_state,
+        apps["read+telemetry"].router.lifespan_context(apps["read+telemetry"]) as on_state,
+    ):
+        cases[READ] = await _read_case(apps[READ], dict(off_state or {}))
+        cases["read+telemetry"] = await _read_case(apps["read+telemetry"], dict(on_state or {}))
+        log = logging.StreamHandler((work / "access.log").open("w"))
+        cases.update(_sdk_cases(log))
+        for case in cases.values():  # warm-up: first calls build caches
+            await _timed(case, max(1, args.calls // 10))
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        names = list(cases)
+        for round_ in range(args.rounds):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(await _timed(cases[name], args.calls))
+        log.close()
+        log.stream.close()
+    return times
+
+
+def summarize(times: dict[str, list[float]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for name, values in times.items():
+        shares = [v / r for v, r in zip(values, times[READ], strict=True)]
+        summary[name] = {
+            "us_per_call_median": round(statistics.median(values), 2),
+            "us_per_call_range": [round(min(values), 2), round(max(values), 2)],
+            "share_of_read_median": round(statistics.median(shares), 4),
+        }
+    return summary
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="cattle-otel-cost-"))
+    try:
+        times = asyncio.run(_measure(args, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    floor = [r + 2 * a for r, a in zip(times["record"], times["add"], strict=True)]
+    metric_share = [f / r for f, r in zip(floor, times[READ], strict=True)]
+    return reports.stamped(
+        reports.command_line("loadtests.benchmarks.otel_cost", argv or []),
+        {
+            "setup": {"rounds": args.rounds, "calls": args.calls},
+            "rounds": times,
+            "summary": summarize(times),
+            "metrics_floor": {
+                "us_median": round(statistics.median(floor), 2),
+                "share_of_read_median": round(statistics.median(metric_share), 4),
+                "share_of_read_range": [round(min(metric_share), 4), round(max(metric_share), 4)],
+            },
+        },
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, floor, setup = report["summary"], report["metrics_floor"], report["setup"]
+    read = s[READ]["us_per_call_median"]
+    lines = [
+        "# What the OpenTelemetry SDK's per-request calls cost",
+        "",
+        reports.measured(report),
+        "",
+        f"**A request's duration record and its two in-flight adds alone cost "
+        f"{floor['us_median']:.1f} µs, {100 * floor['share_of_read_median']:.1f}% of a cached "
+        f"read's {read:.0f} µs with telemetry off** (per round "
+        f"{100 * floor['share_of_read_range'][0]:.1f}% to "
+        f"{100 * floor['share_of_read_range'][1]:.1f}%).",
+        "",
+        "| case | µs per call (median) | range over rounds | share of the read (median) |",
+        "| --- | ---: | --- | ---: |",
+    ]
+    for name, row in s.items():
+        low, high = row["us_per_call_range"]
+        lines.append(
+            f"| `{name}` | {row['us_per_call_median']:.2f} | {low:.2f}-{high:.2f} | "
+            f"{100 * row['share_of_read_median']:.1f}% |"
+        )
+    lines += [
+        "",
+        *reports.how_measured(report),
+        f"- {setup['rounds']} rounds of {setup['calls']} calls per case, in one process, the "
+        "order rotated each round; CPU time of the calling thread (the event loop's), per call.",
+        "- `read` and `read+telemetry` call the whole app in-process, as uvicorn would hand a "
+        "request over, for one note held in the node's cache (embedded SQLite); "
+        "`read+telemetry` has FastAPI's own spans and HTTP metrics, on the node's default "
+        "sampler (10% of new traces recorded, none exported).",
+        "- `record`, `add` and the spans are single SDK calls on providers built as the node "
+        "builds its own; `access-log` is one uvicorn access line through the node's JSON "
+        "formatter and filters, to a file.",
+        "- The share is each case's cost over the read's, taken within each round.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.benchmarks.otel_cost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--calls", type=int, default=2000, help="calls per case and round")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
+    parser.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json")
+    parser.add_argument(
+        "--no-lock", action="store_true", help="skip the machine-wide lock (smoke runs)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    report = reports.main(
+        "bench_otel_cost",
+        args.out,
+        render_only=args.render,
+        measure=lambda: measure(args, argv),
+        markdown=markdown,
+        lock=not args.no_lock,
+    )
+    if report is not None:
+        print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
