@@ -10,8 +10,10 @@ SHELL := /bin/bash
 # (the nodes' sidecars, whose healthcheck runs curl) and nftables (pinning).
 # The lab runs its own bird with its own config and control socket inside
 # its own network namespace; Debian's bird.service (host namespace,
-# /etc/bird, /run/bird) is neither used nor touched.
-SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk bird2 exabgp nftables curl
+# /etc/bird, /run/bird) is neither used nor touched. The image tests
+# (tests/ship/) build the Dockerfile with buildah over a Debian base made
+# by debootstrap: no Docker engine and no registry needed.
+SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk bird2 exabgp nftables curl buildah debootstrap
 
 export UV_PYTHON_DOWNLOADS := never
 # Compile the dependencies' bytecode when installing them. Where
@@ -26,7 +28,7 @@ endif
 PY := .venv/bin/python
 VENV_STAMP := .venv/.synced
 
-.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss hardening-report
+.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss hardening-report image
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -83,8 +85,10 @@ fmt: $(VENV_STAMP) ## format and fix what ruff can
 test: sysdeps $(VENV_STAMP) lint ## everything: lint, unit, API, system, lab and experiment smoke tests
 	$(PY) -m pytest
 
-# The inner loop: no PostgreSQL, no subprocess nodes, no clusters.
-FAST_TESTS := -m "not postgres and not cluster" --ignore=tests/system --ignore=tests/lab --ignore=tests/loadtests
+# The inner loop: no PostgreSQL, no subprocess nodes, no clusters, no image
+# build and no fork drill.
+FAST_TESTS := -m "not postgres and not cluster" --ignore=tests/system --ignore=tests/lab --ignore=tests/loadtests \
+	--ignore=tests/ship/test_image.py --ignore=tests/ship/test_fork.py
 
 test-fast: $(VENV_STAMP) lint ## lint + unit + API tests on SQLite (the inner loop, under a minute)
 	$(PY) -m pytest -q $(FAST_TESTS)
@@ -119,6 +123,9 @@ scaleout: sysdeps $(VENV_STAMP) ## throughput of 2, 4, 8 nodes in pairs beside 1
 
 nodeloss: sysdeps $(VENV_STAMP) ## drain / kill -9 / restart under load, audit -> docs/results/nodeloss.*
 	$(PY) -m loadtests.experiments.nodeloss
+
+image: sysdeps $(VENV_STAMP) ## build the Dockerfile here: buildah over a debootstrap Debian base (no engine, no registry)
+	$(PY) -m tests.ship.images
 
 clean: ## remove the environment and local data
 	rm -rf .venv var run .pytest_cache .mypy_cache .ruff_cache
