@@ -409,6 +409,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{cattle['rps']['median']:.0f} req/s ({cattle['cpu_us_per_request']['median']:.0f} µs): "
         f"{vs_fastapi['per_core']['median']:.1%} of bare FastAPI; in the same process model.**",
         "",
+        "![requests per core-second against bare FastAPI, and CPU per request](efficiency.png)",
+        "",
         *(
             [
                 f"**Caution:** {', '.join(f'`{n}`' for n in unsaturated + client_limited)} "
@@ -519,6 +521,40 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Left: each configuration's requests per core-second over bare FastAPI's in
+    the same round (median, range over rounds); right: CPU µs per request."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, pairs = report["summary"], report["pairs"]
+    names = list(summary)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.55 * len(names) + 1.8))
+    rows = [n for n in names if f"{n}/{FASTAPI}" in pairs]
+    medians = [pairs[f"{n}/{FASTAPI}"]["per_core"]["median"] for n in rows]
+    low = [
+        m - pairs[f"{n}/{FASTAPI}"]["per_core"]["min"] for n, m in zip(rows, medians, strict=True)
+    ]
+    high = [
+        pairs[f"{n}/{FASTAPI}"]["per_core"]["max"] - m for n, m in zip(rows, medians, strict=True)
+    ]
+    left.barh(rows, medians, xerr=[low, high], color="tab:blue", capsize=3)
+    left.axvline(1.0, color="grey", linestyle=":", label="bare FastAPI")
+    left.invert_yaxis()
+    left.set(xlabel="requests per core-second, ratio to bare FastAPI (same round)")
+    left.legend(loc="lower right")
+    cpu = [summary[n]["cpu_us_per_request"]["median"] for n in names]
+    right.barh(names, cpu, color="tab:orange")
+    right.invert_yaxis()
+    right.set(xlabel="node CPU µs per request (median over rounds)")
+    fig.suptitle(f"Per-node efficiency, GET /v1/notes/{{id}} ({reports.when(report)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     report = reports.main(
@@ -527,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         render_only=args.render,
         measure=lambda: measure(args),
         markdown=markdown,
+        plot=plot,
     )
     if report is None:
         return 0

@@ -65,7 +65,10 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
         ]
     )  # fmt: skip
 
-    reports.write(bench_efficiency.measure(args), args.out, bench_efficiency.markdown)
+    reports.write(
+        bench_efficiency.measure(args), args.out, bench_efficiency.markdown, bench_efficiency.plot
+    )
+    assert out.with_suffix(".png").stat().st_size > 0
 
     report = json.loads(out.with_suffix(".json").read_text())
     summary = report["summary"]
