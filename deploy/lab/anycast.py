@@ -258,7 +258,8 @@ def start_router(anycast: dict[str, Any], run_dir: Path, timeout_s: float = 10) 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not procs.is_ours(pid, str(config)):
-            raise AnycastError(f"bird exited at start; see {log}")
+            tail = log.read_text(errors="replace").splitlines()[-10:]
+            raise AnycastError("bird exited at start:\n" + "\n".join(tail))
         with contextlib.suppress(AnycastError):
             birdc(info, "show status")
             return info
