@@ -31,7 +31,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 import service
 from service.bus import discovery, messages
-from service.bus.membership import Loss, Membership, Peer, PeerState
+from service.bus.membership import Loss, Membership, Peer, PeerState, Verdict
 from service.config import Settings, env_var
 from service.tasks import cancel_within
 
@@ -118,6 +118,7 @@ class Bus:
         self._connected: set[str] = set()
         self._source: dict[str, str] = {}  # peer node -> the endpoint its messages come from
         self._seq = 0
+        self._last_inv = 0  # the seq of the newest `inv` sent (0: none yet)
         self._pending: list[tuple[list[str], int | None, float, str | None]] = []
         self._flush_scheduled = False
         self._context: zmq.asyncio.Context | None = None
@@ -303,8 +304,11 @@ class Bus:
 
     # -- sending ---------------------------------------------------------------------
 
-    def _header(self, traceparent: str | None = None) -> messages.Header:
+    def _header(self, topic: bytes, traceparent: str | None = None) -> messages.Header:
+        last_inv = self._last_inv
         self._seq += 1
+        if topic == messages.INV:
+            self._last_inv = self._seq  # even if the send fails: a receiver must assume it
         return messages.Header(
             node=self.node_id,
             epoch=self.epoch,
@@ -312,11 +316,12 @@ class Bus:
             lsn=self.lsn,
             sent=time.time(),
             traceparent=traceparent,
+            last_inv=last_inv,
         )
 
     def _send(self, topic: bytes, body: Mapping[str, Any], traceparent: str | None = None) -> None:
         assert self._pub is not None
-        frames = messages.encode(topic, self._header(traceparent), body)
+        frames = messages.encode(topic, self._header(topic, traceparent), body)
         try:
             self._pub.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # PUB drops rather than block; anything else is logged
@@ -407,14 +412,22 @@ class Bus:
         if message.topic == messages.HB:
             self._note_source(header.node, frames[0], message.body)
         if verdict.loss is not None:
-            self._lost(verdict.loss, header)
+            self._lost(verdict, header)
         if message.topic == messages.INV:
             self._apply(header, message.body)
 
-    def _lost(self, loss: Loss, header: messages.Header) -> None:
+    def _lost(self, verdict: Verdict, header: messages.Header) -> None:
+        assert verdict.loss is not None
+        loss = verdict.loss
         self.losses[loss] += 1
         if self._loss_counter is not None:
             self._loss_counter.add(1, {"kind": str(loss), "peer": header.node})
+        missed_from, last_inv = verdict.missed_from, header.last_inv
+        if missed_from is not None and last_inv is not None and last_inv < missed_from:
+            # Only heartbeats were missed: every cached entry stays right.
+            log.info("bus: %s from %s (seq %d): no invalidation among the missed messages",
+                     loss, header.node, header.seq)  # fmt: skip
+            return
         log.info("bus: %s from %s (seq %d): dropping cache entries older than LSN %s",
                  loss, header.node, header.seq, header.lsn)  # fmt: skip
         for sink in self._sinks:

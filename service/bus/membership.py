@@ -80,6 +80,10 @@ class Peer:
 class Verdict:
     fresh: bool  # False: a duplicate or an old message, to be dropped
     loss: Loss | None = None
+    # With a loss: the first seq of this epoch that was missed (the rest up to
+    # the message's own), or None when earlier messages may be missing too
+    # (a restart without a goodbye: the old epoch's last ones).
+    missed_from: int | None = None
 
 
 Transition = Callable[[Peer, PeerState, PeerState], None]
@@ -125,17 +129,22 @@ class Membership:
         now = self.now()
         peer = self.peers.get(header.node)
         loss: Loss | None = None
+        missed_from: int | None = None
         if peer is None:
             peer = Peer(header.node, header.epoch, header.seq, now, changed_at=self.clock())
             self.peers[header.node] = peer
             if header.seq != 1:
-                loss = Loss.late_join
+                loss, missed_from = Loss.late_join, 1
             log.info("bus: peer %s joined (seq %d)", header.node, header.seq)
         elif header.epoch != peer.epoch:
             # A restart. An older epoch arriving late (reordered across a
             # reconnect) would be a restart too; epochs are random, so the
             # newest message wins, which is the one that reached us last.
+            # After its goodbye the old epoch is complete (a gap before the
+            # goodbye was a loss of its own); without one, its last
+            # messages may never have come.
             loss = Loss.new_epoch
+            missed_from = 1 if peer.state is PeerState.left else None
             peer.epoch, peer.last_seq = header.epoch, header.seq
             peer.status = {}
             self._move(peer, PeerState.alive)
@@ -143,7 +152,7 @@ class Membership:
             return Verdict(fresh=False)
         else:
             if header.seq != peer.last_seq + 1:
-                loss = Loss.gap
+                loss, missed_from = Loss.gap, peer.last_seq + 1
             peer.last_seq = header.seq
         peer.heard_at = now
         if topic == HB:
@@ -159,7 +168,7 @@ class Membership:
             peer.gaps += 1
             if not DETECT_LOSS:
                 loss = None
-        return Verdict(fresh=True, loss=loss)
+        return Verdict(fresh=True, loss=loss, missed_from=missed_from)
 
     def _serving_state(self, peer: Peer) -> PeerState:
         return PeerState.draining if peer.lifecycle in _LEAVING else PeerState.alive

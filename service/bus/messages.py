@@ -37,6 +37,10 @@ class Header:
     lsn: int | None  # the newest commit LSN the sender knows (None: none yet)
     sent: float  # the sender's wall clock (time.time()) when it sent
     traceparent: str | None = None  # W3C trace context of the span that caused it
+    # The seq of the sender's newest `inv` before this message, in this epoch
+    # (0: none yet). A receiver that missed seqs a..b knows from it whether
+    # an invalidation was among them. None: the sender does not say.
+    last_inv: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,8 @@ def encode(topic: bytes, header: Header, body: Mapping[str, Any]) -> list[bytes]
     }
     if header.traceparent:
         head["traceparent"] = header.traceparent
+    if header.last_inv is not None:
+        head["last_inv"] = header.last_inv
     return [topic, _dumps(head), _dumps(body)]
 
 
@@ -71,6 +77,7 @@ def decode(frames: Sequence[bytes]) -> Message | None:
             return None
         lsn = head.get("lsn")
         traceparent = head.get("traceparent")
+        last_inv = head.get("last_inv")
         header = Header(
             node=str(head["node"]),
             epoch=int(head["epoch"]),
@@ -78,6 +85,7 @@ def decode(frames: Sequence[bytes]) -> Message | None:
             lsn=None if lsn is None else int(lsn),
             sent=float(head.get("sent", 0.0)),
             traceparent=traceparent if isinstance(traceparent, str) else None,
+            last_inv=last_inv if isinstance(last_inv, int) and last_inv >= 0 else None,
         )
     except (ValueError, KeyError, TypeError):
         return None

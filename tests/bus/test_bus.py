@@ -4,6 +4,7 @@ in order, with losses detected; discovery by DNS; trace context carried."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 from collections.abc import Iterable
@@ -84,11 +85,46 @@ async def test_a_lost_message_is_a_gap_and_the_sink_drops_older_entries(
     sink.older_than.clear()  # B joined late: that one is not this test's
     a.publish_invalidations(["note:1"], 10)
     assert await until(lambda: sink.invalidated, 2.0) is not None
-    a._seq += 1  # one message lost on the way (the receiver sees the jump)
+    a._seq += 1  # one invalidation lost on the way (the receiver sees the jump)
+    a._last_inv = a._seq
     a.publish_invalidations(["note:2"], 12)
     assert await until(lambda: len(sink.invalidated) == 2, 2.0) is not None
     assert sink.older_than == [12], "the gap was not reported"
     assert b.losses[membership.Loss.gap] == 1
+
+
+async def test_a_gap_of_heartbeats_only_drops_nothing(start_bus: StartBus) -> None:
+    """The next message says where the sender's last invalidation was: before the gap."""
+    a, b, sink = await pair(start_bus)
+    sink.older_than.clear()
+    a.publish_invalidations(["note:1"], 10)
+    assert await until(lambda: sink.invalidated, 2.0) is not None
+    a._seq += 3  # three heartbeats lost
+    a.publish_invalidations(["note:2"], 12)
+    assert await until(lambda: len(sink.invalidated) == 2, 2.0) is not None
+    assert b.losses[membership.Loss.gap] == 1  # seen and counted,
+    assert sink.older_than == []  # but nothing cached was dropped
+
+
+async def test_a_sender_that_does_not_say_where_its_last_invalidation_was_drops_on_a_gap(
+    start_bus: StartBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control: the same heartbeat-only gap from a sender without `last_inv`
+    (an older version) must be taken as a possible lost invalidation."""
+    a, _b, sink = await pair(start_bus)
+    sink.older_than.clear()
+    encode = messages.encode
+
+    def without_last_inv(topic: bytes, header: Header, body: dict) -> list[bytes]:
+        return encode(topic, dataclasses.replace(header, last_inv=None), body)
+
+    monkeypatch.setattr(messages, "encode", without_last_inv)
+    a.publish_invalidations(["note:1"], 10)
+    assert await until(lambda: sink.invalidated, 2.0) is not None
+    a._seq += 3
+    a.publish_invalidations(["note:2"], 12)
+    assert await until(lambda: len(sink.invalidated) == 2, 2.0) is not None
+    assert sink.older_than == [12]
 
 
 async def test_without_gap_handling_the_loss_goes_unnoticed(
@@ -117,7 +153,11 @@ async def test_a_late_joiner_drops_what_it_may_have_missed(start_bus: StartBus) 
     assert b.losses[membership.Loss.late_join] == 1
 
 
-async def test_a_restarted_peer_is_a_new_epoch(start_bus: StartBus) -> None:
+async def _restart(
+    start_bus: StartBus, *, goodbye: bool, invalidate_before_heard: bool
+) -> tuple[Bus, Sink]:
+    """A restarts on its port (a new epoch), after a goodbye or killed without
+    one; B's sink, with what B dropped since the restart."""
     a = await start_bus("a")
     endpoint = a.endpoint
     assert endpoint is not None
@@ -126,16 +166,51 @@ async def test_a_restarted_peer_is_a_new_epoch(start_bus: StartBus) -> None:
     b.subscribe_invalidations(sink)
     assert await until(lambda: "a" in b.membership.peers, 5.0) is not None
     first_epoch = a.epoch
-    await a.close(2.0)
-    assert await until(lambda: b.membership.peers["a"].state is PeerState.left, 3.0) is not None
+    if goodbye:
+        await a.close(2.0)
+        assert await until(lambda: b.membership.peers["a"].state is PeerState.left, 3.0)
+    else:
+        # Killed: the socket goes without a goodbye.
+        assert a._pub is not None
+        a._pub.close(linger=0)
+        a._pub = None
+        await a.close(2.0)
     sink.older_than.clear()
     restarted = await start_bus("a", bus_bind=endpoint)  # same node, same port, new process
     assert restarted.epoch != first_epoch
     restarted.observe_lsn(30)
+    if invalidate_before_heard:
+        # An invalidation B never gets (as one published before B's connection is up).
+        restarted._seq += 1
+        restarted._last_inv = restarted._seq
     assert await until(lambda: b.membership.peers["a"].epoch == restarted.epoch, 5.0) is not None
-    assert sink.older_than == [30]
     assert b.losses[membership.Loss.new_epoch] == 1
     assert b.membership.peers["a"].state is PeerState.alive  # back from LEFT
+    return b, sink
+
+
+async def test_a_peer_restarted_after_its_goodbye_drops_nothing_it_did_not_write(
+    start_bus: StartBus,
+) -> None:
+    """A rolling restart: the old epoch ended with a goodbye, and the new one
+    published no invalidation before B heard it, so B's cache stays."""
+    _b, sink = await _restart(start_bus, goodbye=True, invalidate_before_heard=False)
+    assert sink.older_than == []
+
+
+async def test_a_peer_killed_and_restarted_drops_what_its_last_messages_may_have_said(
+    start_bus: StartBus,
+) -> None:
+    """The control: no goodbye, so the old epoch's last messages may be lost."""
+    _b, sink = await _restart(start_bus, goodbye=False, invalidate_before_heard=False)
+    assert sink.older_than == [30]
+
+
+async def test_a_restarted_peer_whose_first_invalidation_was_missed_drops(
+    start_bus: StartBus,
+) -> None:
+    _b, sink = await _restart(start_bus, goodbye=True, invalidate_before_heard=True)
+    assert sink.older_than == [30]
 
 
 async def test_dns_peers_are_resolved_and_connected_once_per_address(
