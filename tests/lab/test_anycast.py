@@ -118,14 +118,52 @@ def measured() -> Iterator[dict[str, Any]]:
     yield figures
     wanted = {"drain_pinning_on", "drain_pinning_off", "kill", "silent_sidecar"}
     if os.environ.get("ANYCAST_WRITE") and wanted <= set(figures):
-        command = "ANYCAST_WRITE=1 python -m pytest tests/lab/test_anycast.py"
         figures["timers"] = {
             "check_interval_s": anycast.CHECK_INTERVAL_S,
             "hold_time_s": anycast.HOLD_TIME_S,
             "keepalive_s": anycast.KEEPALIVE_S,
         }
+        command = "python -m pytest tests/lab/test_anycast.py"
         report = reports.stamped(command, dict(sorted(figures.items())))
-        RESULT.write_text(json.dumps(report, indent=2) + "\n")
+        reports.write(report, RESULT.with_suffix(""), _markdown)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    on, off, kill = report["drain_pinning_on"], report["drain_pinning_off"], report["kill"]
+    rows = [
+        ("drain file -> route gone, pinning on", f"{on['withdrawn_s']:.3f} s"),
+        ("drain file -> route gone, pinning off", f"{off['withdrawn_s']:.3f} s"),
+        ("kill -9 of the node -> route gone", f"{kill['node_killed_route_gone_s']:.3f} s"),
+        (
+            "kill -9 of the node's namespace -> route gone",
+            f"{kill['namespace_killed_route_gone_s']:.3f} s",
+        ),
+        ("ExaBGP frozen -> route gone", f"{report['silent_sidecar']['route_gone_s']:.3f} s"),
+        (
+            "drain and return, pinning on: failed / resets / requests",
+            f"{on['failed']} / {on['resets']} / {on['requests']}",
+        ),
+        (
+            "drain and return, pinning off: failed / resets / requests",
+            f"{off['failed']} / {off['resets']} / {off['requests']}",
+        ),
+        ("kill -9 run: failed / requests", f"{kill['failed']} / {kill['requests']}"),
+    ]
+    return "\n".join(
+        [
+            "# Anycast: drain, kill -9 and the BGP timers",
+            "",
+            f"{reports.measured(report)} Written by the lab tests with ANYCAST_WRITE=1:",
+            "",
+            *reports.how_measured(report),
+            "| measured | value |",
+            "|---|---:|",
+            *(f"| {name} | {value} |" for name, value in rows),
+            "",
+            'docs/operations.md ("Anycast") explains them.',
+            "",
+        ]
+    )
 
 
 def _plan(lab: Lab) -> dict[str, Any]:
@@ -481,14 +519,15 @@ def _quoted(result: dict[str, Any]) -> list[str]:
         f"| {kill['node_killed_route_gone_s']:.2f} s |",
         f"| {kill['namespace_killed_route_gone_s']:.2f} s |",
         f"| {result['silent_sidecar']['route_gone_s']:.2f} s (hold time 3 s) |",
-        f"with pinning on, {on['failed']} failed requests and {on['resets']} resets of "
-        f"{on['requests']};",
-        f"{off['resets']} resets of {off['requests']} ({off['failed_during_drain']} while it "
-        f"drained, {off['failed_after_return']} after it came back)",
-        f"{in_flight} requests failed on the killed node's open connections",
-        f"{refused} new connection was refused in the "
-        f"{kill['node_killed_route_gone_s']:.2f} s before the route went",
-        f"failed the {on_namespace} requests in flight on it",
+        f"pinning on: {on['failed']} failed requests, {on['resets']} resets, of {on['requests']};",
+        f"pinning off: {off['failed']} failed requests, {off['resets']} resets, of "
+        f"{off['requests']} ({off['failed_during_drain']} while it drained, "
+        f"{off['failed_after_return']} after it came back).",
+        f"Kill -9 with pinning on ({kill['failed']} failed of {kill['requests']}):",
+        f"sent before its route went: {in_flight};",
+        f"new connections refused in the {kill['node_killed_route_gone_s']:.2f} s before the "
+        f"route went: {refused};",
+        f"requests in flight on n3 when its whole namespace was killed: {on_namespace};",
     ]
 
 
