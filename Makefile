@@ -13,7 +13,7 @@ SHELL := /bin/bash
 # /etc/bird, /run/bird) is neither used nor touched. The image tests
 # (tests/ship/) build the Dockerfile with buildah over a Debian base made
 # by debootstrap: no Docker engine and no registry needed.
-SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk bird2 exabgp nftables curl buildah debootstrap
+SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk bird2 exabgp nftables curl buildah debootstrap prometheus
 
 export UV_PYTHON_DOWNLOADS := never
 # Compile the dependencies' bytecode when installing them. Where
