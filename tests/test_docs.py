@@ -179,3 +179,18 @@ def test_the_telemetry_parts_quoted_are_the_committed_results() -> None:
     assert f"({default['ratio_min']:.1%} to {default['ratio_max']:.1%} in the sequential" in page
     off = [run["rps"] for round_ in sequential["rounds"]["off"] for run in round_["runs"]]
     assert f"{min(off):.0f} to {max(off):.0f} req/s" in page
+
+
+def test_the_bus_figures_quoted_are_the_committed_results() -> None:
+    page = (REPO / "docs/bus.md").read_text()
+    for nodes, name in ((2, "bus-n2"), (4, "bus-n4"), (8, "bus")):
+        result = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        assert result["nodes"] == nodes
+        cpu, latency = result["cpu_share_per_node"], result["latency_ms"]
+        row = (
+            f"| {nodes} | [{name}.md](results/{name}.md) | {latency['p50']:.2f} / "
+            f"{latency['p99']:.2f} ms | {100 * min(cpu['idle']):.1f}%-{100 * max(cpu['idle']):.1f}% "
+            f"| {100 * min(cpu['writes']):.1f}%-{100 * max(cpu['writes']):.1f}% | "
+            f"{result['deliveries']} / {result['deliveries_expected']} |"
+        )
+        assert row in page, row
