@@ -28,7 +28,7 @@ endif
 PY := .venv/bin/python
 VENV_STAMP := .venv/.synced
 
-.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss hardening-report image
+.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss hardening-report image fork fork-update
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -126,6 +126,13 @@ nodeloss: sysdeps $(VENV_STAMP) ## drain / kill -9 / restart under load, audit -
 
 image: sysdeps $(VENV_STAMP) ## build the Dockerfile here: buildah over a debootstrap Debian base (no engine, no registry)
 	$(PY) -m tests.ship.images
+
+fork: $(VENV_STAMP) ## a named copy of this template: make fork DEST=../ledger NAME=ledger [PORT=8000] [REF=v0.2.0]
+	@test -n "$(DEST)" -a -n "$(NAME)" || { echo "usage: make fork DEST=../ledger NAME=ledger [PORT=8000] [REF=tag]" >&2; exit 2; }
+	$(PY) -m deploy.fork copy "$(DEST)" --name "$(NAME)" $(if $(PORT),--port $(PORT)) $(if $(REF),--ref $(REF))
+
+fork-update: $(VENV_STAMP) ## in a fork: pull a newer template version in [REF=v0.3.0], then check for conflicts
+	$(PY) -m deploy.fork update . $(if $(REF),--ref $(REF))
 
 clean: ## remove the environment and local data
 	rm -rf .venv var run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The fork tool: a named copy of this service (copier), later template versions pulled in."""
