@@ -17,6 +17,10 @@ from service.bus import PeerState, membership
 from service.bus.membership import Peer
 from tests.bus.conftest import PeerProcess, StartBus, until
 
+# Every test here runs a peer as a process of its own, and waits out stalls
+# and floods of seconds: `make test` runs them, `make test-fast` does not.
+pytestmark = pytest.mark.cluster
+
 # The peer beats every 0.1 s, the observer suspects after 0.35 s of silence,
 # and its loop stalls 0.4 s at a time: every stall is longer than the
 # threshold, so only netting the stall out keeps the peer ALIVE.
