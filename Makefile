@@ -28,7 +28,7 @@ endif
 PY := .venv/bin/python
 VENV_STAMP := .venv/.synced
 
-.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss hardening-report image fork fork-update
+.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss nodeloss-anycast lab-anycast hardening-report image fork fork-update
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -123,6 +123,12 @@ scaleout: sysdeps $(VENV_STAMP) ## throughput of 2, 4, 8 nodes in pairs beside 1
 
 nodeloss: sysdeps $(VENV_STAMP) ## drain / kill -9 / restart under load, audit -> docs/results/nodeloss.*
 	$(PY) -m loadtests.experiments.nodeloss
+
+nodeloss-anycast: sysdeps $(VENV_STAMP) ## the same drill on the anycast front (BIRD, ExaBGP, pinning; SQLite) -> docs/results/nodeloss-anycast.*
+	$(PY) -m loadtests.experiments.nodeloss --front anycast
+
+lab-anycast: sysdeps $(VENV_STAMP) ## a local cluster on the anycast front: BIRD router with ECMP, 3 nodes with ExaBGP sidecars
+	$(PY) -m deploy.lab up --nodes 3 --front anycast
 
 image: sysdeps $(VENV_STAMP) ## build the Dockerfile here: buildah over a debootstrap Debian base (no engine, no registry)
 	$(PY) -m tests.ship.images

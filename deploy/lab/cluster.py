@@ -402,8 +402,11 @@ class Lab:
         env = self._base_env(state) | node["env"]
         env["CATTLE_LAB_MARK"] = f"{state['lab_id']}:{node['id']}"
         argv = [sys.executable, "-m", "service", "serve"]
+        if node.get("netns"):
+            argv = netns.exec_argv(node["netns"], argv)
         if node["cgroup"]:
-            # Join the cgroup before exec, so not one instruction runs uncapped.
+            # Join the cgroup before exec, so not one instruction runs uncapped
+            # (and before `ip netns exec`, which mounts its own /sys).
             argv = [
                 "/bin/sh",
                 "-c",
@@ -411,8 +414,6 @@ class Lab:
                 "sh",
                 *argv,
             ]
-        if node.get("netns"):
-            argv = netns.exec_argv(node["netns"], argv)
         with contextlib.suppress(FileNotFoundError):
             Path(node["drain_file"]).unlink()
         node["pid"] = procs.spawn(argv, log=Path(node["log"]), env=env, cwd=REPO_ROOT)

@@ -14,6 +14,11 @@ event; capacity after a loss against (N-1)/N; time to recover; the audit.
 
     python -m loadtests.experiments.nodeloss            # the full run (about 5 minutes)
     python -m loadtests.experiments.nodeloss --smoke    # seconds: checks the code, not the machine
+
+With --front anycast the same drill runs on the lab's anycast front (BIRD
+with ECMP, an ExaBGP sidecar per node, SQLite), the load generator in the
+lab's client namespace; its control is the same drill with the router's
+connection pinning off. Writes docs/results/nodeloss-anycast.*.
 """
 
 from __future__ import annotations
@@ -21,16 +26,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from deploy.lab import haproxy
+from deploy.lab import anycast, haproxy, netns
 from deploy.lab.cluster import Lab, LabOptions
 from loadtests import report as reports
 from loadtests.experiments.audit import audit
@@ -38,6 +45,7 @@ from loadtests.harness import analysis
 from loadtests.harness.loadrun import LoadResult, run_load
 
 RESULTS = reports.RESULTS / "nodeloss"
+ANYCAST_RESULTS = reports.RESULTS / "nodeloss-anycast"
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,10 @@ class Plan:
     )
     baseline_s: tuple[float, float] = (5.0, 20.0)
     drain_delay_s: float = 2.0
-    # The same drill at saturation with HAProxy's retries off, beside the protected runs.
+    # The same drill at saturation with HAProxy's retries off (anycast: pinning
+    # off), beside the protected runs.
     control: bool = True
+    front: str = "haproxy"
 
 
 SMOKE = Plan(
@@ -97,9 +107,13 @@ def _action(
     def leave(how: Callable[[str], Any]) -> None:
         # Watched from the moment of the signal, beside it: a drain blocks
         # until the node has exited, long after HAProxy stopped using it.
-        socket_path = Path(lab.load()["haproxy"]["socket"])
+        state = lab.load()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            watch = pool.submit(haproxy.seconds_until_out, socket_path, target)
+            if state.get("anycast"):
+                watch = pool.submit(_seconds_until_withdrawn, state["anycast"], target)
+            else:
+                socket_path = Path(state["haproxy"]["socket"])
+                watch = pool.submit(haproxy.seconds_until_out, socket_path, target)
             how(target)
             out_of_rotation_s[f"{event} {target}"] = watch.result()
 
@@ -122,6 +136,31 @@ def _action(
     return act
 
 
+def _seconds_until_withdrawn(
+    plan: dict[str, Any], node: str, timeout_s: float = 5.0
+) -> float | None:
+    """Seconds from now until the anycast router sends new flows to other nodes, not `node`.
+
+    A read with no next hop at all (no route, or a failed read) does not count.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        hops = anycast.next_hop_nodes(plan)
+        if hops and node not in hops:
+            return time.monotonic() - started
+        time.sleep(0.01)
+    return None
+
+
+@contextlib.contextmanager
+def _client_side(lab: Lab) -> Iterator[None]:
+    """The load generator's side of the lab: the client namespace on the anycast
+    front (the locust child and the audit inherit it), this one otherwise."""
+    client = (lab.load().get("anycast") or {}).get("client_netns")
+    with netns.entered(client) if client else contextlib.nullcontext():
+        yield
+
+
 def drill(
     lab: Lab, plan: Plan, *, rate_per_user: float | None
 ) -> tuple[LoadResult, dict[str, float | None]]:
@@ -134,14 +173,15 @@ def drill(
         for at, event, target in plan.schedule
         if event != "kill-primary" or plan.backend == "patroni"
     ]
-    result = run_load(
-        state["front"],
-        nodes,
-        users=plan.users,
-        duration_s=plan.duration_s,
-        rate_per_user=rate_per_user,
-        schedule=schedule,
-    )
+    with _client_side(lab):
+        result = run_load(
+            state["front"],
+            nodes,
+            users=plan.users,
+            duration_s=plan.duration_s,
+            rate_per_user=rate_per_user,
+            schedule=schedule,
+        )
     return result, out_of_rotation_s
 
 
@@ -250,7 +290,8 @@ def acknowledged(result: LoadResult) -> dict[str, str]:
 def _drill_and_audit(lab: Lab, plan: Plan, *, rate_per_user: float | None) -> dict[str, Any]:
     front = lab.load()["front"]
     result, left = drill(lab, plan, rate_per_user=rate_per_user)
-    audited = asyncio.run(audit(front, acknowledged(result), prefix=result.prefix))
+    with _client_side(lab):
+        audited = asyncio.run(audit(front, acknowledged(result), prefix=result.prefix))
     return analyse(result, plan, audited, left)
 
 
@@ -261,32 +302,42 @@ def run(plan: Plan, command: str) -> dict[str, Any]:
     base.chmod(0o755)
     runs: dict[str, Any] = {}
     options = LabOptions(
-        nodes=plan.nodes, backend=plan.backend, cpu=plan.cpu, drain_delay_s=plan.drain_delay_s
+        nodes=plan.nodes,
+        backend=plan.backend,
+        cpu=plan.cpu,
+        drain_delay_s=plan.drain_delay_s,
+        front=plan.front,
+    )
+    # What protects the runs, and what the control switches off.
+    protection, control_options = (
+        ("pinning", replace(options, pinning=False))
+        if plan.front == "anycast"
+        else ("haproxy_retries", replace(options, retries=False))
     )
     try:
         lab = Lab(base / "run")
         lab.up(options)
         try:
             runs["saturation"] = _drill_and_audit(lab, plan, rate_per_user=None)
-            runs["saturation"]["haproxy_retries"] = True
+            runs["saturation"][protection] = True
             print(
                 f"saturation: baseline {runs['saturation']['baseline_rps']:.0f} req/s", flush=True
             )
             _restore(lab, plan)
             rate = plan.steady_fraction * runs["saturation"]["baseline_rps"] / plan.users
             runs["steady"] = _drill_and_audit(lab, plan, rate_per_user=rate)
-            runs["steady"] |= {"offered_rps": rate * plan.users, "haproxy_retries": True}
+            runs["steady"] |= {"offered_rps": rate * plan.users, protection: True}
         finally:
             lab.down()
         if plan.control:
             control = Lab(base / "control")
-            control.up(replace(options, retries=False))
+            control.up(control_options)
             try:
                 runs["control"] = _drill_and_audit(control, plan, rate_per_user=None)
-                runs["control"]["haproxy_retries"] = False
+                runs["control"][protection] = False
             finally:
                 control.down()
-            print(f"control (retries off): {runs['control']['failed']} failed", flush=True)
+            print(f"control ({protection} off): {runs['control']['failed']} failed", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     figures = {
@@ -343,7 +394,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 fontsize=8,
             )
         failed = data["failed"]
-        title = f"{_title(name)}: {data['requests']} requests, {failed} failed"
+        title = f"{_title(name, _front(report))}: {data['requests']} requests, {failed} failed"
         ax.set_title(f"{title}; audit {data['audit']}")
         handles, labels = ax.get_legend_handles_labels()
         handles2, labels2 = latency.get_legend_handles_labels()
@@ -359,12 +410,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def markdown(report: dict[str, Any]) -> str:
     plan = report["plan"]
+    front = _front(report)
+    behind = (
+        "behind the anycast front (BIRD with ECMP, an ExaBGP sidecar per node, "
+        "locust in the client namespace)"
+        if front == "anycast"
+        else "behind HAProxy"
+    )
+    rotation = (
+        "out of the router's next hops after s"
+        if front == "anycast"
+        else ("out of HAProxy's rotation after s")
+    )
     lines = [
         "# Node loss: drain, kill -9 and restart under load",
         "",
         f"{reports.measured(report)} Reproduce with `{report['command']}`.",
         "",
-        f"{plan['nodes']} nodes, each capped at {plan['cpu']} core, behind HAProxy, "
+        f"{plan['nodes']} nodes, each capped at {plan['cpu']} core, {behind}, "
         f"{plan['backend']} backend, {plan['users']} locust users on the read-mostly mix "
         "(readers with consistency tokens, writers with Idempotency-Keys and If-Match, listers). "
         "Clients never retry: every failure counted here reached a client.",
@@ -377,12 +440,12 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         offered = f", offered {data['offered_rps']:.0f} req/s" if "offered_rps" in data else ""
         lines += [
-            f"## {_title(name)} (baseline {data['baseline_rps']:.0f} req/s{offered})",
+            f"## {_title(name, front)} (baseline {data['baseline_rps']:.0f} req/s{offered})",
             "",
             f"{data['requests']} requests, **{data['failed']} failed**. Audit of every "
             f"acknowledged create: {data['audit']}.",
             "",
-            "| event | at s | took s | out of HAProxy's rotation after s "
+            f"| event | at s | took s | {rotation} "
             "| requests until next event | failed (by kind) | capacity after loss | recovery s |",
             "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
@@ -400,11 +463,20 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{'' if recovery is None else recovery} |"
             )
         lines.append("")
-    lines += ["![node loss timeline](nodeloss.png)", ""]
+    picture = "nodeloss-anycast.png" if front == "anycast" else "nodeloss.png"
+    lines += [f"![node loss timeline]({picture})", ""]
     return "\n".join(lines)
 
 
-def _title(name: str) -> str:
+def _front(report: dict[str, Any]) -> str:
+    return str(report["plan"].get("front", "haproxy"))  # reports before --front: HAProxy
+
+
+def _title(name: str, front: str = "haproxy") -> str:
+    if front == "anycast":
+        if name == "control":
+            return "control: saturation with the router's pinning off (failures expected)"
+        return f"{name}, router pinning on"
     if name == "control":
         return "control: saturation with HAProxy retries off (failures expected)"
     return f"{name}, HAProxy retries on"
@@ -419,7 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="seconds-long run of the code path")
     parser.add_argument("--backend", choices=("postgres", "patroni"), help="database mode")
     parser.add_argument(
-        "--out", type=Path, default=RESULTS, help="writes OUT.json, OUT.md and OUT.png"
+        "--front",
+        choices=("haproxy", "anycast"),
+        default="haproxy",
+        help="anycast: BIRD + ExaBGP sidecars in namespaces, SQLite (control: pinning off)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="writes OUT.json, OUT.md and OUT.png (default docs/results/)"
     )
     parser.add_argument(
         "--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json"
@@ -429,10 +507,17 @@ def main(argv: list[str] | None = None) -> int:
     plan = SMOKE if args.smoke else Plan()
     if args.backend:
         plan = Plan(**{**asdict(plan), "backend": args.backend})
+    if args.front == "anycast":
+        if args.backend:
+            parser.error(
+                "--front anycast runs on SQLite (the lab's anycast front has no --backend)"
+            )
+        plan = replace(plan, front="anycast", backend="sqlite")
+    out = args.out or (ANYCAST_RESULTS if args.front == "anycast" else RESULTS)
     command = reports.command_line(__spec__.name, argv)
     report = reports.main(
         "nodeloss",
-        args.out,
+        out,
         render_only=args.render,
         measure=lambda: run(plan, command),
         markdown=markdown,
