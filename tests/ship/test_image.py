@@ -44,8 +44,10 @@ def image() -> Iterator[str]:
         images.remove_image(built.image_id)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def mounted(image: str) -> Iterator[images.Mounted]:
+    # One working container for the module's runs (one at a time): with vfs
+    # storage each `buildah from` copies the whole image (10-17 s here).
     with images.Mounted(image) as m:
         yield m
 
