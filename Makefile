@@ -110,7 +110,7 @@ lab-down: $(VENV_STAMP) ## stop the local cluster
 	$(PY) -m deploy.lab down
 
 bench-telemetry: sysdeps $(VENV_STAMP) ## telemetry overhead benchmark -> docs/results/telemetry-overhead.*
-	$(PY) -m loadtests.benchmarks.telemetry
+	$(PY) -m loadtests.benchmarks.telemetry --together --rounds 8
 
 bench-efficiency: sysdeps $(VENV_STAMP) ## req/s per core: cattle vs bare FastAPI, Starlette, raw ASGI -> docs/results/efficiency.*
 	$(PY) -m loadtests.benchmarks.efficiency
