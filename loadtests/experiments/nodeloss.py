@@ -78,15 +78,15 @@ SMOKE = Plan(
     cpu=0.3,
     backend="sqlite",
     users=6,
-    duration_s=17.0,
+    duration_s=13.0,
     # With two nodes, the second may only go once the first is back in rotation.
     schedule=(
-        (3.0, "drain", "n1"),
-        (4.0, "restart", "n1"),
-        (11.0, "kill", "n2"),
-        (13.0, "restart", "n2"),
+        (2.0, "drain", "n1"),
+        (3.0, "restart", "n1"),
+        (8.5, "kill", "n2"),
+        (10.0, "restart", "n2"),
     ),
-    baseline_s=(1.0, 3.0),
+    baseline_s=(0.5, 2.0),
     drain_delay_s=0.5,
 )
 
