@@ -50,27 +50,19 @@ def leftovers(dest: Path) -> list[str]:
             found.append(f"{relative}:{line}: conflict marker")
             break
     if (dest / ".git").exists():
-        unmerged = subprocess.run(
-            ["git", "diff", "--name-only", "--diff-filter=U"],
-            cwd=dest,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        ).stdout.split()
+        unmerged = _git(dest, "diff", "--name-only", "--diff-filter=U").stdout.split()
         found += [f"{path}: unmerged in git" for path in unmerged]
     return found
 
 
-def dirty(template: Path) -> bool:
-    status = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=normal"],
-        cwd=template,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def dirty(template: Path) -> bool:
+    status = _git(template, "status", "--porcelain", "--untracked-files=normal")
     return status.returncode == 0 and bool(status.stdout.strip())
 
 

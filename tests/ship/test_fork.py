@@ -68,16 +68,16 @@ def clean_env() -> dict[str, str]:
     }
 
 
-def make(fork: Path, target: str) -> subprocess.CompletedProcess[str]:
+def run_in(fork: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`argv` in the fork, on its own (clean_env), output captured."""
     return subprocess.run(
-        ["make", target],
-        cwd=fork,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
+        list(argv), cwd=fork, env=clean_env(), capture_output=True, text=True, timeout=900,
         check=False,
-    )
+    )  # fmt: skip
+
+
+def make(fork: Path, target: str) -> subprocess.CompletedProcess[str]:
+    return run_in(fork, "make", target)
 
 
 def mentions_of_old_name(root: Path) -> list[str]:
@@ -191,15 +191,8 @@ def test_an_update_brings_the_template_change_and_keeps_the_forks_own(drill: Dri
     # Still green: lint (ruff, mypy, import layers) and the suites the update touched.
     done = make(drill.fork, "lint")
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    done = subprocess.run(
-        [".venv/bin/python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/config"],
-        cwd=fork,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = run_in(fork, ".venv/bin/python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                  "tests/config")  # fmt: skip
     assert done.returncode == 0, done.stdout[-5000:]
 
 
