@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -55,11 +56,43 @@ def find_bindir() -> Path:
     )
 
 
+# Ports the lab and the tests take from: above the well-known services (5432,
+# 8080, 9090 ...) and below the kernel's ephemeral range.
+FREE_PORT_FLOOR = 20000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now (another process may still take it)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    """A port that is free now and outside the kernel's ephemeral range.
+
+    A port the OS hands out for port 0 comes from the ephemeral range, the same
+    range every outgoing connection takes its source port from: between our
+    choosing it and a server binding it, a client connection (a bus peer
+    reconnecting, a test's HTTP client) may take it. That happened in CI.
+    Below the range no source port is ever chosen, so only another server
+    could race us for it, and the bind check here catches a port in use.
+    """
+    low, _ = _ephemeral_range()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    rng = random.Random()
+    for _ in range(200 if low > FREE_PORT_FLOOR + 1000 else 0):
+        port = rng.randrange(FREE_PORT_FLOOR, low)
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family) as s:  # an unusual range: let the OS choose
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def server_user() -> pwd.struct_passwd | None:
