@@ -48,7 +48,7 @@ from typing import Any
 
 import psutil
 
-from deploy.lab.postgres import PostgresCluster, postmaster_pid
+from deploy.lab.postgres import PostgresCluster, free_port, postmaster_pid
 from loadtests import report as reports
 from loadtests.benchmarks import baselines
 from loadtests.harness import wrk as wrkbench
@@ -204,7 +204,7 @@ def start_all(
     env = baseline_env(body.decode())
     for config in all_configs:
         if config.app is not None:
-            port = wrkbench.free_port()
+            port = free_port()
             config.server = wrkbench.start(
                 config.name,
                 wrkbench.uvicorn_command(config.app, port),

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.lab.postgres import free_port
 from loadtests import report as reports
 from loadtests.harness import wrk as wrkbench
 from loadtests.harness.wrk import request
@@ -437,7 +438,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         try:
             # The live collector shares the load generator's core: its work is
             # the exporters' on the other side of the wire, not the node's.
-            collector_port = wrkbench.free_port()
+            collector_port = free_port()
             collector = wrkbench.start(
                 "collector",
                 [
