@@ -1,4 +1,4 @@
-"""Verbs of the lab: up, status, watch, drain, undrain, kill, restart, down."""
+"""Verbs of the lab: up, status, watch, drain, undrain, kill, restart, scale, kill-primary, down."""
 
 from __future__ import annotations
 
@@ -61,6 +61,16 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="HAProxy takes a dead node out on its health checks only, not on live traffic",
     )
+    up.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run Prometheus scraping every node and HAProxy (its UI is the live graph)",
+    )
+    up.add_argument(
+        "--max-nodes",
+        type=int,
+        help="the most nodes `scale` may grow to (default: --nodes)",
+    )
 
     verbs.add_parser("status", parents=[common], help="show the lab").add_argument(
         "--json", action="store_true", help="lab.json plus live health, as JSON"
@@ -89,6 +99,14 @@ def parser() -> argparse.ArgumentParser:
                 help="anycast: kill everything in NODE's namespace (its ExaBGP too)",
             )
     verbs.add_parser(
+        "scale", parents=[common], help="grow or shrink the fleet to COUNT nodes, live"
+    ).add_argument("count", type=int, metavar="COUNT")
+    verbs.add_parser(
+        "kill-primary",
+        parents=[common],
+        help="patroni: SIGKILL the primary's PostgreSQL and wait for the new leader",
+    )
+    verbs.add_parser(
         "pinning", parents=[common], help="anycast: switch the router's connection pinning"
     ).add_argument("state", choices=("on", "off"))
     verbs.add_parser("down", parents=[common], help="stop everything the lab started")
@@ -99,6 +117,8 @@ def _print_status(state: dict[str, Any]) -> None:
     print(f"lab {state['run_dir']}  backend={state['options']['backend']}  front={state['front']}")
     if state.get("haproxy"):
         print(f"haproxy stats: {state['haproxy']['stats_url']}")
+    if state.get("prometheus"):
+        print(f"prometheus: {state['prometheus']['url']}")
     database = state.get("database") or {}
     print(f"database: {database.get('primary')}")
     for replica in database.get("replicas", []):
@@ -153,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                     retries=not args.no_retries,
                     observe=not args.no_observe,
                     pinning=args.pinning == "on",
+                    prometheus=args.prometheus,
+                    max_nodes=args.max_nodes,
                 )
             )
             _print_status(lab.status())
@@ -178,6 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "restart":
             node = lab.restart(args.node)
             print(f"{args.node}: running again, pid {node['pid']}")
+        elif args.verb == "scale":
+            changed = lab.scale(args.count)
+            print(
+                f"scaled to {args.count} nodes: added {', '.join(changed['added']) or 'none'}, "
+                f"removed {', '.join(changed['removed']) or 'none'}"
+            )
+        elif args.verb == "kill-primary":
+            failover = lab.kill_primary()
+            print(
+                f"killed postgres of {failover['old']} (pid {failover['pid']}); "
+                f"{failover['new']} leads after {failover['seconds']:.1f} s"
+            )
         elif args.verb == "pinning":
             lab.set_pinning(args.state == "on")
             print(f"pinning {args.state}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deploy.lab import anycast, cgroups, haproxy, netns, procs
+from deploy.lab import prometheus as prom
 from deploy.lab.postgres import PostgresCluster, free_port
 
 if TYPE_CHECKING:
@@ -55,6 +56,11 @@ class LabOptions:
     node_env: dict[str, str] = field(default_factory=dict)
     # Anycast front: the router keeps each flow on the node it started on.
     pinning: bool = True
+    # A Prometheus scraping every node and the front (haproxy front only).
+    prometheus: bool = False
+    # The most nodes `scale` may grow to: each planned node's bus port is
+    # known from the start, so every node names every possible peer.
+    max_nodes: int | None = None
 
 
 def _http_status(url: str, timeout_s: float = 1.0) -> int | None:
@@ -138,6 +144,9 @@ class Lab:
             pid = member.get("pid")
             if pid and procs.is_ours(pid, str(member.get("data_dir", "-"))):
                 live.append(f"postgres {member['name']} (pid {pid})")
+        metrics = state.get("prometheus") or {}
+        if procs.is_ours(metrics.get("pid"), metrics.get("config", "-")):
+            live.append(f"prometheus (pid {metrics['pid']})")
         live += [
             f"exabgp {n['id']} (pid {n['sidecar']['pid']})"
             for n in state.get("nodes", [])
@@ -174,6 +183,17 @@ class Lab:
                 raise LabError(str(exc)) from None
             if options.backend != "sqlite":
                 raise LabError("--front anycast runs on --backend sqlite for now")
+        max_nodes = max(options.nodes, options.max_nodes or 0)
+        if options.prometheus:
+            if options.front != "haproxy":
+                raise LabError(
+                    "--prometheus needs --front haproxy for now: the anycast nodes live in "
+                    "namespaces Prometheus on the host cannot reach"
+                )
+            try:
+                prom.find_prometheus()
+            except prom.PrometheusError as exc:
+                raise LabError(str(exc)) from None
         self._prepare_run_dir()
         state: dict[str, Any] = {
             "lab_id": secrets.token_hex(4),
@@ -188,6 +208,11 @@ class Lab:
                 "retries": options.retries,
                 "observe": options.observe,
                 "pinning": options.pinning if options.front == "anycast" else None,
+                "drain_delay_s": options.drain_delay_s,
+                "shutdown_timeout_s": options.shutdown_timeout_s,
+                "max_nodes": max_nodes,
+                "prometheus": options.prometheus,
+                "node_env": options.node_env,
             },
             "front": None,
             "nodes": [],
@@ -209,7 +234,9 @@ class Lab:
                 # Each node in its own namespace: the same port everywhere.
                 bus_ports = dict.fromkeys(node_ids, anycast.BUS_PORT)
             else:
-                bus_ports = {node_id: free_port() for node_id in node_ids}
+                planned = [f"n{i}" for i in range(1, max_nodes + 1)]
+                bus_ports = {node_id: free_port() for node_id in planned}
+                state["bus_ports"] = bus_ports
             for node_id in node_ids:
                 state["nodes"].append(self._new_node(state, node_id, options, bus_ports))
                 self._save(state)
@@ -220,6 +247,9 @@ class Lab:
             if options.front == "haproxy":
                 state["haproxy"] = self._start_haproxy(state, options)
                 state["front"] = state["haproxy"]["front_url"]
+            if options.prometheus:
+                self._save(state)
+                state["prometheus"] = self._start_prometheus(state)
             if options.front == "anycast":
                 self._start_sidecars(state, options)
                 state["front"] = f"http://{anycast.VIP}:{anycast.SERVICE_PORT}"
@@ -451,7 +481,7 @@ class Lab:
             return None
 
     def _start_haproxy(self, state: dict[str, Any], options: LabOptions) -> dict[str, Any]:
-        front_port, stats_port = free_port(), free_port()
+        front_port, stats_port, metrics_port = free_port(), free_port(), free_port()
         servers = [
             haproxy.Server(n["id"], n["host"], n["port"], n["agent_port"]) for n in state["nodes"]
         ]
@@ -460,6 +490,7 @@ class Lab:
             servers,
             front_port=front_port,
             stats_port=stats_port,
+            metrics_port=metrics_port,
             retries=options.retries,
             observe=options.observe,
             rate_limit_per_10s=options.rate_limit_per_10s,
@@ -471,12 +502,127 @@ class Lab:
             "socket": str(self.run_dir / "haproxy.sock"),
             "front_url": f"http://127.0.0.1:{front_port}",
             "stats_url": f"http://127.0.0.1:{stats_port}/stats",
+            "metrics": ["127.0.0.1", metrics_port],
             "retries": options.retries,
             "observe": options.observe,
             "rate_limit_per_10s": options.rate_limit_per_10s,
         }
         haproxy.wait_servers(Path(info["socket"]), [s.name for s in servers], "UP", timeout_s=20)
         return info
+
+    def _write_prometheus_targets(self, state: dict[str, Any]) -> None:
+        proxy = state.get("haproxy") or {}
+        front = proxy.get("metrics")
+        prom.write_targets(
+            self.run_dir,
+            [prom.Target(n["id"], n["host"], n["port"]) for n in state["nodes"]],
+            (front[0], int(front[1])) if front else None,
+        )
+
+    def _start_prometheus(self, state: dict[str, Any]) -> dict[str, Any]:
+        self._write_prometheus_targets(state)
+        prom.write_config(self.run_dir)
+        try:
+            server = prom.start(self.run_dir, port=free_port())
+        except prom.PrometheusError as exc:
+            raise LabError(str(exc)) from None
+        return {"pid": server.pid, "port": server.port, "config": str(server.config),
+                "url": server.url}  # fmt: skip
+
+    def prometheus(self, state: dict[str, Any] | None = None) -> prom.Prometheus:
+        """The lab's running Prometheus, to query."""
+        info = (state or self.load()).get("prometheus")
+        if not info or not procs.is_ours(info["pid"], info["config"]):
+            raise LabError("this lab has no running Prometheus (start it with `up --prometheus`)")
+        return prom.Prometheus(info["pid"], info["port"], Path(info["config"]))
+
+    # -- scale -----------------------------------------------------------------
+
+    def scale(self, count: int, timeout_s: float = 60) -> dict[str, list[str]]:
+        """Grow or shrink the fleet to `count` nodes while it serves.
+
+        New nodes start, become ready, and only then join HAProxy's backend
+        and Prometheus's targets; leaving nodes are drained first (out of
+        HAProxy's rotation, in-flight requests finished), then removed from both.
+        """
+        state = self.load()
+        if not state.get("haproxy"):
+            raise LabError("scale needs a lab with --front haproxy for now")
+        planned = list(state.get("bus_ports") or {})
+        if not 1 <= count <= len(planned):
+            raise LabError(
+                f"scale to between 1 and {len(planned)} nodes (the lab was started with "
+                f"--max-nodes {len(planned)})"
+            )
+        proxy = state["haproxy"]
+        socket_path, config = Path(proxy["socket"]), Path(proxy["config"])
+        current = [n["id"] for n in state["nodes"]]
+        added = [n for n in planned if n not in current][: max(0, count - len(current))]
+        removed = current[count:]
+        options = self._options(state)
+        for node_id in added:
+            node = self._new_node(state, node_id, options, state["bus_ports"])
+            state["nodes"].append(node)
+            self._save(state)
+        deadline = time.monotonic() + timeout_s
+        for node in state["nodes"]:
+            if node["id"] in added:
+                self._wait_node(state, node, deadline)
+                if node["cgroup"]:
+                    cgroups.CpuGroup(Path(node["cgroup"])).cap(options.cpu)
+                haproxy.add_server(
+                    socket_path,
+                    config,
+                    haproxy.Server(node["id"], node["host"], node["port"], node["agent_port"]),
+                )
+        if added:
+            haproxy.wait_servers(socket_path, added, "UP", timeout_s=20)
+        for node_id in removed:
+            self.drain(node_id, timeout_s=timeout_s)
+            haproxy.remove_server(socket_path, node_id)
+            node = self.node(state, node_id)
+            if node.get("cgroup"):
+                with contextlib.suppress(OSError):
+                    cgroups.CpuGroup(Path(node["cgroup"])).remove()
+            state["nodes"] = [n for n in state["nodes"] if n["id"] != node_id]
+            self._save(state)
+        if state.get("prometheus"):
+            self._write_prometheus_targets(state)
+        self._save(state)
+        return {"added": added, "removed": removed}
+
+    def _options(self, state: dict[str, Any]) -> LabOptions:
+        """The options a node is started with, as `up` was given them."""
+        saved = state["options"]
+        return LabOptions(
+            nodes=saved["nodes"],
+            backend=saved["backend"],
+            front=saved["front"],
+            cpu=saved.get("cpu"),
+            drain_delay_s=float(saved.get("drain_delay_s", 2.0)),
+            shutdown_timeout_s=float(saved.get("shutdown_timeout_s", 10.0)),
+            node_env=dict(saved.get("node_env") or {}),
+        )
+
+    # -- the database primary (patroni) ----------------------------------------
+
+    def kill_primary(self, timeout_s: float = 30) -> dict[str, Any]:
+        """SIGKILL the PostgreSQL of Patroni's leader; return the old and the new leader."""
+        state = self.load()
+        database = state.get("database") or {}
+        if database.get("kind") != "patroni":
+            raise LabError("kill-primary needs a lab with --backend patroni")
+        from deploy.lab.patroni import PatroniCluster, PatroniError
+
+        cluster = PatroniCluster.from_json(database)
+        try:
+            old = cluster.leader()
+            started = time.monotonic()
+            pid = cluster.kill_postgres(old)
+            new = cluster.wait_for_new_leader(old, timeout_s=timeout_s)
+        except PatroniError as exc:
+            raise LabError(str(exc)) from None
+        return {"old": old, "new": new, "pid": pid, "seconds": time.monotonic() - started}
 
     # -- verbs on nodes --------------------------------------------------------
 
@@ -557,6 +703,10 @@ class Lab:
         except (LabError, ValueError):
             return []
         stopped = []
+        metrics = state.get("prometheus") or {}
+        if procs.is_ours(metrics.get("pid"), metrics.get("config", "-")):
+            procs.stop(metrics["pid"], metrics["config"], timeout_s=5)
+            stopped.append("prometheus")
         proxy = state.get("haproxy") or {}
         if proxy.get("pid") and procs.is_ours(proxy["pid"], proxy["config"]):
             procs.stop(proxy["pid"], proxy["config"], timeout_s=5)
@@ -656,6 +806,7 @@ class Lab:
             state["router"] = self._router_view(state)
         state.pop("cursor_secret", None)
         state.pop("admin_token", None)
+        state["options"].pop("node_env", None)
         for node in state["nodes"]:
             node.pop("env", None)
         return state

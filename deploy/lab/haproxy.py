@@ -61,6 +61,7 @@ def write_config(
     *,
     front_port: int,
     stats_port: int,
+    metrics_port: int,
     front_host: str = "127.0.0.1",
     retries: bool = True,
     observe: bool = True,
@@ -73,6 +74,7 @@ def write_config(
         front_host=front_host,
         front_port=front_port,
         stats_port=stats_port,
+        metrics_port=metrics_port,
         balance=balance,
         rate_limit_per_10s=rate_limit_per_10s,
         servers=server_lines(servers),
@@ -164,3 +166,54 @@ def wait_servers(socket_path: Path, names: list[str], status: str, timeout_s: fl
             return
         time.sleep(0.1)
     raise HAProxyError(f"servers not {status} after {timeout_s:.0f} s: {seen}")
+
+
+def _default_server_options(config: Path) -> str:
+    """The `default-server` options of the rendered config, as one server line's tail.
+
+    A server added at run time inherits none of them (HAProxy applies
+    `default-server` when it reads the file), so `add_server` spells them out:
+    an added node is checked, observed and weighted exactly like the first ones.
+    """
+    options = [
+        line.split(None, 1)[1]
+        for line in config.read_text().splitlines()
+        if line.strip().startswith("default-server ")
+    ]
+    return " ".join(options)
+
+
+def _admin_ok(socket_path: Path, command: str) -> str:
+    answer = admin(socket_path, command).strip()
+    if answer and not answer.startswith("New server registered") and "deleted" not in answer:
+        raise HAProxyError(f"haproxy refused {command!r}: {answer}")
+    return answer
+
+
+def add_server(socket_path: Path, config: Path, server: Server) -> None:
+    """Put a new server into the running `nodes` backend (runtime API, no reload)."""
+    name = f"nodes/{server.name}"
+    line = f"add server {name} {server.host}:{server.port} {_default_server_options(config)}"
+    line += " check weight 100"
+    if server.agent_port:
+        line += f" agent-check agent-port {server.agent_port}"
+    _admin_ok(socket_path, line)
+    # An added server starts in maintenance with its checks off.
+    if server.agent_port:
+        _admin_ok(socket_path, f"enable agent {name}")
+    _admin_ok(socket_path, f"enable health {name}")
+    _admin_ok(socket_path, f"enable server {name}")
+
+
+def remove_server(socket_path: Path, name: str, timeout_s: float = 10.0) -> None:
+    """Take a server out of the running backend for good: maintenance, then delete
+    once its last connection has closed (bounded)."""
+    _admin_ok(socket_path, f"disable server nodes/{name}")
+    deadline = time.monotonic() + timeout_s
+    answer = ""
+    while time.monotonic() < deadline:
+        answer = admin(socket_path, f"del server nodes/{name}").strip()
+        if "deleted" in answer.lower():
+            return
+        time.sleep(0.1)
+    raise HAProxyError(f"haproxy kept server {name} for {timeout_s:.0f} s: {answer}")

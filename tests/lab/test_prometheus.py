@@ -8,14 +8,17 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from deploy.lab import prometheus
+from deploy.lab.cluster import Lab, LabOptions
 from deploy.lab.node import Node
 from deploy.lab.postgres import free_port
+from tests.conftest import scratch_dir
 from tests.support import require, wait_until
 
 DASHBOARD = prometheus.DEPLOY_DIR / "grafana" / "cattle-fleet.json"
@@ -149,3 +152,62 @@ def test_prometheus_scrapes_every_node_and_the_rules_follow_them(
         assert gone is not None, server.values('up{job="cattle"}')
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus_lab() -> Iterator[Lab]:
+    """`up --prometheus`: 2 nodes behind HAProxy (room for a third), Prometheus over them."""
+    require(shutil.which("prometheus") is not None, "prometheus is not installed")
+    require(shutil.which("haproxy") is not None or Path("/usr/sbin/haproxy").exists(),
+            "haproxy is not installed")  # fmt: skip
+    base = scratch_dir("cattle-prom-lab-")
+    lab = Lab(base / "run")
+    try:
+        lab.up(LabOptions(nodes=2, max_nodes=3, prometheus=True))
+        yield lab
+    finally:
+        state = lab.load() if lab.state_path.exists() else None
+        lab.down()
+        if state is not None:
+            assert lab.live_processes(state) == []
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _get(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (the lab's loopback)
+        return int(response.status)
+
+
+@pytest.mark.cluster
+def test_the_lab_prometheus_sees_every_node_and_the_front_and_follows_scale(
+    prometheus_lab: Lab,
+) -> None:
+    lab = prometheus_lab
+    state = lab.load()
+    server = lab.prometheus(state)
+    assert "prometheus" in lab.status() and state["prometheus"]["url"] == server.url
+    front = state["front"]
+
+    def every_node_serves() -> bool:
+        for _ in range(40):
+            assert _get(f"{front}/v1/notes?limit=1") == 200
+        rates = server.values("node:http_requests:rate15s")
+        return set(rates) == {"n1", "n2"} and all(r > 0 for r in rates.values())
+
+    seen = wait_until(every_node_serves, timeout_s=30, interval_s=0.5)
+    assert seen is not None, server.values("node:http_requests:rate15s")
+    # HAProxy's own exporter is scraped too: its view of each server.
+    states = {
+        s["metric"].get("server"): float(s["value"][1])
+        for s in server.query('haproxy_server_status{job="haproxy",proxy="nodes",state="UP"}')
+    }
+    assert states == {"n1": 1.0, "n2": 1.0}, states
+
+    # A node added live is in HAProxy's backend and Prometheus's targets.
+    assert lab.scale(3) == {"added": ["n3"], "removed": []}
+    third = wait_until(
+        lambda: server.values('up{job="cattle"}').get("n3") == 1.0, timeout_s=20, interval_s=0.5
+    )
+    assert third is not None, server.values('up{job="cattle"}')
+    assert lab.scale(2) == {"added": [], "removed": ["n3"]}
+    assert [n["id"] for n in lab.load()["nodes"]] == ["n1", "n2"]
