@@ -1,14 +1,14 @@
-"""The cache for routes: `CachedReadsDep` reads a resource by id through the node's cache.
+"""The cache for routes: `reads(request)` reads a resource by id through the node's cache.
 
 A route declares its read as a `RowRead` (service/db/direct.py) and hands
-`reads.get(key, read, values, represent)` the values of its parameters and
-a function that turns the row into a `Representation`; it answers with
-`representation.response(...)`. ETag, 304 on a matching If-None-Match and
-X-Read-Source are the same whether the database or the cache served it,
-and with CATTLE_CACHE=off the same code reads the database every time. A
-route that changes a resource declares `invalidations: InvalidationsDep`
-and calls `invalidations.wrote(session, key)` after its write block,
-before it answers.
+`reads(request).get(key, read, values, represent)` the values of its
+parameters and a function that turns the row into a `Representation`; it
+answers with `representation.response(...)`. ETag, 304 on a matching
+If-None-Match and X-Read-Source are the same whether the database or the
+cache served it, and with CATTLE_CACHE=off the same code reads the database
+every time. A route that changes a resource declares `invalidations:
+InvalidationsDep` and calls `invalidations.wrote(session, key)` after its
+write block, before it answers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from service.cache.store import ReadCache
 from service.db import consistency
 from service.db.direct import RowRead
 from service.db.engines import Database, consistency_token
-from service.deps import ConsistencyTokenHeader, decode_token
+from service.deps import CONSISTENCY_TOKEN_PARAMETER, decode_token
 
 # X-Read-Source of a response the node's cache served.
 SOURCE = "cache"
@@ -108,15 +108,27 @@ class Invalidations:
         self.cache.wrote(keys, None if token is None else consistency.decode(token))
 
 
-async def cached_reads(request: Request, token: ConsistencyTokenHeader = None) -> CachedReads:
-    # One dependency, not three (database, token, cache): FastAPI's cost per
-    # request grows with every dependency it resolves, and this is the hot read.
+def reads(request: Request) -> CachedReads:
+    """This request's reads by id: the node's database and cache, and the
+    position its Consistency-Token asks for (400 if malformed).
+
+    A plain call, not a dependency, and the header read by hand: FastAPI's
+    cost per request grows with every dependency and header parameter it
+    resolves, and this is the hot read (docs/results/route-cost.md). A route
+    that calls it declares the header with `openapi_extra=READS_OPENAPI`.
+    """
+    token = request.headers.get(consistency.HEADER)
     return CachedReads(node.database(request), node.cache(request), decode_token(token))
+
+
+# What a route calling `reads` adds to its OpenAPI operation (the
+# Consistency-Token request header it reads); a route with parameters of
+# its own read by hand appends theirs.
+READS_OPENAPI: dict[str, Any] = {"parameters": [CONSISTENCY_TOKEN_PARAMETER]}
 
 
 async def invalidations(request: Request) -> Invalidations:
     return Invalidations(node.cache(request))
 
 
-CachedReadsDep = Annotated[CachedReads, Depends(cached_reads)]
 InvalidationsDep = Annotated[Invalidations, Depends(invalidations)]

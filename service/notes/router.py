@@ -13,7 +13,14 @@ from service import conditional
 from service.cache import http as cache
 from service.db import consistency
 from service.db.engines import consistency_token
-from service.deps import DatabaseDep, JSONRoute, MinLsnDep, SettingsDep, require_json
+from service.deps import (
+    DatabaseDep,
+    JSONRoute,
+    MinLsnDep,
+    SettingsDep,
+    header_parameter,
+    require_json,
+)
 from service.idempotency import http as idempotency
 from service.notes import service
 from service.notes.models import Note
@@ -70,6 +77,21 @@ def _etag_list(description: str) -> Any:
         description=description,
         json_schema_extra={"type": "string", "pattern": conditional.LIST_PATTERN},
     )
+
+
+# The hot read takes only the Request from FastAPI and its headers by hand
+# (see cache.reads and deps.header_parameter).
+_IF_NONE_MATCH = "if-none-match"
+_GET_NOTE_OPENAPI = {
+    "parameters": [
+        header_parameter(
+            _IF_NONE_MATCH,
+            "An ETag you hold: 304 when the note still has it",
+            conditional.LIST_PATTERN,
+        ),
+        *cache.READS_OPENAPI["parameters"],
+    ]
+}
 
 
 def _not_found(note_id: uuid.UUID, headers: dict[str, str] | None = None) -> Problem:
@@ -154,24 +176,19 @@ async def create_note(
         },
         **problem_responses(400, 404, 422, *_BY_ANY),
     },
+    openapi_extra=_GET_NOTE_OPENAPI,
 )
-async def get_note(
-    note_id: uuid.UUID,
-    reads: cache.CachedReadsDep,
-    if_none_match: Annotated[
-        str | None, _etag_list("An ETag you hold: 304 when the note still has it")
-    ] = None,
-) -> Response:
+async def get_note(note_id: uuid.UUID, request: Request) -> Response:
     """Read a note. Send its ETag in `If-None-Match` to get 304 when unchanged,
     and a write's `Consistency-Token` to be sure to see that write."""
 
     # A missing note is not cached: ids are the server's, so a miss is a deleted note or a guess.
-    found, source = await reads.get(
+    found, source = await cache.reads(request).get(
         _cache_key(note_id), service.NOTE_BY_ID, {"id": note_id}, _representation
     )
     if found is None:
         raise _not_found(note_id, consistency.headers(source=source))
-    return found.response(source=source, if_none_match=if_none_match)
+    return found.response(source=source, if_none_match=request.headers.get(_IF_NONE_MATCH))
 
 
 @router.head("", include_in_schema=False)

@@ -23,6 +23,7 @@ from loadtests import report as reports
 from loadtests.benchmarks import asgi_node
 from loadtests.benchmarks import efficiency as bench_efficiency
 from loadtests.benchmarks import otel_cost as bench_otel_cost
+from loadtests.benchmarks import route_cost as bench_route_cost
 from loadtests.benchmarks import telemetry as bench_telemetry
 from service.app import create_app
 from service.config import Settings
@@ -249,3 +250,18 @@ def test_the_otel_cost_benchmark_writes_a_complete_report(tmp_path: Path) -> Non
     assert summary["record"]["us_per_call_median"] < summary["read"]["us_per_call_median"]
     assert report["metrics_floor"]["us_median"] > 0
     assert out.with_suffix(".md").read_text().startswith("# What the OpenTelemetry SDK")
+
+
+def test_the_route_cost_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
+    out = tmp_path / "route-cost"
+    argv = ["--rounds", "2", "--calls", "20", "--no-lock", "--out", str(out)]
+    assert bench_route_cost.main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert reports.problems(report) == []
+    assert set(report["summary"]) == {"path-only", "params", "dependency", "by-hand"}
+    for name, row in report["summary"].items():
+        assert len(report["rounds"][name]) == 2, name
+        assert row["us_per_request_median"] > 0, name
+    assert len(report["saved_by_hand"]["us_range"]) == 2
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert out.with_suffix(".md").read_text().startswith("# What FastAPI's parameters")
