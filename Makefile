@@ -12,8 +12,10 @@ SHELL := /bin/bash
 # its own network namespace; Debian's bird.service (host namespace,
 # /etc/bird, /run/bird) is neither used nor touched. The image tests
 # (tests/ship/) build the Dockerfile with buildah over a Debian base made
-# by debootstrap: no Docker engine and no registry needed.
-SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk bird2 exabgp nftables curl buildah debootstrap prometheus
+# by debootstrap: no Docker engine and no registry needed. The workshop's
+# tests drive `make demo` in a real terminal (tmux) and photograph
+# Prometheus's graph page (headless chromium).
+SYSTEM_PACKAGES := postgresql patroni etcd-server haproxy wrk bird2 exabgp nftables curl buildah debootstrap prometheus tmux chromium
 
 export UV_PYTHON_DOWNLOADS := never
 # Compile the dependencies' bytecode when installing them. Where
@@ -28,7 +30,7 @@ endif
 PY := .venv/bin/python
 VENV_STAMP := .venv/.synced
 
-.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down bench-telemetry bench-efficiency failover scaleout nodeloss nodeloss-anycast lab-anycast hardening-report image fork fork-update
+.PHONY: help run test test-fast lint fmt sysdeps venv clean lab lab-down demo bench-telemetry bench-efficiency failover scaleout nodeloss nodeloss-anycast lab-anycast hardening-report image fork fork-update
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -108,6 +110,10 @@ lab: sysdeps $(VENV_STAMP) ## a local cluster: 3 nodes, PostgreSQL + 1 replica, 
 
 lab-down: $(VENV_STAMP) ## stop the local cluster
 	$(PY) -m deploy.lab down
+
+FRONT ?= haproxy
+demo: sysdeps $(VENV_STAMP) ## the workshop: 3 nodes under steady load, Prometheus, live view [FRONT=anycast]; Ctrl+C ends it
+	$(PY) -m deploy.lab.demo --front $(FRONT)
 
 bench-telemetry: sysdeps $(VENV_STAMP) ## telemetry overhead benchmark -> docs/results/telemetry-overhead.*
 	$(PY) -m loadtests.benchmarks.telemetry --together --rounds 8

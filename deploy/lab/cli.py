@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deploy.lab import drills
 from deploy.lab.cluster import BACKENDS, DEFAULT_RUN_DIR, FRONTS, Lab, LabError, LabOptions
 from deploy.lab.postgres import PostgresError, PostgresNotInstalled
 
@@ -157,6 +158,32 @@ def _print_status(state: dict[str, Any]) -> None:
         )
 
 
+def _drain(lab: Lab, node: str) -> str:
+    lab.drain(node)
+    return "drained and stopped"
+
+
+def _kill(lab: Lab, node: str, machine: bool) -> str:
+    lab.kill(node, machine=machine)
+    return f"killed (SIGKILL){' with its namespace' if machine else ''}"
+
+
+def _scale(lab: Lab, count: int) -> str:
+    changed = lab.scale(count)
+    return (
+        f"{count} nodes: added {', '.join(changed['added']) or 'none'}, "
+        f"removed {', '.join(changed['removed']) or 'none'}"
+    )
+
+
+def _kill_primary(lab: Lab) -> str:
+    failover = lab.kill_primary()
+    return (
+        f"killed postgres of {failover['old']} (pid {failover['pid']}); "
+        f"{failover['new']} leads after {failover['seconds']:.1f} s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     lab = Lab(args.run_dir)
@@ -188,30 +215,27 @@ def main(argv: list[str] | None = None) -> int:
             from deploy.lab.watch import watch
 
             watch(lab, interval_s=args.interval, count=args.count)
+        elif args.verb == "drain" and args.keep:
+            lab.drain(args.node, keep=True)
+            print(f"{args.node}: drain file created")
         elif args.verb == "drain":
-            lab.drain(args.node, keep=args.keep)
-            print(f"{args.node}: {'drain file created' if args.keep else 'drained and stopped'}")
+            drills.run(lab, "drain", args.node, lambda: _drain(lab, args.node))
         elif args.verb == "undrain":
             lab.undrain(args.node)
             print(f"{args.node}: drain file removed")
         elif args.verb == "kill":
-            lab.kill(args.node, machine=args.machine)
-            print(f"{args.node}: killed (SIGKILL){' with its namespace' if args.machine else ''}")
+            drills.run(lab, "kill", args.node, lambda: _kill(lab, args.node, args.machine))
         elif args.verb == "restart":
-            node = lab.restart(args.node)
-            print(f"{args.node}: running again, pid {node['pid']}")
+            drills.run(
+                lab,
+                "restart",
+                args.node,
+                lambda: f"running again, pid {lab.restart(args.node)['pid']}",
+            )
         elif args.verb == "scale":
-            changed = lab.scale(args.count)
-            print(
-                f"scaled to {args.count} nodes: added {', '.join(changed['added']) or 'none'}, "
-                f"removed {', '.join(changed['removed']) or 'none'}"
-            )
+            drills.run(lab, "scale", str(args.count), lambda: _scale(lab, args.count))
         elif args.verb == "kill-primary":
-            failover = lab.kill_primary()
-            print(
-                f"killed postgres of {failover['old']} (pid {failover['pid']}); "
-                f"{failover['new']} leads after {failover['seconds']:.1f} s"
-            )
+            drills.run(lab, "kill-primary", None, lambda: _kill_primary(lab))
         elif args.verb == "pinning":
             lab.set_pinning(args.state == "on")
             print(f"pinning {args.state}")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,7 +160,11 @@ class Lab:
 
     # -- up ------------------------------------------------------------------
 
-    def up(self, options: LabOptions) -> dict[str, Any]:
+    def up(
+        self, options: LabOptions, *, progress: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
+        """Start the lab; `progress` is told each step as it begins (for a progress bar)."""
+        step = progress or (lambda _what: None)
         if options.backend not in BACKENDS:
             raise LabError(f"--backend {options.backend!r}: choose one of {', '.join(BACKENDS)}")
         if options.nodes < 1:
@@ -223,8 +228,10 @@ class Lab:
         }
         self._save(state)
         try:
+            step(f"database ({options.backend})")
             state["database"] = self._start_database(options)
             self._save(state)
+            step("migrations")
             self._migrate(state)
             # Fixed bus ports, known before any node starts: each node's
             # CATTLE_BUS_PEERS names all the others.
@@ -237,17 +244,21 @@ class Lab:
                 planned = [f"n{i}" for i in range(1, max_nodes + 1)]
                 bus_ports = {node_id: free_port() for node_id in planned}
                 state["bus_ports"] = bus_ports
+            step(f"starting {len(node_ids)} nodes")
             for node_id in node_ids:
                 state["nodes"].append(self._new_node(state, node_id, options, bus_ports))
                 self._save(state)
+            step("nodes getting ready")
             self._wait_nodes(state)
             for node in state["nodes"]:
                 if node["cgroup"]:
                     cgroups.CpuGroup(Path(node["cgroup"])).cap(options.cpu)
+            step(f"front ({options.front})")
             if options.front == "haproxy":
                 state["haproxy"] = self._start_haproxy(state, options)
                 state["front"] = state["haproxy"]["front_url"]
             if options.prometheus:
+                step("prometheus")
                 self._save(state)
                 state["prometheus"] = self._start_prometheus(state)
             if options.front == "anycast":
