@@ -113,7 +113,7 @@ lab-down: $(VENV_STAMP) ## stop the local cluster
 
 FRONT ?= haproxy
 demo: sysdeps $(VENV_STAMP) ## the workshop: 3 nodes under steady load, Prometheus, live view [FRONT=anycast]; Ctrl+C ends it
-	$(PY) -m deploy.lab.demo --front $(FRONT)
+	$(PY) -m deploy.lab.demo --front $(FRONT) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
 
 bench-telemetry: sysdeps $(VENV_STAMP) ## telemetry overhead benchmark -> docs/results/telemetry-overhead.*
 	$(PY) -m loadtests.benchmarks.telemetry --together --rounds 8
