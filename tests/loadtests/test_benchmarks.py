@@ -258,10 +258,13 @@ def test_the_route_cost_benchmark_writes_a_complete_report(tmp_path: Path) -> No
     assert bench_route_cost.main(argv) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert reports.problems(report) == []
-    assert set(report["summary"]) == {"path-only", "params", "dependency", "by-hand"}
+    assert set(report["summary"]) == {
+        "path-only", "params", "dependency", "by-hand", "probes-first", "domain-first",
+    }  # fmt: skip
     for name, row in report["summary"].items():
         assert len(report["rounds"][name]) == 2, name
         assert row["us_per_request_median"] > 0, name
     assert len(report["saved_by_hand"]["us_range"]) == 2
+    assert len(report["saved_domain_first"]["us_range"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
     assert out.with_suffix(".md").read_text().startswith("# What FastAPI's parameters")
