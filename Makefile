@@ -119,7 +119,7 @@ bench-telemetry: sysdeps $(VENV_STAMP) ## telemetry overhead benchmark -> docs/r
 	$(PY) -m loadtests.benchmarks.telemetry --together --rounds 8
 
 bench-efficiency: sysdeps $(VENV_STAMP) ## req/s per core: cattle vs bare FastAPI, Starlette, raw ASGI -> docs/results/efficiency.*
-	$(PY) -m loadtests.benchmarks.efficiency --rounds 5
+	$(PY) -m loadtests.benchmarks.efficiency --rounds 9
 
 failover: sysdeps $(VENV_STAMP) ## Patroni failover under write load -> docs/results/failover.*
 	$(PY) -m loadtests.experiments.failover
