@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         prometheus=args.front == "haproxy",
     )
     load_pid: int | None = None
-    # SIGTERM (a closed session, a test) ends the demo like Ctrl+C does.
+    # SIGTERM or SIGHUP (a closed terminal) ends the demo like Ctrl+C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
     code = 0
     try:
         state = _up(lab, options, console)
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl+C again while tearing down would leave processes: not until done.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         console.print()
         counts = _stop_load(load_pid, lab)
         with console.status("tearing the lab down"):

@@ -322,8 +322,10 @@ class Dashboard:
 
     def _events_table(self) -> Table:
         table = Table(title="events", title_justify="left", show_header=True, expand=False)
-        for name in ("time", "drill", "seen in this view", "done"):
-            table.add_column(name)
+        table.add_column("time")
+        table.add_column("drill", no_wrap=True)
+        table.add_column("seen in this view", no_wrap=True)
+        table.add_column("done", overflow="ellipsis", max_width=60)
         for event in self.log.events[-8:]:
             shown = "  ".join(f"{m} +{s:.1f}s" for m, s in event.shown.items()) or "-"
             if event.failed:
