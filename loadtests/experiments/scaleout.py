@@ -38,11 +38,13 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import service
 from deploy.lab.cluster import Lab, LabOptions
 from loadtests import report as reports
 from loadtests.harness import analysis, cgroupcpu, paired
@@ -85,6 +87,8 @@ class Plan:
     max_spread: float = 0.10
     # The USL is fitted on these N only; the largest N of `ns` checks it.
     fit_ns: tuple[int, ...] = (1, 2, 4)
+    # The nodes' read cache (service/cache/): off is the control for what it does.
+    cache: bool = True
 
 
 SMOKE = Plan(
@@ -111,7 +115,12 @@ def _median(values: list[float]) -> float | None:
 def measure(n: int, plan: Plan, run_dir: Path) -> Point:
     """One run: N nodes at saturation, steady-state figures, CPU used and validity checks."""
     lab = Lab(run_dir)
-    lab.up(LabOptions(nodes=n, backend=plan.backend, cpu=plan.cpu, drain_delay_s=0.5))
+    node_env = {} if plan.cache else {f"{service.ENV_PREFIX}CACHE": "off"}
+    lab.up(
+        LabOptions(
+            nodes=n, backend=plan.backend, cpu=plan.cpu, drain_delay_s=0.5, node_env=node_env
+        )
+    )
     readings: list[tuple[float, dict[str, float]]] = []
     sources: set[str] = set()
     try:
@@ -135,11 +144,40 @@ def measure(n: int, plan: Plan, run_dir: Path) -> Point:
             mix=plan.mix,
             on_sample=read_cgroups,
         )
+        cache = cache_counts([node["url"] for node in state["nodes"]])
     finally:
         lab.down()
     point = _point(n, plan, result)
     point.update(_cpu_used(result, plan, readings, sources))
+    point.update(cache)
     return point
+
+
+def cache_counts(urls: list[str]) -> dict[str, Any]:
+    """The nodes' read-cache hits and misses over the whole run (warm-up too), from /metrics."""
+    hits = misses = 0.0
+    for url in urls:
+        try:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:  # noqa: S310
+                text = response.read().decode()
+        except OSError:
+            return {"cache_hits": None, "cache_misses": None, "cache_hit_ratio": None}
+        hits += _counter(text, f"{service.NAME}_cache_hits_total")
+        misses += _counter(text, f"{service.NAME}_cache_misses_total")
+    reads = hits + misses
+    return {
+        "cache_hits": hits,
+        "cache_misses": misses,
+        "cache_hit_ratio": hits / reads if reads else None,
+    }
+
+
+def _counter(text: str, name: str) -> float:
+    """A counter's value in Prometheus text (0 when the node does not export it)."""
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _cpu_used(
@@ -344,6 +382,9 @@ def _row(
             [r["requests_per_cpu_s"] for r in runs if r.get("requests_per_cpu_s") is not None]
         ),
         "per_cpu_ratio_median": _median(per_cpu),
+        "cache_hit_ratio_median": _median(
+            [r["cache_hit_ratio"] for r in runs if r.get("cache_hit_ratio") is not None]
+        ),
         "p50_ms": _median([r["p50_ms"] for r in runs if r["p50_ms"] is not None]),
         "p99_ms": _median([r["p99_ms"] for r in runs if r["p99_ms"] is not None]),
         "loadgen_cpu_cores": max((r["loadgen_cpu_cores"] or 0 for r in runs), default=None),
@@ -480,7 +521,7 @@ def _f(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
     plan, fit = report["plan"], report.get("usl") or {}
     lines = [
         "# Scale-out: throughput against the number of nodes",
@@ -490,7 +531,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Each node is capped at **{plan['cpu']} core** (cgroup v1 `cpu`), behind HAProxy, "
         f"on the {plan['backend']} backend; locust drives the **{plan['mix']}** mix with "
         f"{plan['users_per_node']} closed-loop users per node. Throughput is counted over "
-        f"{plan['measure_s']:g} s after a {plan['warmup_s']:g} s warm-up.",
+        f"{plan['measure_s']:g} s after a {plan['warmup_s']:g} s warm-up. The nodes' read "
+        f"cache is **{'on' if plan.get('cache', True) else 'off'}**; its hit ratio is over "
+        "the whole run, warm-up included, summed over the nodes (/metrics).",
         "",
         "The machine drifts over minutes, so every N is compared with N=1 **within a pair**: "
         "the two runs back to back, N=1 first in odd pairs and last in even ones. "
@@ -504,9 +547,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| N | pairs (N=1: runs) | E(N) median | interval | width | spread "
         "| E(N) by order (N=1 first / last) | X(N) median req/s | req per node CPU-s "
-        "| p50 ms | p99 ms | load generator cores "
+        "| cache hit ratio | p50 ms | p99 ms | load generator cores "
         "| machine busy |",
-        "|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         interval = (
@@ -524,7 +567,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_f(r['efficiency_median'], '.3f')} | {interval} | "
             f"{_f(r['interval_width'], '.3f')} | "
             f"{_f(r['spread'], '.0%')} | {orders} | {_f(r['throughput_median'], '.0f')} | "
-            f"{_f(r['requests_per_cpu_s_median'], '.0f')} | {_f(r['p50_ms'], '.1f')} | "
+            f"{_f(r['requests_per_cpu_s_median'], '.0f')} | "
+            f"{_f(r.get('cache_hit_ratio_median'), '.1%')} | {_f(r['p50_ms'], '.1f')} | "
             f"{_f(r['p99_ms'], '.1f')} | {_f(r['loadgen_cpu_cores'], '.2f')} | "
             f"{_f(r['machine_busy'], '.0%')} |"
         )
@@ -567,7 +611,7 @@ def markdown(report: dict[str, Any]) -> str:
     elif fit:
         lines += [f"No USL fit: {fit['error']}.", ""]
     lines += [
-        "![scale-out](scaleout.png)",
+        f"![scale-out]({png})",
         "",
         "Validity: each run's nodes must be the bottleneck (every node throttled in at least "
         f"{NODE_MIN_THROTTLED:.0%} of CFS periods and using at least {NODE_MIN_SHARE:.0%} "
@@ -593,6 +637,16 @@ def run(plan: Plan, command: str, measure_one: Measure | None = None) -> dict[st
     return reports.stamped(command, summarize(pairs, plan, stopped))
 
 
+def _ns(text: str) -> tuple[int, ...]:
+    try:
+        ns = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give node counts like 1,2,4,8") from None
+    if not ns or ns[0] != 1 or any(n < 1 for n in ns) or len(set(ns)) != len(ns):
+        raise argparse.ArgumentTypeError(f"{text!r}: distinct counts, 1 first, e.g. 1,8")
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.experiments.scaleout",
@@ -608,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pairs", type=int, help="pairs per N at most")
     parser.add_argument("--max-minutes", type=float, help="no new pair after this long")
     parser.add_argument(
+        "--ns", type=_ns, help="node counts, comma-separated, 1 first (default 1,2,4,8)"
+    )
+    parser.add_argument("--cache", choices=("on", "off"), help="the nodes' read cache (default on)")
+    parser.add_argument(
         "--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json"
     )
     argv = sys.argv[1:] if argv is None else argv
@@ -618,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         "min_pairs": args.min_pairs,
         "max_pairs": args.max_pairs,
         "max_minutes": args.max_minutes,
+        "ns": args.ns,
+        "cache": None if args.cache is None else args.cache == "on",
     }
     plan = Plan(**(asdict(plan) | {k: v for k, v in changes.items() if v is not None}))
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:
@@ -628,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         render_only=args.render,
         measure=lambda: run(plan, command),
-        markdown=markdown,
+        markdown=lambda report: markdown(report, png=args.out.name + ".png"),
         plot=plot,
         lock=not args.smoke,  # a smoke run checks the code, not the machine
     )

@@ -57,6 +57,9 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
             assert run["node_cpu_s"] > 0
             assert run["requests_per_cpu_s"] > 0
             assert run["cpu_source"]
+            # The read mix reads by id: every node's cache counted hits or misses.
+            assert run["cache_hits"] + run["cache_misses"] > 0
+            assert 0 <= run["cache_hit_ratio"] <= 1
     n1, n2 = saved["rows"]
     assert n1["efficiency_median"] == pytest.approx(1.0)
     assert len(n1["throughput_runs"]) == 2
@@ -72,6 +75,20 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     assert "| N | pairs (N=1: runs) | E(N) median | interval |" in text
     assert "No USL fit" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_cache_counters_are_read_from_prometheus_text():
+    text = "\n".join(
+        [
+            "# TYPE cattle_cache_hits_total counter",
+            'cattle_cache_hits_total{service_name="x"} 30.0',
+            "cattle_cache_hits_created 1.7e9",
+            "cattle_cache_misses_total 10.0",
+        ]
+    )
+    assert scaleout._counter(text, "cattle_cache_hits_total") == 30.0
+    assert scaleout._counter(text, "cattle_cache_misses_total") == 10.0
+    assert scaleout._counter(text, "cattle_cache_refused_total") == 0.0
 
 
 def test_usl_fit_recovers_known_parameters():
