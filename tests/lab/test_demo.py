@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
+import re
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ import pytest
 from deploy.lab import procs
 from deploy.lab.cluster import REPO_ROOT, Lab
 from deploy.lab.demo import graph_url
+from deploy.lab.workshop import TmuxDemo as Demo
 from tests.conftest import scratch_dir
 from tests.support import require, wait_until
 
@@ -33,61 +33,6 @@ DRILL_PICTURE = REPO_ROOT / "docs" / "workshop-drill.png"
 # For the docs' picture, the graph needs history on both sides of the drill.
 WRITE_PICTURE = bool(os.environ.get("WORKSHOP_WRITE"))
 BEFORE_DRILL_S, AFTER_DRILL_S = (45.0, 25.0) if WRITE_PICTURE else (0.0, 0.0)
-
-
-@dataclass
-class Demo:
-    """`make demo` running in a detached tmux session on a private tmux server."""
-
-    run_dir: Path
-    socket: str = field(default_factory=lambda: f"cattle-demo-{secrets.token_hex(4)}")
-    session: str = "demo"
-    screens: list[str] = field(default_factory=list)
-
-    def tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=10
-        )
-
-    def start(self) -> None:
-        command = f"make demo RUN_DIR={self.run_dir}"
-        started = self.tmux(
-            "new-session", "-d", "-s", self.session, "-x", "180", "-y", "50", "-c",
-            str(REPO_ROOT), command, ";", "set-option", "remain-on-exit", "on",
-        )  # fmt: skip
-        assert started.returncode == 0, started.stderr
-
-    def screen(self) -> str:
-        text = self.tmux("capture-pane", "-p", "-t", self.session).stdout
-        self.screens.append(text)
-        return text
-
-    def rows(self) -> dict[str, list[str]]:
-        """The live view's node rows on screen now, by node id."""
-        rows = {}
-        for line in self.screen().splitlines():
-            cells = [c.strip() for c in line.strip().strip("│").split("│")]
-            if len(cells) >= 8 and cells[0].startswith("n") and cells[0][1:].isdigit():
-                rows[cells[0]] = cells
-        return rows
-
-    def load(self) -> dict[str, object]:
-        try:
-            counts: dict[str, object] = json.loads((self.run_dir / "load.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return counts
-
-    def pane_dead(self) -> bool:
-        panes = self.tmux("list-panes", "-t", self.session, "-F", "#{pane_dead}")
-        return panes.returncode != 0 or panes.stdout.strip() == "1"
-
-    def stop(self) -> None:
-        """Ctrl+C as a presenter would, then end the private tmux server (this test's only)."""
-        if not self.pane_dead():
-            self.tmux("send-keys", "-t", self.session, "C-c")
-            wait_until(self.pane_dead, timeout_s=60, interval_s=0.5)
-        self.tmux("kill-server")
 
 
 def _require_demo_parts() -> None:
@@ -107,13 +52,9 @@ def demo() -> Iterator[Demo]:
     lab = Lab(running.run_dir)
     try:
         running.start()
-        ready = wait_until(
-            lambda: (
-                [r[1] for r in running.rows().values()] == ["ready"] * 3
-                and int(str(running.load().get("requests", 0))) > 100
-            ),
+        ready = running.wait(
+            lambda: running.live() and int(running.load().get("requests", 0)) > 100,
             timeout_s=120,
-            interval_s=0.5,
         )
         assert ready is not None, running.screens[-1] if running.screens else "no screen"
         yield running
@@ -140,6 +81,7 @@ def test_a_drain_shows_draining_then_gone_with_no_failed_request(demo: Demo) -> 
     )
     assert drill.returncode == 0, drill.stderr
     assert "watch for:" in drill.stdout and "drained and stopped" in drill.stdout
+    DRILL["took_s"] = float(re.findall(r"done in ([\d.]+) s", drill.stdout)[0])
     seen: list[str] = []
 
     def n2_gone() -> bool:
@@ -160,6 +102,11 @@ def test_a_drain_shows_draining_then_gone_with_no_failed_request(demo: Demo) -> 
     # Not one request of the steady load failed, as the view and the load agree.
     assert "failed requests 0" in screen, screen
     assert demo.load()["failures"] == 0, demo.load()
+    DRILL["seen_after_s"] = {
+        name: float(s)
+        for name, s in re.findall(r"(draining|out of rotation|gone) \+([\d.]+)s", drain_row)
+    }
+    DRILL["view"] = screen
 
 
 def test_prometheus_graph_of_the_drill_is_a_picture(demo: Demo, tmp_path: Path) -> None:
@@ -187,6 +134,71 @@ def test_prometheus_graph_of_the_drill_is_a_picture(demo: Demo, tmp_path: Path) 
     assert colours is None or len(colours) > 50, f"{len(colours)} colours: blank?"
     if WRITE_PICTURE:
         shutil.copyfile(picture, DRILL_PICTURE)
+        prometheus = Lab(demo.run_dir).prometheus(state)
+        _write_drill_result(
+            demo,
+            before=prometheus.values(
+                f"node:http_requests:rate15s offset {AFTER_DRILL_S + 10:.0f}s"
+            ),
+            after=prometheus.values("node:http_requests:rate15s"),
+        )
+
+
+DRILL: dict[str, object] = {}  # what the drill test saw, for the result file
+
+
+def _write_drill_result(demo: Demo, *, before: dict[str, float], after: dict[str, float]) -> None:
+    from loadtests.harness.machine import describe
+
+    load = demo.load()
+    result = {
+        "date": time.strftime("%Y-%m-%dT%H:%M+00:00", time.gmtime()),
+        "machine": describe(),
+        "command": "WORKSHOP_WRITE=1 .venv/bin/python -m pytest tests/lab/test_demo.py",
+        "lab": "make demo: 3 nodes on SQLite behind HAProxy, Prometheus",
+        "load": {"users": load["users"], "rate_per_user": load["rate_per_user"],
+                 "requests": load["requests"], "failures": load["failures"]},
+        "drill": "drain n2",
+        "drill_took_s": DRILL["took_s"],
+        "seen_in_view_after_s": DRILL["seen_after_s"],
+        "rate_per_node_before": {k: round(v, 1) for k, v in sorted(before.items())},
+        "rate_per_node_after": {k: round(v, 1) for k, v in sorted(after.items())},
+        "picture": "docs/workshop-drill.png",
+    }  # fmt: skip
+    results = REPO_ROOT / "docs" / "results"
+    (results / "workshop-drill.json").write_text(json.dumps(result, indent=2) + "\n")
+    machine = result["machine"]
+    seen = ", ".join(f"{k} +{v:.1f} s" for k, v in DRILL["seen_after_s"].items())  # type: ignore[attr-defined]
+
+    def rates(by_node: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.1f}" for k, v in by_node.items())
+
+    lines = [
+        "# Workshop: a drain drill on `make demo`",
+        "",
+        f"Measured {result['date'].replace('T', ' ').replace('+00:00', ' UTC')} on "
+        f"{machine['cpu']} ({machine['cores']} cores), kernel {machine['kernel']}, "
+        f"Python {machine['python']}. Reproduce with `{result['command']}`.",
+        "",
+        f"{result['lab']}; steady load of {load['users']} locust users at "
+        f"{load['rate_per_user']:g} req/s each. Drill: `drain n2`.",
+        "",
+        f"- the drill command returned after {DRILL['took_s']:.1f} s (n2 had exited)",
+        f"- seen in the live view after: {seen}",
+        f"- requests of the load: {load['requests']}, failed: **{load['failures']}**",
+        f"- req/s per node before (Prometheus, node:http_requests:rate15s): "
+        f"{rates(result['rate_per_node_before'])}",
+        f"- req/s per node after: {rates(result['rate_per_node_after'])}",
+        "",
+        "The live view at that moment:",
+        "",
+        "```",
+        str(DRILL["view"]).rstrip(),
+        "```",
+        "",
+        "![Prometheus graph of the drill](../workshop-drill.png)",
+    ]
+    (results / "workshop-drill.md").write_text("\n".join(lines) + "\n")
 
 
 def test_ctrl_c_stops_the_load_and_tears_the_lab_down(demo: Demo) -> None:

@@ -1,0 +1,216 @@
+"""The workshop as a new user meets it: `make demo` in a real terminal, timed.
+
+`TmuxDemo` runs `make demo` in a detached tmux session on a private tmux
+server and reads the pane back as the room sees it (the workshop's tests
+drive it). `python -m deploy.lab.workshop` clones this repository afresh,
+runs `make demo` there twice (a fresh clone: the environment is built first;
+then again, as a presenter's second run) and writes how long each took to
+show the live view, and how long Ctrl+C took to leave nothing running, to
+docs/results/workshop-times.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploy.lab.cluster import REPO_ROOT, Lab
+
+RESULTS = REPO_ROOT / "docs" / "results"
+NODE_ROW = re.compile(r"^n\d+$")
+
+
+@dataclass
+class TmuxDemo:
+    """`make demo RUN_DIR=...` in a detached tmux session of its own tmux server."""
+
+    run_dir: Path
+    repo: Path = REPO_ROOT
+    socket: str = field(default_factory=lambda: f"cattle-demo-{secrets.token_hex(4)}")
+    session: str = "demo"
+    screens: list[str] = field(default_factory=list)
+
+    def tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+
+    def start(self, make_args: str = "") -> None:
+        command = f"make demo RUN_DIR={self.run_dir} {make_args}".strip()
+        started = self.tmux(
+            "new-session", "-d", "-s", self.session, "-x", "180", "-y", "50", "-c",
+            str(self.repo), command, ";", "set-option", "remain-on-exit", "on",
+        )  # fmt: skip
+        if started.returncode != 0:
+            raise RuntimeError(f"tmux did not start the demo: {started.stderr}")
+
+    def screen(self) -> str:
+        text = self.tmux("capture-pane", "-p", "-t", self.session).stdout
+        self.screens.append(text)
+        del self.screens[:-20]
+        return text
+
+    def rows(self) -> dict[str, list[str]]:
+        """The live view's node rows on screen now, by node id."""
+        rows = {}
+        for line in self.screen().splitlines():
+            cells = [c.strip() for c in line.strip().strip("│").split("│")]
+            if len(cells) >= 8 and NODE_ROW.match(cells[0]):
+                rows[cells[0]] = cells
+        return rows
+
+    def load(self) -> dict[str, Any]:
+        try:
+            counts: dict[str, Any] = json.loads((self.run_dir / "load.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return counts
+
+    def pane_dead(self) -> bool:
+        panes = self.tmux("list-panes", "-t", self.session, "-F", "#{pane_dead}")
+        return panes.returncode != 0 or panes.stdout.strip() == "1"
+
+    def wait(self, predicate: Any, timeout_s: float, interval_s: float = 0.25) -> float | None:
+        """Seconds until `predicate()` held, None past `timeout_s` (or once the demo died)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if predicate():
+                return time.monotonic() - started
+            if self.pane_dead():
+                return None
+            time.sleep(interval_s)
+        return None
+
+    def live(self, nodes: int = 3) -> bool:
+        """The live view is up: every node's row reads ready."""
+        return [row[1] for row in self.rows().values()] == ["ready"] * nodes
+
+    def interrupt(self, timeout_s: float = 60) -> float | None:
+        """Ctrl+C, as the presenter would; seconds until the demo had ended."""
+        started = time.monotonic()
+        self.tmux("send-keys", "-t", self.session, "C-c")
+        while time.monotonic() - started < timeout_s:
+            if self.pane_dead():
+                return time.monotonic() - started
+            time.sleep(0.2)
+        return None
+
+    def stop(self) -> None:
+        """End the demo (Ctrl+C first, so it tears its lab down), then the tmux server."""
+        if not self.pane_dead():
+            self.interrupt()
+        self.tmux("kill-server")  # this demo's private server only
+
+
+def _time_one(repo: Path, run_dir: Path, timeout_s: float) -> dict[str, Any]:
+    demo = TmuxDemo(run_dir, repo=repo)
+    started = time.monotonic()
+    demo.start()
+    try:
+        to_live = demo.wait(demo.live, timeout_s)
+        if to_live is None:
+            raise RuntimeError("the live view never came up:\n" + "\n".join(demo.screens[-1:]))
+        to_live_s = time.monotonic() - started
+        time.sleep(5)  # the room watches for a moment
+        counts = demo.load()
+        teardown = demo.interrupt()
+        if teardown is None:
+            raise RuntimeError("Ctrl+C did not end the demo within 60 s")
+        state = json.loads((run_dir / "lab.json").read_text())
+        left = Lab(run_dir).live_processes(state)
+        demo_own = json.loads((run_dir / "demo-timing.json").read_text())
+    finally:
+        demo.stop()
+    return {
+        "seconds_to_live_view": round(to_live_s, 1),
+        "demo_own_seconds_to_live_view": demo_own["seconds_to_live_view"],
+        "seconds_to_tear_down": round(teardown, 1),
+        "left_running": left,
+        "requests_seen": counts.get("requests"),
+        "failed_requests": counts.get("failures"),
+    }
+
+
+def measure(timeout_s: float = 300) -> dict[str, Any]:
+    from loadtests.harness.machine import describe
+
+    commit = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    base = Path(tempfile.mkdtemp(prefix="cattle-workshop-", dir="/tmp"))
+    base.chmod(0o755)
+    clone = base / "cattle"
+    try:
+        subprocess.run(
+            ["git", "clone", "--quiet", str(REPO_ROOT), str(clone)], check=True, timeout=120
+        )
+        fresh = _time_one(clone, base / "run-1", timeout_s)
+        again = _time_one(clone, base / "run-2", timeout_s)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M+00:00", time.gmtime()),
+        "machine": describe(),
+        "command": "python -m deploy.lab.workshop",
+        "commit": commit,
+        "what": "`make demo` in tmux, in a fresh `git clone` of this repository on this "
+        "machine (uv's package cache already filled), until every node row of the live "
+        "view reads ready; then Ctrl+C until the demo has ended",
+        "fresh_clone": fresh,
+        "second_run": again,
+    }
+
+
+def write(result: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "workshop-times.json").write_text(json.dumps(result, indent=2) + "\n")
+    machine = result["machine"]
+    fresh, again = result["fresh_clone"], result["second_run"]
+    lines = [
+        "# Workshop: `make demo` to live view",
+        "",
+        f"Measured {result['date'].replace('T', ' ').replace('+00:00', ' UTC')} on "
+        f"{machine['cpu']} ({machine['cores']} cores), kernel {machine['kernel']}, "
+        f"Python {machine['python']}; commit {result['commit']}. "
+        f"Reproduce with `{result['command']}`.",
+        "",
+        f"What: {result['what']}.",
+        "",
+        "| run | to live view s | demo's own count s | Ctrl+C to ended s | left running |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, run in (("fresh clone (builds .venv first)", fresh), ("second run", again)):
+        lines.append(
+            f"| {name} | {run['seconds_to_live_view']} | "
+            f"{run['demo_own_seconds_to_live_view']} | {run['seconds_to_tear_down']} | "
+            f"{', '.join(run['left_running']) or 'nothing'} |"
+        )
+    (RESULTS / "workshop-times.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.lab.workshop", description=__doc__)
+    parser.add_argument("--timeout-s", type=float, default=300, help="per run, to live view")
+    args = parser.parse_args(argv)
+    result = measure(args.timeout_s)
+    write(result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
