@@ -92,8 +92,12 @@ def _stop_load(pid: int | None, lab: Lab) -> dict[str, Any]:
 
 
 def _where(state: dict[str, Any], lab: Lab, console: Console) -> None:
-    run_dir = "" if lab.run_dir == DEFAULT_RUN_DIR else f" --run-dir {lab.run_dir}"
-    lab_cmd = f".venv/bin/python -m deploy.lab{run_dir}"
+    try:
+        run_dir = lab.run_dir.relative_to(Path.cwd())
+    except ValueError:
+        run_dir = lab.run_dir
+    lab_cmd = ".venv/bin/python -m deploy.lab"
+    on = f"--run-dir {run_dir}"
     lines = [
         f"[bold]front[/]        {state['front']}   (API docs: {state['front']}/docs)",
     ]
@@ -104,13 +108,13 @@ def _where(state: dict[str, Any], lab: Lab, console: Console) -> None:
     lines += [
         "[bold]live view[/]    below (Ctrl+C stops the load and tears the lab down)",
         "[bold]drills[/] (from another terminal):",
-        f"  {lab_cmd} drain n2      graceful: draining, out of rotation, gone",
-        f"  {lab_cmd} kill n3       SIGKILL: HAProxy routes around it",
-        f"  {lab_cmd} restart n3    back in rotation",
-        f"  {lab_cmd} scale 4       a fourth node joins HAProxy and Prometheus",
+        f"  {lab_cmd} drain n2 {on}      graceful: draining, out of rotation, gone",
+        f"  {lab_cmd} kill n3 {on}       SIGKILL: HAProxy routes around it",
+        f"  {lab_cmd} restart n3 {on}    back in rotation",
+        f"  {lab_cmd} scale 4 {on}       a fourth node joins HAProxy and Prometheus",
     ]
     if state["options"]["backend"] == "patroni":
-        lines.append(f"  {lab_cmd} kill-primary  the database fails over")
+        lines.append(f"  {lab_cmd} kill-primary {on}  the database fails over")
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
 

@@ -12,10 +12,14 @@ docs/results/workshop-times.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import secrets
+import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -38,6 +42,7 @@ class TmuxDemo:
     socket: str = field(default_factory=lambda: f"cattle-demo-{secrets.token_hex(4)}")
     session: str = "demo"
     screens: list[str] = field(default_factory=list)
+    pane_pid: int | None = None  # make's: it leads the pane's process group
 
     def tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -56,12 +61,25 @@ class TmuxDemo:
         )  # fmt: skip
         if started.returncode != 0:
             raise RuntimeError(f"tmux did not start the demo: {started.stderr}")
+        pane = self.tmux("list-panes", "-t", self.session, "-F", "#{pane_pid}").stdout.strip()
+        self.pane_pid = int(pane) if pane.isdigit() else None
 
     def screen(self) -> str:
         text = self.tmux("capture-pane", "-p", "-t", self.session).stdout
         self.screens.append(text)
         del self.screens[:-20]
         return text
+
+    def history(self) -> str:
+        """The pane with its scrollback: what the demo printed before the live view."""
+        return self.tmux("capture-pane", "-p", "-S", "-200", "-t", self.session).stdout
+
+    def printed_command(self, words: str) -> list[str]:
+        """The command line the demo printed that contains `words`, ready to run."""
+        for line in self.history().splitlines():
+            if words in line:
+                return shlex.split(re.split(r"\s{2,}", line.strip())[0])
+        raise LookupError(f"the demo printed no command with {words!r}")
 
     def rows(self) -> dict[str, list[str]]:
         """The live view's node rows on screen now, by node id."""
@@ -109,9 +127,20 @@ class TmuxDemo:
         return None
 
     def stop(self) -> None:
-        """End the demo (Ctrl+C first, so it tears its lab down), then the tmux server."""
+        """End the demo (Ctrl+C first, so it tears its lab down), then the tmux server.
+
+        If Ctrl+C did not end it, SIGTERM goes to the pane's process group (make
+        and the demo it runs: the demo tears down on SIGTERM too), then SIGKILL.
+        """
         if not self.pane_dead():
             self.interrupt()
+        if self.pane_pid is not None and not self.pane_dead():
+            for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pane_pid, sig)
+                deadline = time.monotonic() + wait_s
+                while time.monotonic() < deadline and not self.pane_dead():
+                    time.sleep(0.2)
         self.tmux("kill-server")  # this demo's private server only
 
 

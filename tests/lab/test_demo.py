@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,8 +71,11 @@ def demo() -> Iterator[Demo]:
 
 def test_a_drain_shows_draining_then_gone_with_no_failed_request(demo: Demo) -> None:
     time.sleep(BEFORE_DRILL_S)
+    # The drill as the demo printed it, run from another process as a presenter would.
+    command = demo.printed_command("deploy.lab drain n2")
+    assert command[-2:] == ["--run-dir", str(demo.run_dir)], command
     drill = subprocess.run(
-        [sys.executable, "-m", "deploy.lab", "drain", "n2", "--run-dir", str(demo.run_dir)],
+        command,
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
