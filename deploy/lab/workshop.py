@@ -144,7 +144,36 @@ class TmuxDemo:
         self.tmux("kill-server")  # this demo's private server only
 
 
-def _time_one(repo: Path, run_dir: Path, timeout_s: float) -> dict[str, Any]:
+# The drills of docs/workshop.md, in its order, as the demo prints them.
+DRILLS = (
+    "deploy.lab drain n2",
+    "deploy.lab kill n3",
+    "deploy.lab restart n3",
+    "deploy.lab scale 4",
+)
+# The workshop's short experiments, run in the clone after the demo.
+EXPERIMENTS = {
+    "scaleout": [".venv/bin/python", "-m", "loadtests.experiments.scaleout", "--ns", "1,2,4",
+                 "--min-pairs", "1", "--max-pairs", "1", "--out", "run/workshop/scaleout"],
+    "failover": [".venv/bin/python", "-m", "loadtests.experiments.failover",
+                 "--out", "run/workshop/failover"],
+}  # fmt: skip
+
+
+def _drill(demo: TmuxDemo, words: str, repo: Path) -> dict[str, Any]:
+    command = demo.printed_command(words)
+    started = time.monotonic()
+    done = subprocess.run(
+        command, cwd=repo, capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+    took_s = time.monotonic() - started
+    time.sleep(5)  # the room watches the view settle
+    return {"drill": words.removeprefix("deploy.lab "), "seconds": round(took_s, 1)}
+
+
+def _time_one(repo: Path, run_dir: Path, timeout_s: float, *, drills: bool) -> dict[str, Any]:
     demo = TmuxDemo(run_dir, repo=repo)
     started = time.monotonic()
     demo.start()
@@ -154,6 +183,7 @@ def _time_one(repo: Path, run_dir: Path, timeout_s: float) -> dict[str, Any]:
             raise RuntimeError("the live view never came up:\n" + "\n".join(demo.screens[-1:]))
         to_live_s = time.monotonic() - started
         time.sleep(5)  # the room watches for a moment
+        done = [_drill(demo, words, repo) for words in DRILLS] if drills else []
         counts = demo.load()
         teardown = demo.interrupt()
         if teardown is None:
@@ -166,11 +196,21 @@ def _time_one(repo: Path, run_dir: Path, timeout_s: float) -> dict[str, Any]:
     return {
         "seconds_to_live_view": round(to_live_s, 1),
         "demo_own_seconds_to_live_view": demo_own["seconds_to_live_view"],
+        "drills": done,
         "seconds_to_tear_down": round(teardown, 1),
         "left_running": left,
+        "seconds_in_all": round(time.monotonic() - started, 1),
         "requests_seen": counts.get("requests"),
         "failed_requests": counts.get("failures"),
     }
+
+
+def _experiment(repo: Path, argv: list[str]) -> dict[str, Any]:
+    started = time.monotonic()
+    done = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return {"command": " ".join(argv), "seconds": round(time.monotonic() - started, 1)}
 
 
 def measure(timeout_s: float = 300) -> dict[str, Any]:
@@ -183,12 +223,15 @@ def measure(timeout_s: float = 300) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="cattle-workshop-", dir="/tmp"))
     base.chmod(0o755)
     clone = base / "cattle"
+    started = time.monotonic()
     try:
         subprocess.run(
             ["git", "clone", "--quiet", str(REPO_ROOT), str(clone)], check=True, timeout=120
         )
-        fresh = _time_one(clone, base / "run-1", timeout_s)
-        again = _time_one(clone, base / "run-2", timeout_s)
+        fresh = _time_one(clone, base / "run-1", timeout_s, drills=True)
+        experiments = {name: _experiment(clone, argv) for name, argv in EXPERIMENTS.items()}
+        whole_s = time.monotonic() - started
+        again = _time_one(clone, base / "run-2", timeout_s, drills=False)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return {
@@ -196,10 +239,14 @@ def measure(timeout_s: float = 300) -> dict[str, Any]:
         "machine": describe(),
         "command": "python -m deploy.lab.workshop",
         "commit": commit,
-        "what": "`make demo` in tmux, in a fresh `git clone` of this repository on this "
-        "machine (uv's package cache already filled), until every node row of the live "
-        "view reads ready; then Ctrl+C until the demo has ended",
+        "what": "a fresh `git clone` of this repository on this machine (uv's package "
+        "cache already filled); `make demo` in tmux until every node row of the live view "
+        "reads ready; the drills of docs/workshop.md as the demo printed them, 5 s apart; "
+        "Ctrl+C until the demo has ended; then the workshop's two short experiments; "
+        "then `make demo` once more in the same clone",
         "fresh_clone": fresh,
+        "experiments": experiments,
+        "seconds_whole_script": round(whole_s, 1),
         "second_run": again,
     }
 
@@ -228,6 +275,18 @@ def write(result: dict[str, Any]) -> None:
             f"{run['demo_own_seconds_to_live_view']} | {run['seconds_to_tear_down']} | "
             f"{', '.join(run['left_running']) or 'nothing'} |"
         )
+    lines += ["", "| step of the fresh run | seconds |", "|---|---:|"]
+    lines += [f"| `{d['drill']}` (the command, until it returned) | {d['seconds']} |"
+              for d in fresh["drills"]]  # fmt: skip
+    lines += [f"| `{e['command']}` | {e['seconds']} |" for e in result["experiments"].values()]
+    lines += [
+        "",
+        f"The load's requests during the fresh run: {fresh['requests_seen']}, failed: "
+        f"**{fresh['failed_requests']}**.",
+        "",
+        f"**The whole script, clone to the last plot: {result['seconds_whole_script'] / 60:.1f} "
+        f"minutes** ({result['seconds_whole_script']} s).",
+    ]
     (RESULTS / "workshop-times.md").write_text("\n".join(lines) + "\n")
 
 
