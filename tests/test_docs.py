@@ -194,3 +194,14 @@ def test_the_bus_figures_quoted_are_the_committed_results() -> None:
             f"{result['deliveries']} / {result['deliveries_expected']} |"
         )
         assert row in page, row
+
+
+def test_the_cache_hit_ratios_quoted_are_the_committed_results() -> None:
+    page = (REPO / "docs/bus.md").read_text()
+    for cache, name in (("on", "cache-hit-ratio"), ("off", "cache-hit-ratio-off")):
+        rows = json.loads((REPO / f"docs/results/{name}.json").read_text())["rows"]
+        ratio = [r["cache_hit_ratio_median"] for r in rows]
+        shown = " / ".join("–" if v is None else f"{v:.1%}" for v in ratio)
+        per_cpu = " / ".join(f"{r['requests_per_cpu_s_median']:.0f}" for r in rows)
+        expected = f"| {cache} | [{name}.md](results/{name}.md) | {shown} | {per_cpu} |"
+        assert expected in page, expected
