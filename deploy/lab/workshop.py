@@ -154,7 +154,7 @@ DRILLS = (
 # The workshop's short experiments, run in the clone after the demo.
 EXPERIMENTS = {
     "scaleout": [".venv/bin/python", "-m", "loadtests.experiments.scaleout", "--ns", "1,2,4",
-                 "--min-pairs", "1", "--max-pairs", "1", "--out", "run/workshop/scaleout"],
+                 "--min-pairs", "2", "--max-pairs", "2", "--out", "run/workshop/scaleout"],
     "failover": [".venv/bin/python", "-m", "loadtests.experiments.failover",
                  "--out", "run/workshop/failover"],
 }  # fmt: skip
