@@ -205,3 +205,16 @@ def test_the_cache_hit_ratios_quoted_are_the_committed_results() -> None:
         per_cpu = " / ".join(f"{r['requests_per_cpu_s_median']:.0f}" for r in rows)
         expected = f"| {cache} | [{name}.md](results/{name}.md) | {shown} | {per_cpu} |"
         assert expected in page, expected
+
+
+def test_the_stopped_peer_figures_quoted_are_the_committed_results() -> None:
+    page = (REPO / "docs/bus.md").read_text()
+    for name in ("bus-stall", "bus-stall-no-hwm"):
+        result = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        growth = result["rss_growth_stopped_bytes"] / 2**20
+        row = (
+            f"| [{name}.md](results/{name}.md) | {growth:.1f} MiB | "
+            f"{result['p99_ms_before']:.2f} / {result['p99_ms_stopped_max']:.2f} ms |"
+        )
+        assert row in page, row
+        assert round(result["sent_per_s"]) == 1000
