@@ -345,3 +345,16 @@ async def test_openapi_and_docs_are_served(client):
     schema = (await client.get("/openapi.json")).json()
     assert "/v1/notes" in schema["paths"] and "/v1/notes/{note_id}" in schema["paths"]
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_the_hot_read_documents_the_headers_it_reads_by_hand(client):
+    # GET /v1/notes/{id} takes its headers from the request, not as FastAPI
+    # parameters; its OpenAPI operation still declares both, with their shape.
+    schema = (await client.get("/openapi.json")).json()
+    parameters = schema["paths"]["/v1/notes/{note_id}"]["get"]["parameters"]
+    headers = {p["name"].lower(): p for p in parameters if p["in"] == "header"}
+    assert set(headers) == {"if-none-match", "consistency-token"}
+    for header in headers.values():
+        assert header["required"] is False
+        assert header["schema"]["type"] == "string" and header["schema"]["pattern"]
+        assert header["description"]
