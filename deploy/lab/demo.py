@@ -108,11 +108,20 @@ def _where(state: dict[str, Any], lab: Lab, console: Console) -> None:
     lines += [
         "[bold]live view[/]    below (Ctrl+C stops the load and tears the lab down)",
         "[bold]drills[/] (from another terminal):",
-        f"  {lab_cmd} drain n2 {on}      graceful: draining, out of rotation, gone",
-        f"  {lab_cmd} kill n3 {on}       SIGKILL: HAProxy routes around it",
-        f"  {lab_cmd} restart n3 {on}    back in rotation",
-        f"  {lab_cmd} scale 4 {on}       a fourth node joins HAProxy and Prometheus",
     ]
+    if state.get("anycast"):
+        lines += [
+            f"  {lab_cmd} drain n2 {on}      graceful: its route withdrawn, then gone",
+            f"  {lab_cmd} kill n3 {on}       SIGKILL: the router drops its route",
+            f"  {lab_cmd} restart n3 {on}    announced again",
+        ]
+    else:
+        lines += [
+            f"  {lab_cmd} drain n2 {on}      graceful: draining, out of rotation, gone",
+            f"  {lab_cmd} kill n3 {on}       SIGKILL: HAProxy routes around it",
+            f"  {lab_cmd} restart n3 {on}    back in rotation",
+            f"  {lab_cmd} scale 4 {on}       a fourth node joins HAProxy and Prometheus",
+        ]
     if state["options"]["backend"] == "patroni":
         lines.append(f"  {lab_cmd} kill-primary {on}  the database fails over")
     for line in lines:

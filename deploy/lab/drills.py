@@ -56,18 +56,19 @@ DRILLS = {
     "drain": Drill(
         "SIGTERM: the node fails its readiness check, waits its drain delay while "
         "in-flight requests finish, then exits",
-        "its row turns draining, HAProxy takes it out (DRAIN/DOWN), then it is gone; "
+        "its row turns draining, the front takes it out (HAProxy DRAIN/DOWN, or its "
+        "anycast route withdrawn), then it is gone; "
         "the other nodes' req/s rise and the load's failures stay at 0",
     ),
     "kill": Drill(
         "SIGKILL: the node dies without a goodbye",
-        "HAProxy marks it DOWN on the first refused connection and re-sends what it "
-        "had; its row turns lost; the load's failures should stay at 0",
+        "the front takes it out (HAProxy on the first refused connection, re-sending "
+        "what it had; anycast: its sidecar withdraws the route); its row turns lost",
     ),
     "restart": Drill(
         "starts the node again with the same id and ports",
-        "its row goes starting -> ready, HAProxy brings it UP after two checks, "
-        "and its req/s climbs back to its share",
+        "its row goes starting -> ready, the front takes it back (HAProxy UP after "
+        "two checks, or its route announced), and its req/s climbs back to its share",
     ),
     "scale": Drill(
         "grows or shrinks the fleet live: new nodes join HAProxy and Prometheus once "

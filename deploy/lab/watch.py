@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from deploy.lab import anycast, drills, haproxy, procs
+from deploy.lab import anycast, drills, haproxy, netns, procs
 from deploy.lab.cluster import Lab
 from service.bus import messages
 
@@ -53,8 +53,18 @@ class FleetView:
 
     endpoints: Iterable[str]
     nodes: dict[str, Seen] = field(default_factory=dict)
+    # Anycast: the node's bus is reachable only inside its namespace. The
+    # socket is made there, so libzmq's I/O thread, born with it, lives there.
+    netns: str | None = None
 
     def __post_init__(self) -> None:
+        if self.netns is None:
+            self._open()
+        else:
+            with netns.entered(self.netns):
+                self._open()
+
+    def _open(self) -> None:
         self._context = zmq.Context()
         self._sub = self._context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
@@ -115,6 +125,47 @@ class FleetView:
     def close(self) -> None:
         self._sub.close()
         self._context.term()
+
+
+class Fleet:
+    """One FleetView for loopback nodes, or one per namespace (anycast), read as one."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.loopback = FleetView([])
+        self.in_netns: dict[str, FleetView] = {}
+        self.follow(state)
+
+    def follow(self, state: dict[str, Any]) -> None:
+        for node in state["nodes"]:
+            if not node.get("bus"):
+                continue
+            if node.get("netns"):
+                if node["id"] not in self.in_netns:
+                    self.in_netns[node["id"]] = FleetView([node["bus"]], netns=node["netns"])
+            else:
+                self.loopback.follow([node["bus"]])
+
+    def poll(self, timeout_s: float) -> None:
+        views = [self.loopback, *self.in_netns.values()]
+        for view in views:
+            view.poll(timeout_s / len(views))
+
+    @property
+    def nodes(self) -> dict[str, Seen]:
+        merged = dict(self.loopback.nodes)
+        for view in self.in_netns.values():
+            merged.update(view.nodes)
+        return merged
+
+    def state_of(self, node: str) -> str | None:
+        for view in (self.in_netns.get(node), self.loopback):
+            if view is not None and node in view.nodes:
+                return view.state_of(node)
+        return None
+
+    def close(self) -> None:
+        for view in [self.loopback, *self.in_netns.values()]:
+            view.close()
 
 
 @dataclass
@@ -206,7 +257,7 @@ class Dashboard:
 
     lab: Lab
     state: dict[str, Any]
-    view: FleetView
+    view: Fleet
     log: EventLog
     history: dict[str, deque[float]] = field(default_factory=dict)
     _cache_last: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -267,7 +318,7 @@ class Dashboard:
         """Re-read lab.json (scale changes the fleet) and the event log; new rows."""
         with contextlib.suppress(Exception):
             self.state = self.lab.load()
-        self.view.follow(n["bus"] for n in self.state["nodes"] if n.get("bus"))
+        self.view.follow(self.state)
         self.log.read()
         rows = self.rows()
         self.log.observe(rows)
@@ -348,7 +399,7 @@ def watch(
 ) -> None:
     """Redraw the view every `interval_s` until Ctrl+C (or `count` refreshes)."""
     state = lab.load()
-    view = FleetView([node["bus"] for node in state["nodes"] if node.get("bus")])
+    view = Fleet(state)
     dashboard = Dashboard(lab, state, view, EventLog(lab.run_dir))
     console = console or Console()
     shown = 0
