@@ -78,8 +78,9 @@ DRILLS = {
     ),
     "kill-primary": Drill(
         "SIGKILL of the database primary's PostgreSQL; Patroni promotes a replica",
-        "writes are answered 503 (never lost) until the new leader is up; reads "
-        "go on; the event log shows the time to the new leader",
+        "requests that reach the database are answered 503 until Patroni has promoted "
+        "a new leader (the demo's clients never retry, so its load counts them as "
+        "failed); the event log shows the time to the new leader",
     ),
 }
 
