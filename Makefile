@@ -84,13 +84,15 @@ fmt: $(VENV_STAMP) ## format and fix what ruff can
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
 
-test: sysdeps $(VENV_STAMP) lint ## everything: lint, unit, API, system, lab and experiment smoke tests
-	$(PY) -m pytest
+# The in-process tests (no PostgreSQL, no subprocess nodes, no clusters, no
+# image build, no fork drill: tests/conftest.py marks them) share no port,
+# file or process, and run two at a time; the rest start real processes and
+# time what they do, and run one at a time.
+FAST_TESTS := -n 2 -m inprocess
 
-# The inner loop: no PostgreSQL, no subprocess nodes, no clusters, no image
-# build and no fork drill.
-FAST_TESTS := -m "not postgres and not cluster" --ignore=tests/system --ignore=tests/lab --ignore=tests/loadtests \
-	--ignore=tests/ship/test_image.py --ignore=tests/ship/test_fork.py
+test: sysdeps $(VENV_STAMP) lint ## everything: lint, unit, API, system, lab and experiment smoke tests
+	$(PY) -m pytest -q $(FAST_TESTS)
+	$(PY) -m pytest -m "not inprocess"
 
 test-fast: $(VENV_STAMP) lint ## lint + unit + API tests on SQLite (the inner loop, under a minute)
 	$(PY) -m pytest -q $(FAST_TESTS)

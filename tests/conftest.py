@@ -146,6 +146,30 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(callspec.params.get("database_url", "-")) if callspec else "-"
 
 
+# Tests that start processes of their own, a cluster or an image build, or
+# need PostgreSQL, by where they live; every other test runs inside pytest's
+# process alone and is marked `inprocess`: `make test-fast` runs those, two
+# at a time, and `make test` runs them so before the rest one at a time.
+_OUT_OF_PROCESS = (
+    "tests/system/",
+    "tests/lab/",
+    "tests/loadtests/",
+    "tests/ship/test_image.py",
+    "tests/ship/test_fork.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        where = item.path.relative_to(config.rootpath).as_posix()
+        if (
+            not where.startswith(_OUT_OF_PROCESS)
+            and item.get_closest_marker("postgres") is None
+            and item.get_closest_marker("cluster") is None
+        ):
+            item.add_marker(pytest.mark.inprocess)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # HARDENING_WRITE=1: the cases this run tried become docs/results/hardening.*.
     hardening.write_results(int(exitstatus))
