@@ -57,7 +57,10 @@ class TmuxDemo:
         command = f"make demo RUN_DIR={self.run_dir} {make_args}".strip()
         started = self.tmux(
             "new-session", "-d", "-s", self.session, "-x", "180", "-y", "50", "-c",
-            str(self.repo), command, ";", "set-option", "remain-on-exit", "on",
+            str(self.repo),
+            # A detached session's panes may be handed COLUMNS=80: say the real size.
+            "-e", "COLUMNS=180", "-e", "LINES=50",
+            command, ";", "set-option", "remain-on-exit", "on",
         )  # fmt: skip
         if started.returncode != 0:
             raise RuntimeError(f"tmux did not start the demo: {started.stderr}")
