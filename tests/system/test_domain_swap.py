@@ -231,7 +231,17 @@ def test_a_fork_replaces_notes_with_its_own_domain(postgres: PostgresCluster) ->
         # The infrastructure's own tests, and the new domain's keyed write over HTTP.
         tests = [*INFRASTRUCTURE_TESTS, "tests/widgets"]
         output = run(
-            repo, python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, timeout_s=240
+            repo,
+            python,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-n",
+            "2",
+            *tests,
+            timeout_s=240,
         )
         print(output[-2000:])
     finally:
