@@ -51,6 +51,7 @@ import psutil
 from deploy.lab.postgres import PostgresCluster, free_port, postmaster_pid
 from loadtests import report as reports
 from loadtests.benchmarks import baselines
+from loadtests.harness import paired
 from loadtests.harness import wrk as wrkbench
 from loadtests.harness.wrk import request
 
@@ -437,13 +438,18 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "cattle over bare FastAPI, in-memory (within each round; median and range):",
+        "cattle over bare FastAPI, in-memory (within each round; median and range, and the "
+        "95% Student-t interval of the mean of the rounds' per-core ratios):",
         "",
-        "| ratio | throughput | per core-second |",
-        "| --- | --- | --- |",
+        "| ratio | throughput | per core-second | per core-second, 95% interval |",
+        "| --- | --- | --- | --- |",
     ]
     for pair, ratio in report["pairs"].items():
-        lines.append(f"| `{pair}` | {_range(ratio['rps'])} | {_range(ratio['per_core'])} |")
+        interval = paired.t_interval(ratio["per_core"]["per_round"])
+        shown = f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "–"
+        lines.append(
+            f"| `{pair}` | {_range(ratio['rps'])} | {_range(ratio['per_core'])} | {shown} |"
+        )
     lines += [
         "",
         "Per-round throughput (req/s), with the server's CPU use (cores) in brackets; within a "
