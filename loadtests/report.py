@@ -77,6 +77,10 @@ def stamped(command: str, figures: Report) -> Report:
     return metadata(command) | figures
 
 
+# What a result's command may run: an experiment or benchmark, or a tool of the lab.
+RUNNABLE = ("python -m loadtests.", "python -m deploy.")
+
+
 def problems(report: Report) -> list[str]:
     """Every way `report` strays from the one metadata layout (empty: it keeps it)."""
     found = [f"no {key!r}" for key in METADATA if key not in report]
@@ -101,9 +105,13 @@ def problems(report: Report) -> list[str]:
             for path in command.split()[3:]
             if not path.startswith("-") and not (REPO_ROOT / path.split("::")[0]).exists()
         ]
-    elif not (isinstance(command, str) and command.startswith("python -m loadtests.")):
+    elif not (
+        isinstance(command, str)
+        and command.startswith(("python -m loadtests.", "python -m deploy."))
+    ):
         found.append(
-            f"command {command!r} is not `python -m loadtests.<...>` or `python -m pytest`"
+            f"command {command!r} is not `python -m loadtests.<...>`, `python -m deploy.<...>` "
+            "or `python -m pytest`"
         )
     elif importlib.util.find_spec(module) is None:
         found.append(f"command {command!r} names no module of this checkout")

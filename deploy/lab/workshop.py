@@ -255,17 +255,15 @@ def measure(timeout_s: float = 300) -> dict[str, Any]:
 
 
 def write(result: dict[str, Any]) -> None:
+    from loadtests import report as reports
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "workshop-times.json").write_text(json.dumps(result, indent=2) + "\n")
-    machine = result["machine"]
     fresh, again = result["fresh_clone"], result["second_run"]
     lines = [
         "# Workshop: `make demo` to live view",
         "",
-        f"Measured {result['date'].replace('T', ' ').replace('+00:00', ' UTC')} on "
-        f"{machine['cpu']} ({machine['cores']} cores), kernel {machine['kernel']}, "
-        f"Python {machine['python']}; commit {result['commit']}. "
-        f"Reproduce with `{result['command']}`.",
+        f"{reports.measured(result)} Reproduce with `{result['command']}`.",
         "",
         f"What: {result['what']}.",
         "",

@@ -150,13 +150,16 @@ DRILL: dict[str, object] = {}  # what the drill test saw, for the result file
 
 
 def _write_drill_result(demo: Demo, *, before: dict[str, float], after: dict[str, float]) -> None:
+    from loadtests import report as reports
     from loadtests.harness.machine import describe
 
     load = demo.load()
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M+00:00", time.gmtime()),
         "machine": describe(),
-        "command": "WORKSHOP_WRITE=1 .venv/bin/python -m pytest tests/lab/test_demo.py",
+        # Run with WORKSHOP_WRITE=1 (the Markdown says so); the layout's command is pytest's.
+        "command": "python -m pytest tests/lab/test_demo.py",
+        "commit": reports.git_commit(),
         "lab": "make demo: 3 nodes on SQLite behind HAProxy, Prometheus",
         "load": {"users": load["users"], "rate_per_user": load["rate_per_user"],
                  "requests": load["requests"], "failures": load["failures"]},
@@ -169,7 +172,6 @@ def _write_drill_result(demo: Demo, *, before: dict[str, float], after: dict[str
     }  # fmt: skip
     results = REPO_ROOT / "docs" / "results"
     (results / "workshop-drill.json").write_text(json.dumps(result, indent=2) + "\n")
-    machine = result["machine"]
     seen = ", ".join(f"{k} +{v:.1f} s" for k, v in DRILL["seen_after_s"].items())  # type: ignore[attr-defined]
 
     def rates(by_node: dict[str, float]) -> str:
@@ -178,9 +180,8 @@ def _write_drill_result(demo: Demo, *, before: dict[str, float], after: dict[str
     lines = [
         "# Workshop: a drain drill on `make demo`",
         "",
-        f"Measured {result['date'].replace('T', ' ').replace('+00:00', ' UTC')} on "
-        f"{machine['cpu']} ({machine['cores']} cores), kernel {machine['kernel']}, "
-        f"Python {machine['python']}. Reproduce with `{result['command']}`.",
+        f"{reports.measured(result)} Reproduce with "
+        f"`WORKSHOP_WRITE=1 .venv/bin/{result['command']}`.",
         "",
         f"{result['lab']}; steady load of {load['users']} locust users at "
         f"{load['rate_per_user']:g} req/s each. Drill: `drain n2`.",
