@@ -52,6 +52,8 @@ from loadtests.harness.loadrun import LoadResult, Sample, run_load
 from loadtests.harness.usl import band, fit_usl, peak_n, usl
 
 RESULTS = reports.RESULTS / "scaleout"
+# A report's `stopped` while the run goes on (--refresh-plot writes one after every pair).
+IN_PROGRESS = "not yet: the run is in progress"
 
 # Per-run validity thresholds (documented in docs/results/README.md).
 LOADGEN_MAX_CORES = 0.8  # one locust process: keep it well short of its core
@@ -256,16 +258,44 @@ def _settled(pairs: list[dict[str, Any]], plan: Plan) -> bool:
     return interval is not None and interval[1] - interval[0] <= plan.ci_width
 
 
+def progress(pairs: list[dict[str, Any]], plan: Plan, k: int, index: int, elapsed_s: float) -> str:
+    """Where the run is, before a pair: its N, run k of at most m, time spent and left.
+
+    Time left is the smaller of the time bound and the pairs still allowed at
+    the mean pair's duration so far (pairs may stop sooner: an interval narrow).
+    """
+    ks = [n for n in plan.ns if n != 1]
+    most_runs = 2 * plan.max_pairs * len(ks)
+    done_runs = 2 * len(pairs)
+    line = (
+        f"pair {index + 1} of N=1/N={k}: runs {done_runs + 1}-{done_runs + 2} of at most "
+        f"{most_runs}, {elapsed_s / 60:.1f} min in"
+    )
+    bound_s = max(0.0, plan.max_minutes * 60 - elapsed_s)
+    if pairs:
+        per_pair_s = elapsed_s / len(pairs)
+        left_s = min(bound_s, per_pair_s * (most_runs - done_runs) / 2)
+        line += f", at most {left_s / 60:.1f} min left"
+    return line
+
+
 def run_pairs(
-    plan: Plan, measure_one: Measure, base: Path, clock: Callable[[], float] = time.monotonic
+    plan: Plan,
+    measure_one: Measure,
+    base: Path,
+    clock: Callable[[], float] = time.monotonic,
+    on_pair: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
     """Pairs of (N=1, N=k) back to back, order alternated, round-robin over k.
 
-    Returns the pairs and why they stopped: every k's interval narrow, the
-    pair bound, or the time bound.
+    Prints where it is before every pair, and hands the pairs so far to
+    `on_pair` after each (a report in progress). Returns the pairs and why
+    they stopped: every k's interval narrow, the pair bound, or the time
+    bound.
     """
     ks = [k for k in plan.ns if k != 1]
-    deadline = clock() + plan.max_minutes * 60
+    began = clock()
+    deadline = began + plan.max_minutes * 60
     pairs: list[dict[str, Any]] = []
     for index in range(plan.max_pairs):
         open_ks = [k for k in ks if not _settled([p for p in pairs if p["k"] == k], plan)]
@@ -275,6 +305,7 @@ def run_pairs(
             if clock() > deadline:
                 return pairs, f"time bound ({plan.max_minutes:g} min)"
             started = clock()
+            print(progress(pairs, plan, k, index, started - began), flush=True)
             runs = {
                 n: measure_one(n, base / f"k{k}-pair{index}-n{n}")
                 for n in paired.first(index, 1, k)
@@ -304,6 +335,8 @@ def run_pairs(
                 + f" ({clock() - started:.0f} s)",
                 flush=True,
             )
+            if on_pair is not None:
+                on_pair(pairs)
     settled = all(_settled([p for p in pairs if p["k"] == k], plan) for k in ks)
     return pairs, "every interval narrow" if settled else f"pair bound ({plan.max_pairs} per k)"
 
@@ -458,7 +491,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 row["n"] + 0.15, mean, yerr=[[mean - lo], [hi - mean]], fmt="s", color="black",
                 capsize=4,
             )  # fmt: skip
-        ax1.plot(row["n"], row["efficiency_median"], "_", color="tab:red", markersize=22)
+        if row["efficiency_median"] is not None:  # None: no pair of this N yet
+            ax1.plot(row["n"], row["efficiency_median"], "_", color="tab:red", markersize=22)
     ax1.axhline(1.0, color="gray", linestyle="--")
     ax1.axhline(0.95, color="tab:red", linestyle=":")
     ax1.set(
@@ -624,13 +658,27 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
     return "\n".join(lines)
 
 
-def run(plan: Plan, command: str, measure_one: Measure | None = None) -> dict[str, Any]:
-    """The pairs of the plan; the report (written by the caller)."""
+def run(
+    plan: Plan,
+    command: str,
+    measure_one: Measure | None = None,
+    refresh: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The pairs of the plan; the report (written by the caller). With
+    `refresh`, a report of the pairs so far after every pair, marked in progress."""
     base = Path(tempfile.mkdtemp(prefix="cattle-scaleout-", dir="/tmp"))
     base.chmod(0o755)
+
+    def on_pair(pairs: list[dict[str, Any]]) -> None:
+        if refresh is not None:
+            refresh(reports.stamped(command, summarize(list(pairs), plan, IN_PROGRESS)))
+
     try:
         pairs, stopped = run_pairs(
-            plan, measure_one or (lambda n, run_dir: measure(n, plan, run_dir)), base
+            plan,
+            measure_one or (lambda n, run_dir: measure(n, plan, run_dir)),
+            base,
+            on_pair=on_pair,
         )
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -668,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json"
     )
+    parser.add_argument(
+        "--refresh-plot",
+        action="store_true",
+        help="rewrite OUT.md and OUT.png after every pair (a report marked in progress)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else Plan()
@@ -683,11 +736,17 @@ def main(argv: list[str] | None = None) -> int:
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:
         parser.error("--min-pairs must be at least 2 and --max-pairs at least --min-pairs")
     command = reports.command_line(__spec__.name, argv)
+
+    def refresh(partial: dict[str, Any]) -> None:
+        # OUT.md and OUT.png only: OUT.json is written once, when the run is done.
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        reports.draw(partial, args.out, lambda r: markdown(r, png=args.out.name + ".png"), plot)
+
     report = reports.main(
         "scaleout",
         args.out,
         render_only=args.render,
-        measure=lambda: run(plan, command),
+        measure=lambda: run(plan, command, refresh=refresh if args.refresh_plot else None),
         markdown=lambda report: markdown(report, png=args.out.name + ".png"),
         plot=plot,
         lock=not args.smoke,  # a smoke run checks the code, not the machine

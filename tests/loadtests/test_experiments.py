@@ -37,10 +37,13 @@ def _lab_parts() -> None:
 @pytest.mark.usefixtures("_lab_parts")
 def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     out = tmp_path / "scaleout"
-    assert scaleout.main(["--smoke", "--out", str(out)]) == 0
+    assert scaleout.main(["--smoke", "--out", str(out), "--refresh-plot"]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     assert reports.problems(saved) == []
-    assert saved["command"] == f"python -m loadtests.experiments.scaleout --smoke --out {out}"
+    assert saved["command"] == (
+        f"python -m loadtests.experiments.scaleout --smoke --out {out} --refresh-plot"
+    )
+    assert saved["stopped"] != scaleout.IN_PROGRESS  # the final report replaced the partial ones
     # One pair in each order, N=1 and N=2 back to back.
     assert [pair["order"] for pair in saved["pairs"]] == [[1, 2], [2, 1]]
     assert [row["n"] for row in saved["rows"]] == list(scaleout.SMOKE.ns)
@@ -160,6 +163,29 @@ def test_scaleout_stops_at_the_pair_bound_when_the_interval_stays_wide(tmp_path)
     assert all(run["valid"] for pair in pairs for run in pair["runs"])
     assert not report["valid"]
     assert any("the repeats disagree" in problem for problem in report["problems"])
+
+
+def test_scaleout_reports_progress_and_a_drawable_report_after_every_pair(tmp_path, capsys):
+    plan = scaleout.Plan(ns=(1, 2, 4), min_pairs=2, max_pairs=2)
+    partials = []
+    final = scaleout.run(
+        plan, "python -m loadtests.experiments.scaleout", _fake_runs(lambda n: 10.0 * n),
+        refresh=partials.append,
+    )  # fmt: skip
+    # One report per pair, each of the pairs so far, each drawn as the final one is.
+    assert [len(p["pairs"]) for p in partials] == [1, 2, 3, 4]
+    assert all(p["stopped"] == scaleout.IN_PROGRESS for p in partials)
+    assert final["stopped"] != scaleout.IN_PROGRESS and len(final["pairs"]) == 4
+    for i, partial in enumerate(partials):
+        assert "Stopped: not yet" in scaleout.markdown(partial)
+        scaleout.plot(partial, tmp_path / f"partial-{i}.png")
+        assert (tmp_path / f"partial-{i}.png").stat().st_size > 0
+    # Before every pair: which N, which runs of how many, how long in and left.
+    lines = [line for line in capsys.readouterr().out.splitlines() if "of at most" in line]
+    assert lines[0].startswith("pair 1 of N=1/N=2: runs 1-2 of at most 8, 0.0 min in")
+    assert "left" not in lines[0]  # no pair yet to estimate from
+    assert lines[3].startswith("pair 2 of N=1/N=4: runs 7-8 of at most 8")
+    assert "min left" in lines[3]
 
 
 def test_scaleout_stops_at_the_time_bound(tmp_path):
