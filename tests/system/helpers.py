@@ -40,6 +40,10 @@ def agent_says(port: int, timeout_s: float = 2.0) -> str | None:
             return data.decode("ascii")
     except ConnectionRefusedError:
         return None
+    except ConnectionResetError:
+        # Connected while the agent's listener was closing: the kernel resets
+        # what sat in its accept queue. HAProxy's check fails alike: closed.
+        return None
 
 
 @dataclass
