@@ -30,7 +30,7 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 # Checks a case labelled valid against the spec's header schemas (see there why).
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
 SEED = "18"
-BUDGET_S = 20
+BUDGET_S = 15
 
 
 def run_schemathesis(base_url: str, report: Path) -> subprocess.CompletedProcess[str]:
