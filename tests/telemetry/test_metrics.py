@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI, Request, Response
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -78,7 +80,14 @@ def add_scrape_from_inside(app: FastAPI) -> None:
 async def test_node_state_gauges(settings: Settings) -> None:
     async with running_node(settings, add_scrape_from_inside) as node:
         await node.http.get("/test/items/1")
-        parsed = samples((await node.http.get("/test/scrape")).text)
+        # On PostgreSQL the node may still be starting (its first checks): wait for ready.
+        for _ in range(50):
+            parsed = samples((await node.http.get("/test/scrape")).text)
+            ready = [s.value for s in parsed if s.labels.get("state") == "ready"
+                     and s.name == f"{PREFIX}_lifecycle_state"]  # fmt: skip
+            if ready == [1]:
+                break
+            await asyncio.sleep(0.1)
 
     # Lifecycle as a state set: exactly one state is 1.
     states = {s.labels["state"]: s.value for s in parsed if s.name == f"{PREFIX}_lifecycle_state"}
