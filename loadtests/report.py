@@ -203,3 +203,23 @@ def main(
         report = measure()
     write(report, out, markdown, plot)
     return report
+
+
+def run_and_print(
+    name: str,
+    out: Path,
+    *,
+    render_only: bool,
+    measure: Callable[[], Report],
+    markdown: Markdown,
+    plot: Plot | None = None,
+    lock: bool = True,
+) -> int:
+    """A benchmark's main: `main` above, then the new report's Markdown on stdout."""
+    report = main(
+        name, out, render_only=render_only, measure=measure, markdown=markdown, plot=plot,
+        lock=lock,
+    )  # fmt: skip
+    if report is not None:
+        print(markdown(report))
+    return 0

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv
-    report = reports.main(
+    return reports.run_and_print(
         "bench_bus_stall",
         args.out,
         render_only=args.render,
@@ -321,9 +321,6 @@ def main(argv: list[str] | None = None) -> int:
         plot=plot,
         lock=not args.no_lock,
     )
-    if report is not None:
-        print(markdown(report))
-    return 0
 
 
 if __name__ == "__main__":

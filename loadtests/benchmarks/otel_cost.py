@@ -298,7 +298,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    report = reports.main(
+    return reports.run_and_print(
         "bench_otel_cost",
         args.out,
         render_only=args.render,
@@ -306,9 +306,6 @@ def main(argv: list[str] | None = None) -> int:
         markdown=markdown,
         lock=not args.no_lock,
     )
-    if report is not None:
-        print(markdown(report))
-    return 0
 
 
 if __name__ == "__main__":

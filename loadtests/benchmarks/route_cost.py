@@ -266,7 +266,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    report = reports.main(
+    return reports.run_and_print(
         "bench_route_cost",
         args.out,
         render_only=args.render,
@@ -275,9 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         plot=plot,
         lock=not args.no_lock,
     )
-    if report is not None:
-        print(markdown(report))
-    return 0
 
 
 if __name__ == "__main__":
