@@ -107,30 +107,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for name in ("a", "b"):
             (work / name).mkdir()
             wrkbench.migrate(work / name)
+
+        def peered(me: int, peer: int) -> dict[str, str]:
+            return common | {
+                "CATTLE_BUS_BIND": f"tcp://127.0.0.1:{me}",
+                "CATTLE_BUS_PEERS": f"tcp://127.0.0.1:{peer}",
+            }
+
         a = wrkbench.start_node(
-            "a",
-            common
-            | flood
-            | {
-                "CATTLE_BUS_BIND": f"tcp://127.0.0.1:{bus_a}",
-                "CATTLE_BUS_PEERS": f"tcp://127.0.0.1:{bus_b}",
-            },
-            data_dir=work / "a",
-            core=SERVER_CORE,
-            log_dir=work,
-            module="loadtests.benchmarks.flood_node",
-        )
+            "a", flood | peered(bus_a, bus_b), data_dir=work / "a", core=SERVER_CORE,
+            log_dir=work, module="loadtests.benchmarks.flood_node",
+        )  # fmt: skip
         servers.append(a)
         b = wrkbench.start_node(
-            "b",
-            common
-            | {
-                "CATTLE_BUS_BIND": f"tcp://127.0.0.1:{bus_b}",
-                "CATTLE_BUS_PEERS": f"tcp://127.0.0.1:{bus_a}",
-            },
-            data_dir=work / "b",
-            core=CLIENT_CORE,
-            log_dir=work,
+            "b", peered(bus_b, bus_a), data_dir=work / "b", core=CLIENT_CORE, log_dir=work
         )
         servers.append(b)
         for server in servers:
