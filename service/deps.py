@@ -91,8 +91,8 @@ ConsistencyTokenHeader = Annotated[
 def header_parameter(name: str, description: str, pattern: str) -> dict[str, Any]:
     """An optional request header in OpenAPI, for a route that reads it by hand.
 
-    A header FastAPI parses costs every request about 30 µs of CPU
-    (docs/results/read-path.md); the hot read takes its headers from
+    A header FastAPI parses costs every request CPU (measured in
+    docs/results/route-cost.md); the hot read takes its headers from
     `request.headers` and declares them with `openapi_extra={"parameters":
     [...]}`, so the description and schemathesis see what they saw before.
     """
