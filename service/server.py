@@ -36,7 +36,11 @@ from typing import Any, ClassVar, cast
 
 import uvicorn
 from fastapi import FastAPI
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from service import NAME, node
 from service.config import Settings, env_var
@@ -220,6 +224,50 @@ class _StagedCloseTransport:
         return getattr(self._transport, name)
 
 
+class _HeadWithBody:
+    """The transport one request's cycle writes to: the response's head is
+    held until the body's first write and leaves with it, in one write.
+    Everything else is the connection's transport.
+
+    uvicorn writes the head when the application starts its response and the
+    body when it sends it, and the application's own work runs in between
+    (telemetry, the edge's headers). A node killed in that gap leaves its
+    proxy a 200 without a body: too late to retry, so the client gets a
+    response cut short. With one write, a kill lands either before the
+    response (nothing was sent; the proxy retries) or after it.
+    """
+
+    __slots__ = ("_cycle", "_head", "_head_seen", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._head = b""
+        self._head_seen = False
+
+    def write(self, data: bytes) -> None:
+        if self._head:
+            data, self._head = self._head + data, b""
+        elif not self._head_seen and self._cycle.response_started:
+            # The first write once the response has started is its head (an
+            # interim "100 Continue" is written before, and goes at once). No
+            # body write follows a HEAD's head: that one goes at once too.
+            self._head_seen = True
+            if self._cycle.scope["method"] != "HEAD":
+                self._head = data
+                return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._head:  # the application failed after its head: send what was started
+            head, self._head = self._head, b""
+            self._transport.write(head)
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits a node exposed to clients
     directly needs (behind HAProxy, HAProxy enforces the same ones first).
@@ -324,7 +372,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head, self._in_body = False, True
         self._cancel_timer()
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not previous:  # a request for the application (not an upgrade)
+            held = _HeadWithBody(self.transport, self.cycle)
+            self.cycle.transport = cast(asyncio.Transport, held)
 
     def on_message_complete(self) -> None:
         self._in_body = False

@@ -189,6 +189,7 @@ class Outcome:
     opened_at: float  # when its connection was opened
     node: str | None
     error: str | None  # None: a 200
+    ended: float = 0.0  # when its answer (or its error) came
 
 
 @dataclass
@@ -245,13 +246,21 @@ class ClientLoad:
                 response.read()
                 error = None if response.status == 200 else f"HTTP {response.status}"
                 self.outcomes.append(
-                    Outcome(sent_at, opened_at, response.getheader("x-served-by"), error)
+                    Outcome(
+                        sent_at,
+                        opened_at,
+                        response.getheader("x-served-by"),
+                        error,
+                        time.monotonic(),
+                    )
                 )
                 if response.will_close or sent >= self.requests_per_connection:
                     connection.close()
                     connection = None
             except (OSError, http.client.HTTPException) as exc:
-                self.outcomes.append(Outcome(sent_at, opened_at, None, type(exc).__name__))
+                self.outcomes.append(
+                    Outcome(sent_at, opened_at, None, type(exc).__name__, time.monotonic())
+                )
                 connection.close()
                 connection = None
             self._stop.wait(self.pause_s)
@@ -417,8 +426,10 @@ def test_kill_9_is_withdrawn_and_new_connections_succeed(lab, measured):
     measured["kill"] = seen
     assert node_gone_s <= KILL_WITHDRAW_BOUND_S
     assert machine_gone_s <= KILL_WITHDRAW_BOUND_S
-    # Once the route is gone, every new connection lands on a live node.
-    late = [o for o in load.outcomes if o.opened_at >= settled_at and o.at < machine_at]
+    # Once the route is gone, every new connection lands on a live node. (Not
+    # asked of a request still in flight on n3 when its namespace was killed:
+    # with no proxy in front, nothing can answer it.)
+    late = [o for o in load.outcomes if o.opened_at >= settled_at and o.ended < machine_at]
     late += [o for o in load.outcomes if o.opened_at >= after_machine]
     assert late and not [o for o in late if o.error], collections.Counter(o.error for o in late)
     assert {o.node for o in load.outcomes if o.opened_at >= after_machine} == {"n2"}
