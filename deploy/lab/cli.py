@@ -5,11 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 from deploy.lab import drills
-from deploy.lab.cluster import BACKENDS, DEFAULT_RUN_DIR, FRONTS, Lab, LabError, LabOptions
+from deploy.lab.cluster import (
+    BACKENDS,
+    DEFAULT_RUN_DIR,
+    FRONTS,
+    Lab,
+    LabError,
+    LabOptions,
+    up_steps,
+)
 from deploy.lab.postgres import PostgresError, PostgresNotInstalled
 
 
@@ -114,6 +134,54 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def bring_up(lab: Lab, options: LabOptions, console: Console | None = None) -> dict[str, Any]:
+    """`lab.up`, its steps shown as they go (`up` and `make demo` both start a lab this way).
+
+    On a terminal: a bar of the steps done, the time spent and an estimate of
+    the time left (from the steps so far). Otherwise (a log, a pipe): one
+    plain line as each step begins, then one when the lab is up.
+    """
+    console = console or Console()
+    total = up_steps(options)
+    started = time.monotonic()
+    if not console.is_terminal:
+        begun: list[str] = []
+
+        def line(what: str) -> None:
+            begun.append(what)
+            console.print(
+                f"up: step {len(begun)} of {total}, {what} "
+                f"({time.monotonic() - started:.1f} s in)",
+                markup=False, highlight=False, soft_wrap=True,
+            )  # fmt: skip
+
+        state = lab.up(options, progress=line)
+        console.print(f"up: lab up after {time.monotonic() - started:.1f} s", highlight=False)
+        return state
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[dim]in"),
+        TimeElapsedColumn(),
+        TextColumn("[dim]left about"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("bringing the lab up", total=total)
+        steps = 0
+
+        def step(what: str) -> None:
+            nonlocal steps
+            bar.update(task, completed=steps, description=what)  # the ones before it are done
+            steps += 1
+
+        state = lab.up(options, progress=step)
+        bar.update(task, completed=total, description="lab up")
+    return state
+
+
 def _print_status(state: dict[str, Any]) -> None:
     print(f"lab {state['run_dir']}  backend={state['options']['backend']}  front={state['front']}")
     if state.get("haproxy"):
@@ -189,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab(args.run_dir)
     try:
         if args.verb == "up":
-            lab.up(
+            bring_up(
+                lab,
                 LabOptions(
                     nodes=args.nodes,
                     backend=args.backend,
@@ -202,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                     pinning=args.pinning == "on",
                     prometheus=args.prometheus,
                     max_nodes=args.max_nodes,
-                )
+                ),
             )
             _print_status(lab.status())
         elif args.verb == "status":

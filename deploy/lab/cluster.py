@@ -64,6 +64,11 @@ class LabOptions:
     max_nodes: int | None = None
 
 
+def up_steps(options: LabOptions) -> int:
+    """How many steps `Lab.up` tells its `progress` of: the length of a bar."""
+    return 5 + (1 if options.prometheus else 0)
+
+
 def _http_status(url: str, timeout_s: float = 1.0) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (loopback)
@@ -163,7 +168,7 @@ class Lab:
     def up(
         self, options: LabOptions, *, progress: Callable[[str], None] | None = None
     ) -> dict[str, Any]:
-        """Start the lab; `progress` is told each step as it begins (for a progress bar)."""
+        """Start the lab; `progress` is told each step as it begins (`up_steps` of them)."""
         step = progress or (lambda _what: None)
         if options.backend not in BACKENDS:
             raise LabError(f"--backend {options.backend!r}: choose one of {', '.join(BACKENDS)}")

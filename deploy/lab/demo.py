@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from deploy.lab import netns, procs, watch
+from deploy.lab import cli, netns, procs, watch
 from deploy.lab.cluster import REPO_ROOT, Lab, LabError, LabOptions
 from deploy.lab.postgres import PostgresError, PostgresNotInstalled
 
@@ -35,27 +34,6 @@ def graph_url(prometheus_url: str, expr: str = RATE_QUERY, range_input: str = "5
     """Prometheus's graph page for `expr`, as a link the room can open."""
     query = urllib.parse.urlencode({"g0.expr": expr, "g0.tab": "0", "g0.range_input": range_input})
     return f"{prometheus_url}/graph?{query}"
-
-
-def _up(lab: Lab, options: LabOptions, console: Console) -> dict[str, Any]:
-    steps = 5 + (1 if options.prometheus else 0)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description:<28}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("bringing the lab up", total=steps + 1)
-
-        def step(what: str) -> None:
-            bar.update(task, advance=1, description=what)
-
-        state = lab.up(options, progress=step)
-        bar.update(task, completed=steps + 1, description="lab up")
-    return state
 
 
 def _start_load(lab: Lab, front: str, *, users: int, rate: float, console: Console) -> int:
@@ -169,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.default_int_handler)
     code = 0
     try:
-        state = _up(lab, options, console)
+        state = cli.bring_up(lab, options, console)
         load_pid = _start_load(lab, state["front"], users=args.users, rate=args.rate,
                                console=console)  # fmt: skip
         _where(state, lab, console)

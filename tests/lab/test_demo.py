@@ -70,6 +70,9 @@ def demo() -> Iterator[Demo]:
 
 
 def test_a_drain_shows_draining_then_gone_with_no_failed_request(demo: Demo) -> None:
+    # The bring-up drew its bar in the terminal: every step done, time spent and left.
+    history = demo.history()
+    assert re.search(r"lab up +━+ 6/6 in \d:\d\d:\d\d left about \d:", history), history
     time.sleep(BEFORE_DRILL_S)
     # The drill as the demo printed it, run from another process as a presenter would.
     command = demo.printed_command("deploy.lab drain n2")

@@ -49,6 +49,10 @@ def _demo_and_check(run_dir: Path) -> None:
     )  # fmt: skip
     out = shown.stdout
     assert shown.returncode == 0, out + shown.stderr
+    # Into a pipe, the bring-up says each step as it begins: all of them, counted right.
+    steps = re.findall(r"^up: step (\d) of (\d), ", out, re.MULTILINE)
+    assert steps == [(f"{k}", "5") for k in range(1, 6)], out
+    assert "up: step 5 of 5, front (anycast)" in out and "up: lab up after" in out
     last_view = out.rsplit("cattle lab", 1)[-1]
     rows = {
         cells[0]: cells
