@@ -43,6 +43,7 @@ from loadtests import report as reports
 from loadtests.experiments.audit import audit
 from loadtests.harness import analysis
 from loadtests.harness.loadrun import LoadResult, run_load
+from loadtests.harness.progress import Runs
 
 RESULTS = reports.RESULTS / "nodeloss"
 ANYCAST_RESULTS = reports.RESULTS / "nodeloss-anycast"
@@ -161,18 +162,33 @@ def _client_side(lab: Lab) -> Iterator[None]:
         yield
 
 
+def _said(runs: Runs | None, at: float, label: str, act: Callable[[], Any]) -> Callable[[], Any]:
+    """`act`, first lines to `runs` (a progress line) as the event fires."""
+    if runs is None:
+        return act
+
+    def said() -> Any:
+        runs.note(f"+{at:g} s {label}")
+        return act()
+
+    return said
+
+
 def drill(
-    lab: Lab, plan: Plan, *, rate_per_user: float | None
+    lab: Lab, plan: Plan, *, rate_per_user: float | None, runs: Runs | None = None
 ) -> tuple[LoadResult, dict[str, float | None]]:
-    """The load with the plan's events; also how long each leaving node took to leave rotation."""
+    """The load with the plan's events; also how long each leaving node took to leave rotation.
+
+    Each event, as it fires, is lines to `runs` (a progress line)."""
     state = lab.load()
     nodes = [dict(n) for n in state["nodes"]]
     out_of_rotation_s: dict[str, float | None] = {}
-    schedule = [
+    events = [
         (at, f"{event} {target}", _action(lab, nodes, event, target, out_of_rotation_s))
         for at, event, target in plan.schedule
         if event != "kill-primary" or plan.backend == "patroni"
     ]
+    schedule = [(at, label, _said(runs, at, label, act)) for at, label, act in events]
     with _client_side(lab):
         result = run_load(
             state["front"],
@@ -287,12 +303,21 @@ def acknowledged(result: LoadResult) -> dict[str, str]:
     }
 
 
-def _drill_and_audit(lab: Lab, plan: Plan, *, rate_per_user: float | None) -> dict[str, Any]:
+def _drill_and_audit(
+    lab: Lab, plan: Plan, *, rate_per_user: float | None, runs: Runs
+) -> dict[str, Any]:
     front = lab.load()["front"]
-    result, left = drill(lab, plan, rate_per_user=rate_per_user)
+    result, left = drill(lab, plan, rate_per_user=rate_per_user, runs=runs)
     with _client_side(lab):
         audited = asyncio.run(audit(front, acknowledged(result), prefix=result.prefix))
+    runs.end()
     return analyse(result, plan, audited, left)
+
+
+def progress(plan: Plan) -> Runs:
+    """Progress lines of the runs: each run's length by the plan is its load's."""
+    names = ["saturation", "steady", *(["control"] if plan.control else [])]
+    return Runs("nodeloss", [plan.duration_s] * len(names), names)
 
 
 def run(plan: Plan, command: str) -> dict[str, Any]:
@@ -314,26 +339,31 @@ def run(plan: Plan, command: str) -> dict[str, Any]:
         if plan.front == "anycast"
         else ("haproxy_retries", replace(options, retries=False))
     )
+    lines = progress(plan)
+    load = f"{plan.duration_s:g} s of load"
     try:
+        lines.begin(f"{plan.nodes} nodes coming up, then {load} at saturation")
         lab = Lab(base / "run")
         lab.up(options)
         try:
-            runs["saturation"] = _drill_and_audit(lab, plan, rate_per_user=None)
+            runs["saturation"] = _drill_and_audit(lab, plan, rate_per_user=None, runs=lines)
             runs["saturation"][protection] = True
             print(
                 f"saturation: baseline {runs['saturation']['baseline_rps']:.0f} req/s", flush=True
             )
+            lines.begin(f"{load} at {plan.steady_fraction:.0%} of the baseline")
             _restore(lab, plan)
             rate = plan.steady_fraction * runs["saturation"]["baseline_rps"] / plan.users
-            runs["steady"] = _drill_and_audit(lab, plan, rate_per_user=rate)
+            runs["steady"] = _drill_and_audit(lab, plan, rate_per_user=rate, runs=lines)
             runs["steady"] |= {"offered_rps": rate * plan.users, protection: True}
         finally:
             lab.down()
         if plan.control:
+            lines.begin(f"a lab with {protection.replace('_', ' ')} off coming up, then {load}")
             control = Lab(base / "control")
             control.up(control_options)
             try:
-                runs["control"] = _drill_and_audit(control, plan, rate_per_user=None)
+                runs["control"] = _drill_and_audit(control, plan, rate_per_user=None, runs=lines)
                 runs["control"][protection] = False
             finally:
                 control.down()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from deploy.lab import cgroups
 from loadtests import report as reports
 from loadtests.experiments import nodeloss, scaleout
+from loadtests.harness.progress import Runs
 from tests.support import require
 
 pytestmark = pytest.mark.cluster
@@ -201,10 +203,43 @@ def test_scaleout_stops_at_the_time_bound(tmp_path):
     assert any("both orders" in problem for problem in report["problems"])
 
 
+def test_progress_lines_say_which_run_and_the_time_in_and_left():
+    now = [0.0]
+    lines: list[str] = []
+    runs = Runs("x", [60.0, 60.0, 60.0], ["a", "b", "c"], clock=lambda: now[0], echo=lines.append)
+    runs.begin("coming up")
+    now[0] = 30
+    runs.note("+30 s drain n1")
+    now[0] = 90
+    runs.end()  # half again as long as planned: so will the others be
+    runs.begin()
+    now[0] = 100
+    runs.note("+10 s kill n2")
+    now[0] = 300  # far past its estimate: at least the last run is left
+    runs.note("+210 s restart n2")
+    assert lines == [
+        "x: run 1 of 3 (a), coming up, 0.0 min in, about 3.0 min left",
+        "x: run 1 of 3 (a): +30 s drain n1, 0.5 min in, about 2.5 min left",
+        "x: run 2 of 3 (b), 1.5 min in, about 3.0 min left",
+        "x: run 2 of 3 (b): +10 s kill n2, 1.7 min in, about 2.8 min left",
+        "x: run 2 of 3 (b): +210 s restart n2, 5.0 min in, about 1.5 min left",
+    ]
+
+
 @pytest.mark.usefixtures("_lab_parts")
-def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path):
+def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path, capsys):
     out = tmp_path / "nodeloss"
     assert nodeloss.main(["--smoke", "--out", str(out)]) == 0
+    # While it ran: each run as it began, and each event of its drill as it fired.
+    printed = capsys.readouterr().out
+    times = r", [\d.]+ min in, about [\d.]+ min left$"
+    begun = re.findall(rf"^nodeloss: run (\d) of 3 \((\w+)\), .*{times}", printed, re.M)
+    assert begun == [("1", "saturation"), ("2", "steady"), ("3", "control")], printed
+    fired = re.findall(
+        rf"^nodeloss: run (\d) of 3 \(\w+\): \+([\d.]+) s (.+?){times}", printed, re.M
+    )
+    drill = [(f"{at:g}", f"{event} {node}") for at, event, node in nodeloss.SMOKE.schedule]
+    assert fired == [(k, *event) for k in "123" for event in drill], printed
     saved = json.loads(out.with_suffix(".json").read_text())
     assert reports.problems(saved) == []
     assert set(saved["runs"]) == {"saturation", "steady", "control"}
