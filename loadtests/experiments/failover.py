@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -34,6 +35,7 @@ from deploy.lab.node import REPO_ROOT, Node
 from deploy.lab.patroni import PatroniCluster
 from deploy.lab.postgres import find_bindir
 from loadtests import report as reports
+from loadtests.harness.progress import Runs
 
 RETRIED_STATUSES = {409, 500, 502, 503, 504}  # same key again: safe, it cannot duplicate
 EXPECTED_REFUSALS = {  # what a failover may answer, and must say so
@@ -201,18 +203,28 @@ def _expected(outcome: str) -> bool:
     return outcome in ("503", "409") or not outcome[0].isdigit()
 
 
-async def _drive(cluster: PatroniCluster, node: Node, plan: LoadPlan) -> dict[str, Any]:
+async def _drive(
+    cluster: PatroniCluster, node: Node, plan: LoadPlan, lines: Runs
+) -> dict[str, Any]:
     prefix = f"fo-{uuid.uuid4().hex[:8]}-"
     t0 = time.monotonic()
+    lines.begin(
+        f"{plan.clients} clients writing for {plan.duration_s:g} s, "
+        f"the primary's postgres killed at +{plan.kill_at_s:g} s"
+    )
     load = asyncio.create_task(write_load(node.base_url, prefix, plan, t0))
     await asyncio.sleep(plan.kill_at_s)
     old = await asyncio.to_thread(cluster.leader)
     pid = await asyncio.to_thread(cluster.kill_postgres, old)
     killed_s = time.monotonic() - t0
+    lines.note(f"+{killed_s:.1f} s killed postgres of {old} (pid {pid}), waiting for a new leader")
     new = await asyncio.to_thread(cluster.wait_for_new_leader, old, 60)
     promoted_s = time.monotonic() - t0
+    lines.note(f"+{promoted_s:.1f} s {new} leads")
     writes = await load
+    lines.note(f"{len(writes)} writes sent, auditing them on the new primary")
     rows, port = await notes_with_prefix(cluster.primary_dsn("cattle"), prefix)
+    lines.end()
     audited_on = next(m.name for m in cluster.members if m.port == port)
     return {
         "old_leader": old,
@@ -236,12 +248,22 @@ def _timeline(writes: list[Write]) -> list[dict[str, int]]:
     return [{"s": s, "acked": acks[s], "failed": fails[s]} for s in range(last + 1)]
 
 
-def run(base_dir: Path, plan: LoadPlan | None = None) -> dict[str, Any]:
-    """The whole experiment in ``base_dir``: cluster, migration, node, load, kill, audit."""
+def run(
+    base_dir: Path,
+    plan: LoadPlan | None = None,
+    then: Callable[[PatroniCluster], Any] | None = None,
+) -> dict[str, Any]:
+    """The whole experiment in ``base_dir``: cluster, migration, node, load, kill, audit.
+
+    Prints its progress as it goes: what it is doing, the minutes in and, once the
+    writes begin, an estimate of the minutes left (from the plan's duration).
+    `then` is handed the cluster, still up, after the audit (a test's second failover)."""
     plan = plan or LoadPlan()
+    lines = Runs("failover", [plan.duration_s], ["kill -9 of the primary"])
     cluster = PatroniCluster(base_dir)  # its members and etcd in subdirectories
     node: Node | None = None
     try:
+        lines.say(f"{len(cluster.members)} PostgreSQL members under Patroni and etcd coming up")
         cluster.start()
         cluster.create_database("cattle")
         dsn = cluster.primary_dsn("cattle")
@@ -252,9 +274,12 @@ def run(base_dir: Path, plan: LoadPlan | None = None) -> dict[str, Any]:
             "CATTLE_DATA_DIR": str(base_dir / "node"),
             "CATTLE_DRAIN_DELAY_S": "0",
         }
+        lines.say("migrating, then one service node coming up")
         _migrate(env)
         node = Node(base_dir / "node.log", env=env, name="node1").start(timeout_s=60)
-        result = asyncio.run(_drive(cluster, node, plan))
+        result = asyncio.run(_drive(cluster, node, plan, lines))
+        if then is not None:
+            then(cluster)
         # The same process served before, during and after: writes resumed without a restart.
         return result | {
             "plan": asdict(plan),

@@ -6,6 +6,8 @@ fires, in the style of the scale-out experiment's lines:
 
     nodeloss: run 1 of 3 (saturation), 0.0 min in, about 4.5 min left
 
+(An experiment of one run says only its name: `failover (...)`.)
+
 Time left is the plan's duration of every run not yet finished, scaled by
 how much longer than planned the finished runs took (a lab's bring-up, the
 notes seeded, the audit come on top of a run's load), less the time the
@@ -49,10 +51,16 @@ class Runs:
         return max(0.0, left)
 
     def _where(self) -> str:
-        line = f"{self.name}: run {self.current + 1} of {len(self.planned_s)}"
+        line = self.name
+        if len(self.planned_s) > 1:
+            line += f": run {self.current + 1} of {len(self.planned_s)}"
         if self.current < len(self.labels):
             line += f" ({self.labels[self.current]})"
         return line
+
+    def say(self, what: str) -> None:
+        """Before the first run (a cluster coming up): what it is doing, and the time in."""
+        self.echo(f"{self.name}: {what}, {(self.clock() - self.began) / 60:.1f} min in")
 
     def _times(self) -> str:
         return (
