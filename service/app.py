@@ -18,7 +18,7 @@ from service.health.lifecycle import State
 from service.lifespan import lifespan
 from service.middleware import EdgeMiddleware
 from service.problems import Problem, install, problem_response
-from service.telemetry import Telemetry, fastapi_telemetry
+from service.telemetry import Telemetry
 from service.telemetry import install as install_telemetry
 
 
@@ -36,8 +36,8 @@ def create_app(
         # Starlette's trailing-slash redirect builds its Location from the
         # Host header, which a client controls: an unknown path is a 404.
         redirect_slashes=False,
-        # Spans and metrics per request, around everything: they see every final status.
-        telemetry=fastapi_telemetry(telemetry),
+        # Spans and metrics per request are cattle's own (service.telemetry.http).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
     node.hold(app, settings=settings)
     # The domains' routes first: FastAPI tries routes in order, each at a

@@ -13,13 +13,16 @@ gives the median of those ratios over rounds and their range.
 
 Configurations:
   off          CATTLE_TELEMETRY_ENABLED=false CATTLE_ACCESS_LOG=false
-  default      nothing set: FastAPI's own OpenTelemetry support (server spans,
-               10% of new traces recorded, HTTP metrics), /metrics, uvicorn's
-               access log through python-json-logger
+  default      nothing set: cattle's own middleware (service/telemetry/http.py:
+               server spans, 10% of new traces recorded, HTTP metrics),
+               /metrics, uvicorn's access log through python-json-logger
   no-access-log  default with CATTLE_ACCESS_LOG=false (splits the cost)
+  fastapi-native  default, but spans and HTTP metrics by FastAPI's own
+               OpenTelemetry support (loadtests.benchmarks.stock_node), what
+               cattle used before its own middleware
   asgi-middleware  default, but spans and HTTP metrics by
                opentelemetry-instrumentation-asgi's middleware
-               (loadtests.benchmarks.asgi_node), what cattle used before
+               (loadtests.benchmarks.stock_node), what cattle used before that
   otlp         default + OTEL_EXPORTER_OTLP_ENDPOINT at a live collector
                (loadtests.benchmarks.collector, on the load generator's core): 10% of
                traces recorded and exported, metrics exported every 60 s
@@ -80,6 +83,7 @@ class Config:
 
 HEADLINE = "default"  # the verdict is about it
 OTLP = "otlp"
+FASTAPI_NATIVE = "fastapi-native"
 ASGI_MIDDLEWARE = "asgi-middleware"
 
 
@@ -93,11 +97,18 @@ def configs(collector_url: str, black_hole_url: str) -> list[Config]:
         Config("default", {}, "defaults: server spans (10% recorded), metrics, JSON access log"),
         Config("no-access-log", {"CATTLE_ACCESS_LOG": "false"}, "defaults, access log off"),
         Config(
+            FASTAPI_NATIVE,
+            {"STOCK_TELEMETRY": "fastapi"},
+            "defaults, but spans and HTTP metrics by FastAPI's own OpenTelemetry support "
+            "instead of cattle's middleware",
+            module="loadtests.benchmarks.stock_node",
+        ),
+        Config(
             ASGI_MIDDLEWARE,
-            {},
+            {"STOCK_TELEMETRY": "asgi"},
             "defaults, but spans and HTTP metrics by opentelemetry-instrumentation-asgi's "
-            "middleware instead of FastAPI's own",
-            module="loadtests.benchmarks.asgi_node",
+            "middleware instead of cattle's",
+            module="loadtests.benchmarks.stock_node",
         ),
         Config(
             OTLP,
@@ -303,15 +314,16 @@ def markdown(report: dict[str, Any]) -> str:
         "figures per round are the median of its runs.",
         "- CPU µs/request is the node process's CPU time (user + system, all its threads) over "
         "the responses wrk counted, per round; its ratio is taken within each round as well.",
-        "- `default` is FastAPI's own OpenTelemetry support with the app's own providers "
-        "(probes and /metrics excluded, operation spans off), the SDK's sampler at cattle's "
+        "- `default` is cattle's own middleware (service/telemetry/http.py) with the app's own "
+        "providers (probes and /metrics excluded), the SDK's sampler at cattle's "
         "default (parentbased_traceidratio 0.1: a tenth of the requests record a span and its "
         "SQL spans, for nobody when no exporter is set), the SQLAlchemy instrumentation, "
         "/metrics, and uvicorn's access log formatted by python-json-logger.",
-        f"- `{ASGI_MIDDLEWARE}` is `python -m loadtests.benchmarks.asgi_node`: the same app "
-        "with opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware (the same providers "
-        "and exclusions, one span per request) instead; FastAPI then leaves spans and HTTP "
-        "metrics to it.",
+        f"- `{FASTAPI_NATIVE}` and `{ASGI_MIDDLEWARE}` are `python -m "
+        "loadtests.benchmarks.stock_node` (STOCK_TELEMETRY=fastapi or asgi): the same app with "
+        "FastAPI's own OpenTelemetry support (operation spans off) or "
+        "opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware (one span per request) "
+        "in place of cattle's middleware, with the same providers and exclusions.",
         "- `otlp` exports to `python -m loadtests.benchmarks.collector` pinned to the load "
         "generator's core: 10% of new traces are recorded with their SQL spans and exported in "
         "batches by the SDK's background thread, which runs on the node's core.",

@@ -1,11 +1,11 @@
 """Observability: OpenTelemetry traces and metrics, /metrics, and JSON logs.
 
-Stock parts, configured: FastAPI's own OpenTelemetry support (http), the SDK's
-providers and OTLP exporters read the standard OTEL_* variables (core,
-tracing), the SQLAlchemy instrumentation (tracing), python-json-logger (logs).
-What is cattle's own: providers per app, export watched and reported for
-/healthz (exporting), gauges for the node's state (metrics), GET /metrics
-(router).
+Stock parts, configured: the SDK's providers and OTLP exporters read the
+standard OTEL_* variables (core, tracing), the SQLAlchemy instrumentation
+(tracing), python-json-logger (logs). What is cattle's own: the per-request
+span and HTTP metrics middleware, kept for its cost (http), providers per
+app, export watched and reported for /healthz (exporting), gauges for the
+node's state (metrics), GET /metrics (router).
 """
 
 from __future__ import annotations
@@ -14,13 +14,21 @@ from fastapi import FastAPI
 
 from service.telemetry.core import Telemetry
 from service.telemetry.exporting import ExportStatus, SignalStatus
-from service.telemetry.http import fastapi_telemetry
+from service.telemetry.http import HttpTelemetry
 from service.telemetry.router import router
 
-__all__ = ["ExportStatus", "SignalStatus", "Telemetry", "fastapi_telemetry", "install"]
+__all__ = ["ExportStatus", "SignalStatus", "Telemetry", "install"]
 
 
 def install(app: FastAPI, telemetry: Telemetry) -> None:
-    """Serve /metrics; the app was built with `FastAPI(telemetry=fastapi_telemetry(telemetry))`."""
+    """Serve /metrics, and trace and count every request. Call it after every
+    other middleware is added: it must be the outermost, to see every final
+    status (the edge's 413s and 500s too)."""
     app.state.telemetry = telemetry
     app.include_router(router)
+    if telemetry.tracer_provider is not None and telemetry.http_metrics is not None:
+        app.add_middleware(
+            HttpTelemetry,
+            tracer_provider=telemetry.tracer_provider,
+            metrics=telemetry.http_metrics,
+        )

@@ -28,7 +28,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 import service
 from service.config import Settings
 from service.telemetry import exporting, tracing
-from service.telemetry.metrics import NodeGauges, ReplicaLag, build_meter_provider
+from service.telemetry.http import HttpMetrics, SdkMetrics
+from service.telemetry.metrics import (
+    DURATION_BUCKETS_S,
+    NodeGauges,
+    ReplicaLag,
+    build_meter_provider,
+)
 
 if TYPE_CHECKING:
     from service.db.engines import Database
@@ -52,6 +58,8 @@ class Telemetry:
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
         self.gauges: NodeGauges | None = None
+        # Requests' durations and in-flight counts (service.telemetry.http).
+        self.http_metrics: HttpMetrics | SdkMetrics | None = None
         if self.enabled:
             # Providers now (they start no thread): the middleware takes them
             # when the app is first called, before the lifespan runs.
@@ -59,6 +67,14 @@ class Telemetry:
             self.tracer_provider = tracing.build_tracer_provider(resource)
             self.meter_provider = build_meter_provider(resource, self.registry)
             self.gauges = NodeGauges(self.meter_provider.get_meter(service.NAME))
+            if exporting.otlp_wanted("metrics"):
+                # OTLP reads the SDK's instruments; /metrics shows them too.
+                meter = self.meter_provider.get_meter("service.telemetry.http")
+                self.http_metrics = SdkMetrics(meter, DURATION_BUCKETS_S)
+            else:
+                counted = HttpMetrics(DURATION_BUCKETS_S)
+                self.registry.register(counted.collector())
+                self.http_metrics = counted
         self._watches: list[exporting.ExportWatch] = []
 
     def start(self) -> None:

@@ -1,37 +1,65 @@
-"""The per-request server span and HTTP metrics: FastAPI's own OpenTelemetry support, configured.
+"""The per-request server span and HTTP metrics: one small ASGI middleware.
 
-FastAPI (0.165 on) traces and measures every request itself when it is given
-providers: one server span named by the matched route's template, and the
-stable conventions' `http.server.request.duration` and
+Per request, outside every other middleware (so it sees the edge's 413s and
+500s too): a server span named by the matched route's template, the stable
+conventions' `http.server.request.duration` histogram and
 `http.server.active_requests`, labelled with the template, never the raw
-path. It wraps the whole app, error handling included, so it sees every
-final status (the edge's 413s and 500s too).
+path. Probes and scrapes are left alone.
 
-What it is given: the app's own providers (never the OTel globals), and the
-probe and scrape paths to leave alone. Operation spans (dependency solving,
-the endpoint and serialization as children of the server span) stay off:
-they would cost every request, recorded or not, and a read's SQL spans
-already show where its time goes. FastAPI's own OTLP set-up stays off too:
-cattle's exporters are started, watched and bounded in `core`.
+Why cattle's own and not FastAPI's `telemetry=` (which cattle used before) or
+opentelemetry-instrumentation-asgi: a request is a few hundred µs of CPU, and
+those spend about as much again on telemetry, most of it building attributes
+for spans the sampler then drops and passing each measurement through the
+SDK's metric pipeline (docs/results/otel-cost.md has the figures, measured
+side by side). Here:
 
-Why this and not `opentelemetry-instrumentation-asgi`'s middleware, which
-cattle used before: it costs less per request, measured side by side
-(docs/observability.md has the figures).
+- the span comes from the SDK's tracer as before (so sampling, propagation,
+  SQL child spans and the trace ids in log lines are the SDK's), but only
+  its name and kind are given up front; the attributes are set only on a span
+  the sampler records;
+- durations and in-flight counts are counted in the node (`HttpMetrics`) and
+  handed to /metrics at scrape time, unless OTLP metrics export is on: then
+  they go through the SDK's instruments, which is what OTLP reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any
+import bisect
+from collections.abc import Iterator, Sequence
+from time import perf_counter
+from typing import Any
 
-from fastapi.telemetry import TelemetryConfig
-
-if TYPE_CHECKING:
-    from service.telemetry.core import Telemetry
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.metrics import Meter
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Probes and scrapes arrive every second or so from several proxies: traced
 # and counted, they would be most of a node's spans and say nothing.
 QUIET_PATHS = frozenset({"/livez", "/readyz", "/startupz", "/healthz", "/metrics"})
+
+# The methods the conventions name; any other is counted as "_OTHER".
+KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
+)
+
+DURATION_NAME = "http.server.request.duration"
+ACTIVE_NAME = "http.server.active_requests"
+DURATION_HELP = "Duration of HTTP server requests."
+ACTIVE_HELP = "Number of active HTTP server requests."
+
+# Label names as the Prometheus exposition writes them, in its (sorted) order.
+_DURATION_LABELS = (
+    "error_type",
+    "http_request_method",
+    "http_response_status_code",
+    "http_route",
+    "network_protocol_version",
+    "url_scheme",
+)
 
 
 def is_quiet(path: str) -> bool:
@@ -39,21 +67,187 @@ def is_quiet(path: str) -> bool:
     return "/" + path.partition("?")[0].split("/", 2)[1] in QUIET_PATHS
 
 
-def _quiet_request(scope: MutableMapping[str, Any]) -> bool:
-    return is_quiet(str(scope.get("path", "/")))
+# (method, status, route, http version, scheme, error type or "")
+DurationKey = tuple[str, int, str, str, str, str]
 
 
-def fastapi_telemetry(telemetry: Telemetry) -> TelemetryConfig:
-    """`FastAPI(telemetry=...)` for this app: its providers, or nothing at all."""
-    if telemetry.tracer_provider is None or telemetry.meter_provider is None:
-        # Off means off: not even an OTel global an operator's agent set up.
-        return {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}
-    return {
-        "tracer_provider": telemetry.tracer_provider,
-        "meter_provider": telemetry.meter_provider,
-        # Logs are JSON lines on stdout (service.telemetry.logs), not OTel records.
-        "logs": False,
-        "operation_spans": False,
-        "auto_configure": False,
-        "exclude": _quiet_request,
+class HttpMetrics:
+    """Request durations and in-flight counts, counted in the node.
+
+    A finished request is a dictionary lookup and a bisect; /metrics turns
+    the counts into the histogram and gauge that the SDK's Prometheus reader
+    would have written, with the same names and labels.
+    """
+
+    def __init__(self, buckets_s: Sequence[float]) -> None:
+        self.bounds = tuple(buckets_s)
+        # key -> [count per bucket (the last one past every bound)..., sum]
+        self.durations: dict[DurationKey, list[float]] = {}
+        self.active: dict[tuple[str, str], int] = {}
+
+    def started(self, method: str, scheme: str) -> None:
+        key = (method, scheme)
+        self.active[key] = self.active.get(key, 0) + 1
+
+    def finished(self, method: str, scheme: str, key: DurationKey, seconds: float) -> None:
+        self.active[(method, scheme)] -= 1
+        counts = self.durations.get(key)
+        if counts is None:
+            counts = self.durations[key] = [0.0] * (len(self.bounds) + 2)
+        counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        counts[-1] += seconds
+
+    def collector(self) -> Collector:
+        return _Exposition(self)
+
+
+class _Exposition(Collector):
+    def __init__(self, metrics: HttpMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        bounds = [f"{bound}" for bound in self.metrics.bounds] + ["+Inf"]
+        histogram = HistogramMetricFamily(
+            "http_server_request_duration_seconds", DURATION_HELP, labels=_DURATION_LABELS
+        )
+        for (method, status, route, version, scheme, error), counts in list(
+            self.metrics.durations.items()
+        ):
+            cumulative, buckets = 0.0, []
+            for bound, count in zip(bounds, counts[:-1], strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            labels = [error, method, str(status), route, version, scheme]
+            histogram.add_metric(labels, buckets, counts[-1])
+        yield histogram
+        active = GaugeMetricFamily(
+            "http_server_active_requests",
+            ACTIVE_HELP,
+            labels=("http_request_method", "url_scheme"),
+        )
+        for (method, scheme), count in list(self.metrics.active.items()):
+            active.add_metric([method, scheme], count)
+        yield active
+
+
+class SdkMetrics:
+    """The same counts through the SDK's instruments, for OTLP export."""
+
+    def __init__(self, meter: Meter, buckets_s: Sequence[float]) -> None:
+        self.duration = meter.create_histogram(
+            DURATION_NAME,
+            unit="s",
+            description=DURATION_HELP,
+            explicit_bucket_boundaries_advisory=list(buckets_s),
+        )
+        self.active = meter.create_up_down_counter(
+            ACTIVE_NAME, unit="{request}", description=ACTIVE_HELP
+        )
+
+    def started(self, method: str, scheme: str) -> None:
+        self.active.add(1, {"http.request.method": method, "url.scheme": scheme})
+
+    def finished(self, method: str, scheme: str, key: DurationKey, seconds: float) -> None:
+        self.active.add(-1, {"http.request.method": method, "url.scheme": scheme})
+        _, status, route, version, _, error = key
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            "http.response.status_code": status,
+            "network.protocol.version": version,
+            "url.scheme": scheme,
+        }
+        if route:
+            attributes["http.route"] = route
+        if error:
+            attributes["error.type"] = error
+        self.duration.record(seconds, attributes)
+
+
+class HttpTelemetry:
+    """The ASGI middleware: a span and the metrics for every request but probes."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracer_provider: trace.TracerProvider,
+        metrics: HttpMetrics | SdkMetrics,
+    ) -> None:
+        self.app = app
+        self.tracer = tracer_provider.get_tracer("service.telemetry.http")
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_quiet(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else "_OTHER"
+        scheme = scope.get("scheme", "http")
+        parent = _incoming(scope["headers"])
+        span = self.tracer.start_span(
+            "HTTP" if method == "_OTHER" else method, parent, kind=SpanKind.SERVER
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.started(method, scheme)
+        started = perf_counter()
+        error = ""
+        try:
+            await self.app(scope, receive, send_status)
+        except BaseException as exc:
+            error = type(exc).__qualname__
+            raise
+        finally:
+            seconds = perf_counter() - started
+            otel_context.detach(token)
+            route = getattr(scope.get("route"), "path", "")
+            if not error and status >= 500:
+                error = str(status)
+            version = scope.get("http_version", "")
+            key = (method, status or 500, route, version, scheme, error)
+            self.metrics.finished(method, scheme, key, seconds)
+            if span.is_recording():
+                _describe(span, scope, key)
+            span.end()
+
+
+def _incoming(headers: list[tuple[bytes, bytes]]) -> otel_context.Context | None:
+    """The upstream trace context, if the request carries one (most do not)."""
+    for name, _ in headers:
+        if name in (b"traceparent", b"tracestate", b"baggage"):
+            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+            return propagate.extract(carrier)
+    return None
+
+
+def _describe(span: trace.Span, scope: Scope, key: DurationKey) -> None:
+    """A recorded span's name and attributes (a dropped one needs none)."""
+    method, status, route, version, scheme, error = key
+    if route:
+        span.update_name(f"{'HTTP' if method == '_OTHER' else method} {route}")
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "http.response.status_code": status,
+        "url.path": scope["path"],
+        "url.scheme": scheme,
+        "network.protocol.version": version,
     }
+    if route:
+        attributes["http.route"] = route
+    if scope.get("query_string"):
+        attributes["url.query"] = scope["query_string"].decode("latin-1")
+    server = scope.get("server")
+    if server:
+        attributes["server.address"], attributes["server.port"] = server[0], server[1]
+    if error:
+        attributes["error.type"] = error
+    span.set_attributes(attributes)
+    if status >= 500 or error:
+        span.set_status(StatusCode.ERROR)

@@ -20,13 +20,14 @@ from fastapi import FastAPI
 
 from deploy.lab.postgres import PostgresNotInstalled, find_bindir
 from loadtests import report as reports
-from loadtests.benchmarks import asgi_node
 from loadtests.benchmarks import efficiency as bench_efficiency
 from loadtests.benchmarks import otel_cost as bench_otel_cost
 from loadtests.benchmarks import route_cost as bench_route_cost
+from loadtests.benchmarks import stock_node
 from loadtests.benchmarks import telemetry as bench_telemetry
 from service.app import create_app
 from service.config import Settings
+from service.telemetry.http import HttpTelemetry
 from tests.conftest import serve_asgi
 from tests.support import require
 
@@ -110,7 +111,9 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert report["command"] in md
 
 
-TELEMETRY_CONFIGS = ["off", "default", "no-access-log", "asgi-middleware", "otlp", "otlp-down"]
+TELEMETRY_CONFIGS = [
+    "off", "default", "no-access-log", "fastapi-native", "asgi-middleware", "otlp", "otlp-down",
+]  # fmt: skip
 
 
 def test_telemetry_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
@@ -192,12 +195,12 @@ def test_a_telemetry_run_is_valid_when_odd_and_even_rounds_agree() -> None:
     assert not bench_telemetry.judge(_summary([0.95]))["valid"]
 
 
-async def test_the_asgi_middleware_node_is_measured_by_that_middleware_alone(
+async def test_the_stock_nodes_are_measured_by_their_stock_part_alone(
     sqlite_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The benchmark's `asgi-middleware` row is what its name says: spans and HTTP
-    metrics by opentelemetry-instrumentation-asgi, FastAPI's own stepping aside
-    (each request counted once), and the default node has none of the former."""
+    """The benchmark's stock rows are what their names say: spans and HTTP
+    metrics by FastAPI's own support or by opentelemetry-instrumentation-asgi,
+    cattle's middleware out of the way (each request counted once)."""
     monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", "http")  # what build_app sets
     database = tmp_path / "node.db"
     shutil.copyfile(sqlite_template, database)
@@ -216,15 +219,19 @@ async def test_the_asgi_middleware_node_is_measured_by_that_middleware_alone(
                 assert (await http.get(created.headers["location"])).status_code == 200
             return (await http.get("/metrics")).text
 
-    middleware = await scrape(asgi_node.build_app(settings))
+    fastapi_app = stock_node.build_app(settings, "fastapi")
+    # cattle's middleware is gone, so what counts below is FastAPI's own.
+    assert not [m for m in fastapi_app.user_middleware if m.cls is HttpTelemetry]  # type: ignore[comparison-overlap]
+    asgi = await scrape(stock_node.build_app(settings, "asgi"))
+    fastapi = await scrape(fastapi_app)
     default = await scrape(create_app(settings))
     # Only the ASGI middleware records body sizes (named by whichever HTTP
     # conventions the instrumentation took up first in this process).
     sizes = ("http_server_request_body_size", "http_server_request_size")
-    assert any(name in middleware for name in sizes)
-    assert not any(name in default for name in sizes)
+    assert any(name in asgi for name in sizes)
+    assert not any(name in fastapi or name in default for name in sizes)
     # Each request is counted once: one series for the three GETs answered 200.
-    for text in (middleware, default):
+    for text in (asgi, fastapi, default):
         counts = [
             line for line in text.splitlines()
             if re.match(r"http_server_(request_)?duration_(seconds|milliseconds)_count\{", line)

@@ -1,0 +1,81 @@
+"""A node whose per-request spans and HTTP metrics come from a stock part, not cattle's own.
+
+    STOCK_TELEMETRY=fastapi python -m loadtests.benchmarks.stock_node
+    STOCK_TELEMETRY=asgi python -m loadtests.benchmarks.stock_node
+
+Each serves like `python -m service serve`.
+
+The telemetry benchmark's stock rows, measured beside cattle's own middleware
+(service/telemetry/http.py) with the same providers and probe exclusions:
+
+  fastapi  FastAPI's own OpenTelemetry support (`FastAPI(telemetry=...)`),
+           what cattle used before its own middleware
+  asgi     opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware,
+           what cattle used before that
+
+Everything else (the cache, the access log, /metrics, the SQL spans) is the
+node's own.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
+from fastapi.telemetry._asgi import NativeTelemetry
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+from service.app import create_app
+from service.config import Settings
+from service.server import serve
+from service.telemetry.http import QUIET_PATHS, HttpTelemetry, is_quiet
+
+STACKS = ("fastapi", "asgi")
+
+
+def build_app(settings: Settings, stack: str) -> FastAPI:
+    """cattle's app, its per-request telemetry by the stock `stack` instead of its own."""
+    if stack not in STACKS:
+        raise SystemExit(f"STOCK_TELEMETRY={stack!r}: say one of {', '.join(STACKS)}")
+    # The stable HTTP conventions (read once per process by the instrumentation).
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
+    app = create_app(settings)
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not HttpTelemetry]  # type: ignore[comparison-overlap]
+    telemetry = app.state.telemetry
+    if stack == "asgi":
+        app.add_middleware(
+            OpenTelemetryMiddleware,
+            # Matched against the full URL (scheme://host/path): anchored after the host.
+            excluded_urls=",".join(f"^[^/]*//[^/]*{path}(/.*)?$" for path in sorted(QUIET_PATHS)),
+            # One server span per request, not one more per ASGI message.
+            exclude_spans=["receive", "send"],
+            tracer_provider=telemetry.tracer_provider,
+            meter_provider=telemetry.meter_provider,
+        )
+        return app
+    # FastAPI reads its telemetry configuration when the app is constructed;
+    # create_app turned it off, so it is set again here (private attributes:
+    # this module only measures it).
+    config: TelemetryConfig = {
+        **app._telemetry,
+        "tracer_provider": telemetry.tracer_provider,
+        "meter_provider": telemetry.meter_provider,
+        "tracing": True,
+        "metrics": True,
+        "logs": False,
+        "operation_spans": False,
+        "exclude": lambda scope: is_quiet(str(scope.get("path", "/"))),
+    }
+    app._telemetry = config
+    app._native_telemetry = NativeTelemetry(config)
+    return app
+
+
+def main() -> None:
+    settings = Settings()
+    serve(build_app(settings, os.environ.get("STOCK_TELEMETRY", "fastapi")), settings)
+
+
+if __name__ == "__main__":
+    main()
