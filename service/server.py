@@ -502,11 +502,11 @@ def serve(app: FastAPI, settings: Settings) -> None:
         ws="none",
         lifespan="on",
         server_header=False,
-        # JSON lines on stdout for uvicorn's loggers too, its access log
-        # included (switched by CATTLE_ACCESS_LOG).
+        # JSON lines on stdout for uvicorn's loggers too. The access log is
+        # the node's own (service.telemetry.http, CATTLE_ACCESS_LOG), not uvicorn's.
         log_config=log_config(settings),
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        access_log=False,
         # uvicorn annotates int; asyncio.wait_for takes any number of seconds.
         timeout_graceful_shutdown=cast(int, graceful_timeout_s(settings)),
     )

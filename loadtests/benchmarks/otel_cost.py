@@ -9,18 +9,24 @@ times (CPU time of the calling thread, per call):
   read            GET /v1/notes/{id} answered from the node's cache, through
                   the whole app called in-process (no socket, no server), with
                   telemetry off: the reference, a node's cheapest request
-  read+telemetry  the same app with telemetry on (FastAPI's own spans and
-                  HTTP metrics; no access log: no server writes one here)
+  read+telemetry  the same app with telemetry on: cattle's own middleware
+                  (service/telemetry/http.py: span, HTTP metrics; the
+                  access log off, it is timed on its own below)
+  read+fastapi-telemetry  the same, the spans and HTTP metrics by FastAPI's own
+                  OpenTelemetry support instead (loadtests.benchmarks.stock_node)
   record          one Histogram.record of a request duration with the five
                   attributes FastAPI gives it, on a provider built as the
                   node builds its own (Prometheus reader, bucket view)
   add             one UpDownCounter.add with two attributes (in-flight
                   requests: twice per request)
+  count           what cattle's middleware does instead of those three: one
+                  request started and finished in the node's own count
   span-dropped    start and end of a server span the sampler drops
   span-recorded   start and end of a server span that is recorded (no
                   processor: what recording alone costs)
-  access-log      one uvicorn access line through the node's JSON formatter
-                  and filters, to a file
+  access-log-stock  one access line as uvicorn writes it, through the logging
+                  module, the node's trace filter and python-json-logger, to a file
+  access-log      one access line as the node writes it (AccessLog), to a file
 
 The report divides each by the read's cost measured in the same round.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -38,7 +45,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
@@ -49,16 +56,20 @@ from prometheus_client import CollectorRegistry
 from starlette.types import Message, Scope
 
 from loadtests import report as reports
+from loadtests.benchmarks import stock_node
 from service import domains
 from service.app import create_app
 from service.config import Settings
 from service.db import migrate
-from service.telemetry.logs import AccessFields, TraceContext, json_formatter
-from service.telemetry.metrics import build_meter_provider
+from service.telemetry.http import AccessLog, HttpMetrics
+from service.telemetry.logs import TraceContext, json_formatter
+from service.telemetry.metrics import DURATION_BUCKETS_S, build_meter_provider
 from service.telemetry.tracing import build_resource
 
 RESULTS = reports.RESULTS / "otel-cost"
 READ = "read"
+OURS = "read+telemetry"
+FASTAPI = "read+fastapi-telemetry"
 # What FastAPI records a request's duration with (a GET that matched a route).
 DURATION_ATTRIBUTES: dict[str, AttributeValue] = {
     "url.scheme": "http",
@@ -128,7 +139,7 @@ def _sync(function: Callable[[], object]) -> Case:
     return case
 
 
-def _sdk_cases(log: logging.StreamHandler[Any]) -> dict[str, Case]:
+def _sdk_cases(log: logging.StreamHandler[Any], access_file: TextIO) -> dict[str, Case]:
     resource = build_resource("bench")
     meter = build_meter_provider(resource, CollectorRegistry(auto_describe=False)).get_meter("b")
     duration = meter.create_histogram("http.server.request.duration", unit="s")
@@ -144,18 +155,37 @@ def _sdk_cases(log: logging.StreamHandler[Any]) -> dict[str, Case]:
 
     access = logging.getLogger("bench.uvicorn.access")
     access.propagate = False
-    access.addFilter(AccessFields())
     log.setFormatter(json_formatter("bench"))
     log.addFilter(TraceContext())
     access.addHandler(log)
     access.setLevel(logging.INFO)
     line = ('%s - "%s %s HTTP/%s" %d', "127.0.0.1:50000", "GET", "/v1/notes/x", "1.1", 200)
+    counted = HttpMetrics(DURATION_BUCKETS_S)
+    key = ("GET", 200, "/v1/notes/{note_id}", "1.1", "http", "")
+
+    def count() -> None:
+        counted.started("GET", "http")
+        counted.finished("GET", "http", key, 0.0004)
+
+    node_access = AccessLog("bench", access_file)
+    scope: Scope = {
+        "method": "GET",
+        "path": "/v1/notes/x",
+        "query_string": b"",
+        "http_version": "1.1",
+        "client": ("127.0.0.1", 50000),
+    }
+    span_of_request = dropped.start_span("GET", kind=SpanKind.SERVER)
     return {
         "record": _sync(lambda: duration.record(0.0004, DURATION_ATTRIBUTES)),
         "add": _sync(lambda: in_flight.add(1, IN_FLIGHT_ATTRIBUTES)),
+        "count": _sync(count),
         "span-dropped": _sync(span(dropped)),
         "span-recorded": _sync(span(recorded)),
-        "access-log": _sync(lambda: access.info(*line)),
+        "access-log-stock": _sync(lambda: access.info(*line)),
+        "access-log": _sync(
+            lambda: node_access.write(scope, 200, "/v1/notes/{note_id}", 0.0004, span_of_request)
+        ),
     }
 
 
@@ -175,21 +205,21 @@ async def _measure(args: argparse.Namespace, work: Path) -> dict[str, list[float
         "drain_delay_s": 0,
     }
     apps: dict[str, FastAPI] = {}
-    for name, enabled in ((READ, False), ("read+telemetry", True)):
+    for name, enabled in ((READ, False), (OURS, True), (FASTAPI, True)):
         data = work / name
         data.mkdir()
-        node = Settings(data_dir=data, telemetry_enabled=enabled, **settings)
+        node = Settings(data_dir=data, telemetry_enabled=enabled, access_log=False, **settings)
         await migrate.migrate(node.effective_database_url, domains.schema())
-        apps[name] = create_app(node)
+        apps[name] = stock_node.build_app(node, "fastapi") if name == FASTAPI else create_app(node)
     cases: dict[str, Case] = {}
-    async with (
-        apps[READ].router.lifespan_context(apps[READ]) as off_state,
-        apps["read+telemetry"].router.lifespan_context(apps["read+telemetry"]) as on_state,
-    ):
-        cases[READ] = await _read_case(apps[READ], dict(off_state or {}))
-        cases["read+telemetry"] = await _read_case(apps["read+telemetry"], dict(on_state or {}))
+    async with contextlib.AsyncExitStack() as running:
+        for name, app in apps.items():
+            state = await running.enter_async_context(app.router.lifespan_context(app))
+            cases[name] = await _read_case(app, dict(state or {}))
         log = logging.StreamHandler((work / "access.log").open("w"))
-        cases.update(_sdk_cases(log))
+        access_file = (work / "access-node.log").open("w")
+        running.callback(access_file.close)
+        cases.update(_sdk_cases(log, access_file))
         for case in cases.values():  # warm-up: first calls build caches
             await _timed(case, max(1, args.calls // 10))
         times: dict[str, list[float]] = {name: [] for name in cases}
@@ -223,12 +253,20 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     floor = [r + 2 * a for r, a in zip(times["record"], times["add"], strict=True)]
     metric_share = [f / r for f, r in zip(floor, times[READ], strict=True)]
+    extra = {
+        name: [(t - r) for t, r in zip(times[name], times[READ], strict=True)]
+        for name in (OURS, FASTAPI)
+    }
     return reports.stamped(
         reports.command_line("loadtests.benchmarks.otel_cost", argv or []),
         {
             "setup": {"rounds": args.rounds, "calls": args.calls},
             "rounds": times,
             "summary": summarize(times),
+            # What telemetry adds to the read, per round: cattle's and FastAPI's.
+            "telemetry_added_us_median": {
+                name: round(statistics.median(values), 2) for name, values in extra.items()
+            },
             "metrics_floor": {
                 "us_median": round(statistics.median(floor), 2),
                 "share_of_read_median": round(statistics.median(metric_share), 4),
@@ -240,17 +278,24 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     s, floor, setup = report["summary"], report["metrics_floor"], report["setup"]
+    added = report["telemetry_added_us_median"]
     read = s[READ]["us_per_call_median"]
     lines = [
         "# What the OpenTelemetry SDK's per-request calls cost",
         "",
         reports.measured(report),
         "",
-        f"**A request's duration record and its two in-flight adds alone cost "
+        f"**cattle's middleware adds {added[OURS]:.1f} µs to a cached read of {read:.0f} µs; "
+        f"FastAPI's own telemetry adds {added[FASTAPI]:.1f} µs** (medians over rounds of "
+        "each read's cost less the plain read's in the same round).",
+        "",
+        f"Through the SDK's instruments, a request's duration record and its two in-flight "
+        f"adds alone cost "
         f"{floor['us_median']:.1f} µs, {100 * floor['share_of_read_median']:.1f}% of a cached "
-        f"read's {read:.0f} µs with telemetry off** (per round "
+        f"read's {read:.0f} µs with telemetry off (per round "
         f"{100 * floor['share_of_read_range'][0]:.1f}% to "
-        f"{100 * floor['share_of_read_range'][1]:.1f}%).",
+        f"{100 * floor['share_of_read_range'][1]:.1f}%); cattle's own count (`count`) "
+        "does the same work.",
         "",
         "| case | µs per call (median) | range over rounds | share of the read (median) |",
         "| --- | ---: | --- | ---: |",
@@ -266,13 +311,17 @@ def markdown(report: dict[str, Any]) -> str:
         *reports.how_measured(report),
         f"- {setup['rounds']} rounds of {setup['calls']} calls per case, in one process, the "
         "order rotated each round; CPU time of the calling thread (the event loop's), per call.",
-        "- `read` and `read+telemetry` call the whole app in-process, as uvicorn would hand a "
-        "request over, for one note held in the node's cache (embedded SQLite); "
-        "`read+telemetry` has FastAPI's own spans and HTTP metrics, on the node's default "
-        "sampler (10% of new traces recorded, none exported).",
+        f"- `{READ}`, `{OURS}` and `{FASTAPI}` call the whole app in-process, as uvicorn would "
+        "hand a request over, for one note held in the node's cache (embedded SQLite), access "
+        f"log off; `{OURS}` has cattle's middleware (service/telemetry/http.py), `{FASTAPI}` "
+        "FastAPI's own spans and HTTP metrics in its place "
+        "(`loadtests.benchmarks.stock_node`), both on the node's default sampler (10% of new "
+        "traces recorded, none exported).",
         "- `record`, `add` and the spans are single SDK calls on providers built as the node "
-        "builds its own; `access-log` is one uvicorn access line through the node's JSON "
-        "formatter and filters, to a file.",
+        "builds its own; `count` is the node's own count of one request; `access-log-stock` "
+        "is one access line as uvicorn writes it, through the logging module, the node's "
+        "trace filter and python-json-logger; `access-log` is the node's own access line "
+        "(service.telemetry.http.AccessLog); both to a file.",
         "- The share is each case's cost over the read's, taken within each round.",
         "",
     ]

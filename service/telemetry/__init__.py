@@ -2,7 +2,7 @@
 
 Stock parts, configured: the SDK's providers and OTLP exporters read the
 standard OTEL_* variables (core, tracing), the SQLAlchemy instrumentation
-(tracing), python-json-logger (logs). What is cattle's own: the per-request
+(tracing), python-json-logger (logs, but for the access line). What is cattle's own: the per-request
 span and HTTP metrics middleware, kept for its cost (http), providers per
 app, export watched and reported for /healthz (exporting), gauges for the
 node's state (metrics), GET /metrics (router).
@@ -14,21 +14,25 @@ from fastapi import FastAPI
 
 from service.telemetry.core import Telemetry
 from service.telemetry.exporting import ExportStatus, SignalStatus
-from service.telemetry.http import HttpTelemetry
+from service.telemetry.http import AccessLog, HttpTelemetry
 from service.telemetry.router import router
 
 __all__ = ["ExportStatus", "SignalStatus", "Telemetry", "install"]
 
 
 def install(app: FastAPI, telemetry: Telemetry) -> None:
-    """Serve /metrics, and trace and count every request. Call it after every
-    other middleware is added: it must be the outermost, to see every final
-    status (the edge's 413s and 500s too)."""
+    """Serve /metrics; trace, count and access-log every request. Call it after
+    every other middleware is added: it must be the outermost, to see every
+    final status (the edge's 413s and 500s too)."""
     app.state.telemetry = telemetry
     app.include_router(router)
-    if telemetry.tracer_provider is not None and telemetry.http_metrics is not None:
+    settings = telemetry.settings
+    access = AccessLog(settings.node_id) if settings.access_log else None
+    telemetry.access_log = access  # flushed when the node stops
+    if telemetry.tracer_provider is not None or access is not None:
         app.add_middleware(
             HttpTelemetry,
             tracer_provider=telemetry.tracer_provider,
             metrics=telemetry.http_metrics,
+            access=access,
         )

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 import service
 from service.config import Settings
 from service.telemetry import exporting, tracing
-from service.telemetry.http import HttpMetrics, SdkMetrics
+from service.telemetry.http import AccessLog, HttpMetrics, SdkMetrics
 from service.telemetry.metrics import (
     DURATION_BUCKETS_S,
     NodeGauges,
@@ -60,6 +60,7 @@ class Telemetry:
         self.gauges: NodeGauges | None = None
         # Requests' durations and in-flight counts (service.telemetry.http).
         self.http_metrics: HttpMetrics | SdkMetrics | None = None
+        self.access_log: AccessLog | None = None  # set by install() when on
         if self.enabled:
             # Providers now (they start no thread): the middleware takes them
             # when the app is first called, before the lifespan runs.
@@ -112,6 +113,8 @@ class Telemetry:
         Each runs on a daemon thread (never joined, unlike asyncio.to_thread's
         executor when the loop closes) and the node stops waiting at the bound.
         """
+        if self.access_log is not None:
+            self.access_log.flush()  # the requests of the last moments
         timeout_s = self.settings.telemetry_shutdown_timeout_s
         providers = [p for p in (self.tracer_provider, self.meter_provider) if p is not None]
         closing = [

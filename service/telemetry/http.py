@@ -19,15 +19,22 @@ side by side). Here:
   the sampler records;
 - durations and in-flight counts are counted in the node (`HttpMetrics`) and
   handed to /metrics at scrape time, unless OTLP metrics export is on: then
-  they go through the SDK's instruments, which is what OTLP reads.
+  they go through the SDK's instruments, which is what OTLP reads;
+- the access line (`AccessLog`) is one JSON object written to stdout when the
+  response has gone, not a record through the logging module and
+  python-json-logger (which every other log line takes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import json
+import sys
 from collections.abc import Iterator, Sequence
-from time import perf_counter
-from typing import Any
+from datetime import UTC, datetime
+from time import perf_counter, time
+from typing import Any, TextIO
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -36,6 +43,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import service
 
 # Probes and scrapes arrive every second or so from several proxies: traced
 # and counted, they would be most of a node's spans and say nothing.
@@ -163,31 +172,114 @@ class SdkMetrics:
         self.duration.record(seconds, attributes)
 
 
+class AccessLog:
+    """One JSON line per request on stdout, in the node's log format, written in batches.
+
+    The fields are those of every log line (level, logger, message, node_id,
+    service, time; trace_id and span_id of the request's span) and the
+    request's: client, method, path, route, status, duration_ms. Probes and
+    scrapes are left out unless they fail.
+
+    Lines are written together, FLUSH_S after the first of them or once
+    FLUSH_LINES are waiting, and when the node stops: a write to stdout per
+    request was most of the access log's cost in a node under load
+    (docs/observability.md). A node killed with SIGKILL loses at most the
+    last FLUSH_S of lines.
+    """
+
+    LOGGER = "service.access"
+    FLUSH_S = 0.1
+    FLUSH_LINES = 256
+
+    def __init__(self, node_id: str, stream: TextIO | None = None) -> None:
+        self.static = {"level": "INFO", "logger": self.LOGGER}
+        self.node = {"node_id": node_id, "service": service.NAME}
+        self.stream = stream  # None: sys.stdout as it is at each flush
+        self.waiting: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(
+        self, scope: Scope, status: int, route: str, seconds: float, span: trace.Span | None
+    ) -> None:
+        client = scope.get("client")
+        address = f"{client[0]}:{client[1]}" if client else ""
+        path = scope["path"]
+        if scope.get("query_string"):
+            path = f"{path}?{scope['query_string'].decode('latin-1')}"
+        method = scope["method"]
+        line: dict[str, Any] = {
+            **self.static,
+            "message": f'{address} - "{method} {path} HTTP/{scope.get("http_version", "")}" '
+            f"{status}",
+            **self.node,
+            "client": address,
+            "method": method,
+            "path": path,
+            "route": route,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        if span is not None:
+            context = span.get_span_context()
+            if context.is_valid:
+                line["trace_id"] = format(context.trace_id, "032x")
+                line["span_id"] = format(context.span_id, "016x")
+        line["time"] = datetime.fromtimestamp(time(), UTC).isoformat()
+        self.waiting.append(json.dumps(line))
+        if len(self.waiting) >= self.FLUSH_LINES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        """Write the waiting lines now (also when the node stops)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.waiting:
+            lines, self.waiting = self.waiting, []
+            stream = self.stream or sys.stdout
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+
+
 class HttpTelemetry:
-    """The ASGI middleware: a span and the metrics for every request but probes."""
+    """The ASGI middleware: a span, the metrics and the access line for every
+    request but probes (each part optional: telemetry and the access log have
+    their own switches)."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        tracer_provider: trace.TracerProvider,
-        metrics: HttpMetrics | SdkMetrics,
+        tracer_provider: trace.TracerProvider | None,
+        metrics: HttpMetrics | SdkMetrics | None,
+        access: AccessLog | None,
     ) -> None:
         self.app = app
-        self.tracer = tracer_provider.get_tracer("service.telemetry.http")
+        self.tracer = tracer_provider.get_tracer(__name__) if tracer_provider else None
         self.metrics = metrics
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_quiet(scope["path"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if is_quiet(scope["path"]):
+            if self.access is None:
+                await self.app(scope, receive, send)
+            else:
+                await self._quiet(scope, receive, send)
             return
         method = scope["method"] if scope["method"] in KNOWN_METHODS else "_OTHER"
         scheme = scope.get("scheme", "http")
-        parent = _incoming(scope["headers"])
-        span = self.tracer.start_span(
-            "HTTP" if method == "_OTHER" else method, parent, kind=SpanKind.SERVER
-        )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        span = token = None
+        if self.tracer is not None:
+            parent = _incoming(scope["headers"])
+            span = self.tracer.start_span(
+                "HTTP" if method == "_OTHER" else method, parent, kind=SpanKind.SERVER
+            )
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
         status = 0
 
         async def send_status(message: Message) -> None:
@@ -196,7 +288,8 @@ class HttpTelemetry:
                 status = message["status"]
             await send(message)
 
-        self.metrics.started(method, scheme)
+        if self.metrics is not None:
+            self.metrics.started(method, scheme)
         started = perf_counter()
         error = ""
         try:
@@ -206,16 +299,38 @@ class HttpTelemetry:
             raise
         finally:
             seconds = perf_counter() - started
-            otel_context.detach(token)
+            if token is not None:
+                otel_context.detach(token)
             route = getattr(scope.get("route"), "path", "")
             if not error and status >= 500:
                 error = str(status)
-            version = scope.get("http_version", "")
-            key = (method, status or 500, route, version, scheme, error)
-            self.metrics.finished(method, scheme, key, seconds)
-            if span.is_recording():
-                _describe(span, scope, key)
-            span.end()
+            key = (method, status or 500, route, scope.get("http_version", ""), scheme, error)
+            if self.metrics is not None:
+                self.metrics.finished(method, scheme, key, seconds)
+            if span is not None:
+                if span.is_recording():
+                    _describe(span, scope, key)
+                span.end()
+            if self.access is not None:
+                self.access.write(scope, status or 500, route, seconds, span)
+
+    async def _quiet(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A probe or scrape: in the access log only when it fails."""
+        status = 0
+        started = perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            if self.access is not None and (status == 0 or status >= 500):
+                route = getattr(scope.get("route"), "path", "")
+                self.access.write(scope, status or 500, route, perf_counter() - started, None)
 
 
 def _incoming(headers: list[tuple[bytes, bytes]]) -> otel_context.Context | None:

@@ -1,9 +1,10 @@
 """Logs: one JSON object per line on stdout, with node id, service and trace context.
 
 python-json-logger formats every line, cattle's loggers' and uvicorn's alike
-(service.server hands uvicorn this config); uvicorn's access log is the
-access log. A line logged while a request is handled carries that request's
-trace_id and span_id, which is how logs join traces.
+(service.server hands uvicorn this config). The access line is written in the
+same format by service.telemetry.http, not through the logging module. A line
+logged while a request is handled carries that request's trace_id and
+span_id, which is how logs join traces.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from pythonjsonlogger.json import JsonFormatter
 
 import service
 from service.config import Settings
-from service.telemetry.http import is_quiet
-
-ACCESS_LOGGER = "uvicorn.access"
 
 
 def json_formatter(node_id: str) -> JsonFormatter:
@@ -49,30 +47,8 @@ class TraceContext(logging.Filter):
         return True
 
 
-class AccessFields(logging.Filter):
-    """uvicorn's access line as fields; probes and scrapes only when they fail.
-
-    Several proxies probe every node every second: logged, they would bury
-    the requests.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if not isinstance(args, tuple) or len(args) != 5:
-            return True
-        client, method, path, _http_version, status = args
-        if is_quiet(str(path)) and int(str(status)) < 500:
-            return False
-        record.client, record.method, record.path, record.status = client, method, path, status
-        return True
-
-
 def log_config(settings: Settings) -> dict[str, Any]:
-    """A logging.config.dictConfig for the node, also handed to uvicorn.
-
-    uvicorn writes its access log when CATTLE_ACCESS_LOG is on (service.server
-    passes the switch), in this format.
-    """
+    """A logging.config.dictConfig for the node, also handed to uvicorn."""
     level = settings.log_level.upper()
     return {
         "version": 1,
@@ -82,7 +58,6 @@ def log_config(settings: Settings) -> dict[str, Any]:
         },
         "filters": {
             "trace": {"()": f"{__name__}.TraceContext"},
-            "access": {"()": f"{__name__}.AccessFields"},
         },
         "handlers": {
             "stdout": {
@@ -96,12 +71,6 @@ def log_config(settings: Settings) -> dict[str, Any]:
         "loggers": {
             "uvicorn": {"handlers": [], "level": level, "propagate": True},
             "uvicorn.error": {"handlers": [], "level": level, "propagate": True},
-            ACCESS_LOGGER: {
-                "handlers": [],
-                "level": "INFO",
-                "propagate": True,
-                "filters": ["access"],
-            },
         },
     }
 

@@ -249,7 +249,8 @@ def test_the_otel_cost_benchmark_writes_a_complete_report(tmp_path: Path) -> Non
     assert reports.problems(report) == []
     summary = report["summary"]
     assert set(summary) == {
-        "read", "read+telemetry", "record", "add", "span-dropped", "span-recorded", "access-log",
+        "read", "read+telemetry", "read+fastapi-telemetry", "record", "add", "count",
+        "span-dropped", "span-recorded", "access-log-stock", "access-log",
     }  # fmt: skip
     for name, row in summary.items():
         assert len(report["rounds"][name]) == 2, name
@@ -258,6 +259,7 @@ def test_the_otel_cost_benchmark_writes_a_complete_report(tmp_path: Path) -> Non
     # A whole read costs more than any one SDK call inside it.
     assert summary["record"]["us_per_call_median"] < summary["read"]["us_per_call_median"]
     assert report["metrics_floor"]["us_median"] > 0
+    assert set(report["telemetry_added_us_median"]) == {"read+telemetry", "read+fastapi-telemetry"}
     assert out.with_suffix(".md").read_text().startswith("# What the OpenTelemetry SDK")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -15,7 +16,8 @@ from fastapi import FastAPI
 import service
 from deploy.lab.node import Node
 from service.config import Settings
-from service.telemetry.logs import AccessFields, TraceContext, json_formatter
+from service.telemetry.http import AccessLog
+from service.telemetry.logs import TraceContext, json_formatter
 from tests.telemetry.conftest import TRACE_ID, running_node, traceparent
 
 
@@ -83,26 +85,71 @@ async def test_log_lines_are_json_and_carry_the_trace_id_of_their_request(
     assert all("trace_id" not in line for line in lines if line not in mine)
 
 
-def access_record(path: str, status: int) -> logging.LogRecord:
-    """A record as uvicorn's access logger makes it."""
-    return logging.LogRecord(
-        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
-        ("127.0.0.1:5000", "GET", path, "1.1", status), None,
-    )  # fmt: skip
+async def test_the_access_line_is_one_json_object_per_request_probes_only_when_failing(
+    sqlite_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def add_routes(app: FastAPI) -> None:
+        async def failing_probe() -> None:
+            raise RuntimeError("probe broke")
+
+        app.add_api_route("/readyz/broken", failing_probe)
+        # Ahead of the health routes, which would answer 404 for it.
+        app.router.routes.insert(0, app.router.routes.pop())
+
+    async with running_node(sqlite_settings, add_routes) as node:
+        capsys.readouterr()
+        headers = {"traceparent": traceparent()}
+        assert (await node.http.get("/test/items/7?full=1", headers=headers)).status_code == 200
+        assert (await node.http.get("/livez")).status_code == 200
+        assert (await node.http.get("/readyz/broken")).status_code == 500
+        assert (await node.http.get("/no/such/path")).status_code == 404
+        [server] = [s for s in node.server_spans() if s.name.endswith("{item_id}")]
+        assert "service.access" not in capsys.readouterr().out  # lines wait a moment ...
+        await asyncio.sleep(AccessLog.FLUSH_S * 3)
+        written = capsys.readouterr().out  # ... and are written together
+
+    access = [line for line in lines_of(written) if line["logger"] == "service.access"]
+    assert [(line["path"], line["status"]) for line in access] == [
+        ("/test/items/7?full=1", 200),
+        ("/readyz/broken", 500),  # a probe that fails is logged; one that answers is not
+        ("/no/such/path", 404),
+    ]
+    item, _, unmatched = access
+    assert item["route"] == "/test/items/{item_id}" and unmatched["route"] == ""
+    assert item["method"] == "GET" and item["level"] == "INFO"
+    assert item["node_id"] == "test-node" and item["service"] == service.NAME
+    assert item["trace_id"] == TRACE_ID
+    assert item["span_id"] == format(server.context.span_id, "016x")
+    assert item["message"].endswith('"GET /test/items/7?full=1 HTTP/1.1" 200')
+    assert 0 < float(item["duration_ms"]) < 60_000
+    datetime.fromisoformat(str(item["time"]))
 
 
-def test_probes_are_access_logged_only_when_they_fail() -> None:
-    fields = AccessFields()
-    assert not fields.filter(access_record("/livez", 200))
-    assert not fields.filter(access_record("/readyz/primary", 200))
-    assert fields.filter(access_record("/readyz", 503))
-    record = access_record("/test/items/1?full=1", 200)
-    assert fields.filter(record)
-    assert (record.method, record.path, record.status) == ("GET", "/test/items/1?full=1", 200)  # type: ignore[attr-defined]
+async def test_access_log_off_writes_no_access_line(
+    sqlite_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_node(sqlite_settings.model_copy(update={"access_log": False})) as node:
+        capsys.readouterr()
+        response = await node.http.get("/test/items/7", headers={"traceparent": traceparent()})
+        assert response.status_code == 200
+        assert len(node.server_spans()) == 1  # telemetry is still on
+        await asyncio.sleep(AccessLog.FLUSH_S * 3)
+        assert "service.access" not in capsys.readouterr().out
+
+
+async def test_waiting_access_lines_are_written_when_the_node_stops(
+    sqlite_settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(AccessLog, "FLUSH_S", 600.0)  # only the stop can write it
+    async with running_node(sqlite_settings) as node:
+        assert (await node.http.get("/test/items/7")).status_code == 200
+        assert "service.access" not in capsys.readouterr().out
+    # The lifespan has ended: the line was written then.
+    assert '"logger": "service.access"' in capsys.readouterr().out
 
 
 def test_a_served_node_writes_only_json_lines_its_access_log_included(tmp_path: Path) -> None:
-    """The real process: uvicorn's own lines and its access log, in one format."""
+    """The real process: uvicorn's own lines and the access log, in one format."""
     log_path = tmp_path / "node.log"
     node = Node(
         log_path,
@@ -124,7 +171,7 @@ def test_a_served_node_writes_only_json_lines_its_access_log_included(tmp_path: 
     assert all(line["service"] == service.NAME for line in lines)
     loggers = {line["logger"] for line in lines}
     assert "uvicorn.error" in loggers, loggers  # "Uvicorn running on ..." and friends
-    access = [line for line in lines if line["logger"] == "uvicorn.access"]
+    access = [line for line in lines if line["logger"] == "service.access"]
     [line] = access  # the probe is not in it
     assert line["path"] == "/no/such/path" and line["status"] == 404
     assert line["method"] == "GET"
