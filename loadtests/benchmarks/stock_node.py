@@ -12,15 +12,19 @@ The telemetry benchmark's stock rows, measured beside cattle's own middleware
            what cattle used before its own middleware
   asgi     opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware,
            what cattle used before that
+  access   cattle's middleware for spans and metrics, but the access log is
+           uvicorn's, through the logging module and python-json-logger (the
+           node's log format), what cattle used before its own access line
 
-Everything else (the cache, the access log, /metrics, the SQL spans) is the
-node's own.
+Everything else (the cache, /metrics, the SQL spans) is the node's own.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 from fastapi.telemetry._asgi import NativeTelemetry
@@ -31,7 +35,7 @@ from service.config import Settings
 from service.server import serve
 from service.telemetry.http import QUIET_PATHS, HttpTelemetry, is_quiet
 
-STACKS = ("fastapi", "asgi")
+STACKS = ("fastapi", "asgi", "access")
 
 
 def build_app(settings: Settings, stack: str) -> FastAPI:
@@ -40,6 +44,9 @@ def build_app(settings: Settings, stack: str) -> FastAPI:
         raise SystemExit(f"STOCK_TELEMETRY={stack!r}: say one of {', '.join(STACKS)}")
     # The stable HTTP conventions (read once per process by the instrumentation).
     os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
+    if stack == "access":
+        # No access line of the node's own; uvicorn writes its own (see main).
+        return create_app(settings.model_copy(update={"access_log": False}))
     app = create_app(settings)
     app.user_middleware = [m for m in app.user_middleware if m.cls is not HttpTelemetry]  # type: ignore[comparison-overlap]
     telemetry = app.state.telemetry
@@ -72,9 +79,21 @@ def build_app(settings: Settings, stack: str) -> FastAPI:
     return app
 
 
+class _UvicornAccessLog(uvicorn.Config):
+    """uvicorn's configuration with its own access log on (the node turns it off)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["access_log"] = True
+        super().__init__(*args, **kwargs)
+
+
 def main() -> None:
     settings = Settings()
-    serve(build_app(settings, os.environ.get("STOCK_TELEMETRY", "fastapi")), settings)
+    stack = os.environ.get("STOCK_TELEMETRY", "fastapi")
+    if stack == "access":
+        # service.server builds its uvicorn.Config at serve(): this one, here.
+        uvicorn.Config = _UvicornAccessLog  # type: ignore[misc]
+    serve(build_app(settings, stack), settings)
 
 
 if __name__ == "__main__":

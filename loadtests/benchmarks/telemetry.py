@@ -20,6 +20,9 @@ Configurations:
   fastapi-native  default, but spans and HTTP metrics by FastAPI's own
                OpenTelemetry support (loadtests.benchmarks.stock_node), what
                cattle used before its own middleware
+  stock-access-log  default, but the access log is uvicorn's through the
+               logging module and python-json-logger
+               (loadtests.benchmarks.stock_node), what cattle used before
   asgi-middleware  default, but spans and HTTP metrics by
                opentelemetry-instrumentation-asgi's middleware
                (loadtests.benchmarks.stock_node), what cattle used before that
@@ -84,6 +87,7 @@ class Config:
 HEADLINE = "default"  # the verdict is about it
 OTLP = "otlp"
 FASTAPI_NATIVE = "fastapi-native"
+STOCK_ACCESS_LOG = "stock-access-log"
 ASGI_MIDDLEWARE = "asgi-middleware"
 
 
@@ -101,6 +105,13 @@ def configs(collector_url: str, black_hole_url: str) -> list[Config]:
             {"STOCK_TELEMETRY": "fastapi"},
             "defaults, but spans and HTTP metrics by FastAPI's own OpenTelemetry support "
             "instead of cattle's middleware",
+            module="loadtests.benchmarks.stock_node",
+        ),
+        Config(
+            STOCK_ACCESS_LOG,
+            {"STOCK_TELEMETRY": "access"},
+            "defaults, but the access log is uvicorn's through python-json-logger instead of "
+            "cattle's own line",
             module="loadtests.benchmarks.stock_node",
         ),
         Config(
@@ -324,6 +335,9 @@ def markdown(report: dict[str, Any]) -> str:
         "FastAPI's own OpenTelemetry support (operation spans off) or "
         "opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware (one span per request) "
         "in place of cattle's middleware, with the same providers and exclusions.",
+        f"- `{STOCK_ACCESS_LOG}` is the same module with STOCK_TELEMETRY=access: cattle's "
+        "middleware, but no access line of the node's own; uvicorn's access log instead, "
+        "through the logging module, the node's trace filter and python-json-logger.",
         "- `otlp` exports to `python -m loadtests.benchmarks.collector` pinned to the load "
         "generator's core: 10% of new traces are recorded with their SQL spans and exported in "
         "batches by the SDK's background thread, which runs on the node's core.",

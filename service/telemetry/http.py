@@ -180,11 +180,11 @@ class AccessLog:
     request's: client, method, path, route, status, duration_ms. Probes and
     scrapes are left out unless they fail.
 
-    Lines are written together, FLUSH_S after the first of them or once
-    FLUSH_LINES are waiting, and when the node stops: a write to stdout per
-    request was most of the access log's cost in a node under load
-    (docs/observability.md). A node killed with SIGKILL loses at most the
-    last FLUSH_S of lines.
+    Lines are written together (one write to stdout, not one per request),
+    FLUSH_S after the first of them or once FLUSH_LINES are waiting, and when
+    the node stops. A node killed with SIGKILL loses at most the last FLUSH_S
+    of lines. What this line costs beside uvicorn's through the logging module
+    and python-json-logger is in docs/observability.md.
     """
 
     LOGGER = "service.access"

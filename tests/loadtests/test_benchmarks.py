@@ -112,7 +112,8 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
 
 
 TELEMETRY_CONFIGS = [
-    "off", "default", "no-access-log", "fastapi-native", "asgi-middleware", "otlp", "otlp-down",
+    "off", "default", "no-access-log", "fastapi-native", "stock-access-log", "asgi-middleware",
+    "otlp", "otlp-down",
 ]  # fmt: skip
 
 
@@ -222,6 +223,9 @@ async def test_the_stock_nodes_are_measured_by_their_stock_part_alone(
     fastapi_app = stock_node.build_app(settings, "fastapi")
     # cattle's middleware is gone, so what counts below is FastAPI's own.
     assert not [m for m in fastapi_app.user_middleware if m.cls is HttpTelemetry]  # type: ignore[comparison-overlap]
+    # The stock access log's node writes no access line of its own (uvicorn writes it).
+    assert stock_node.build_app(settings, "access").state.telemetry.access_log is None
+    assert create_app(settings).state.telemetry.access_log is not None
     asgi = await scrape(stock_node.build_app(settings, "asgi"))
     fastapi = await scrape(fastapi_app)
     default = await scrape(create_app(settings))
