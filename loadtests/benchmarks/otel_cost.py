@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
@@ -139,7 +139,7 @@ def _sync(function: Callable[[], object]) -> Case:
     return case
 
 
-def _sdk_cases(log: logging.StreamHandler[Any], access_file: TextIO) -> dict[str, Case]:
+def _sdk_cases(log: logging.StreamHandler[Any], node_access: AccessLog) -> dict[str, Case]:
     resource = build_resource("bench")
     meter = build_meter_provider(resource, CollectorRegistry(auto_describe=False)).get_meter("b")
     duration = meter.create_histogram("http.server.request.duration", unit="s")
@@ -167,7 +167,6 @@ def _sdk_cases(log: logging.StreamHandler[Any], access_file: TextIO) -> dict[str
         counted.started("GET", "http")
         counted.finished("GET", "http", key, 0.0004)
 
-    node_access = AccessLog("bench", access_file)
     scope: Scope = {
         "method": "GET",
         "path": "/v1/notes/x",
@@ -219,7 +218,9 @@ async def _measure(args: argparse.Namespace, work: Path) -> dict[str, list[float
         log = logging.StreamHandler((work / "access.log").open("w"))
         access_file = (work / "access-node.log").open("w")
         running.callback(access_file.close)
-        cases.update(_sdk_cases(log, access_file))
+        node_access = AccessLog("bench", access_file)
+        running.callback(node_access.flush)  # before the file closes (callbacks run last first)
+        cases.update(_sdk_cases(log, node_access))
         for case in cases.values():  # warm-up: first calls build caches
             await _timed(case, max(1, args.calls // 10))
         times: dict[str, list[float]] = {name: [] for name in cases}
