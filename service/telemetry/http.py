@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from time import perf_counter, time
 from typing import Any, TextIO
+from urllib.parse import parse_qsl, urlencode
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -49,6 +50,12 @@ import service
 # Probes and scrapes arrive every second or so from several proxies: traced
 # and counted, they would be most of a node's spans and say nothing.
 QUIET_PATHS = frozenset({"/livez", "/readyz", "/startupz", "/healthz", "/metrics"})
+
+# Query parameters the conventions say to redact in url.query (signed URLs).
+_SENSITIVE_QUERY_PARAMETERS = frozenset(
+    {"AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature", "X-Amz-Signature",
+     "X-Amz-Credential", "X-Amz-Security-Token"}
+)  # fmt: skip
 
 # The methods the conventions name; any other is counted as "_OTHER".
 KNOWN_METHODS = frozenset(
@@ -357,7 +364,10 @@ def _describe(span: trace.Span, scope: Scope, key: DurationKey) -> None:
     if route:
         attributes["http.route"] = route
     if scope.get("query_string"):
-        attributes["url.query"] = scope["query_string"].decode("latin-1")
+        pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        attributes["url.query"] = urlencode(
+            [(k, "REDACTED" if k in _SENSITIVE_QUERY_PARAMETERS else v) for k, v in pairs]
+        )
     server = scope.get("server")
     if server:
         attributes["server.address"], attributes["server.port"] = server[0], server[1]

@@ -137,6 +137,19 @@ async def test_access_log_off_writes_no_access_line(
         assert "service.access" not in capsys.readouterr().out
 
 
+async def test_the_access_line_is_written_with_telemetry_off(
+    sqlite_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_node(
+        sqlite_settings.model_copy(update={"telemetry_enabled": False})
+    ) as node:
+        assert (await node.http.get("/test/items/7")).status_code == 200
+        assert node.spans() == ()
+    [line] = [x for x in lines_of(capsys.readouterr().out) if x["logger"] == "service.access"]
+    assert line["path"] == "/test/items/7" and line["status"] == 200
+    assert "trace_id" not in line
+
+
 async def test_waiting_access_lines_are_written_when_the_node_stops(
     sqlite_settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -52,6 +52,18 @@ async def test_a_request_yields_a_server_span_with_its_sql_children(settings: Se
         assert resource["service.version"] == service.__version__
 
 
+async def test_a_signature_in_the_query_is_redacted_in_the_span(
+    sqlite_settings: Settings,
+) -> None:
+    async with running_node(sqlite_settings) as node:
+        response = await node.http.get(
+            "/test/items/7?sig=secret&full=1", headers={"traceparent": traceparent()}
+        )
+        assert response.status_code == 200
+        [server] = node.server_spans()
+    assert (server.attributes or {})["url.query"] == "sig=REDACTED&full=1"
+
+
 async def test_an_incoming_traceparent_is_continued(sqlite_settings: Settings) -> None:
     # The default sampler is parent-based: a sampled parent is always followed.
     async with running_node(sqlite_settings) as node:
