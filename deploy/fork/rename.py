@@ -12,6 +12,7 @@ name is left alone, so running it twice changes nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -71,14 +72,16 @@ def template_port(root: Path) -> int:
 
 def text_files(root: Path) -> list[Path]:
     files = []
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if set(relative.parts) & SKIP_DIRS or path.name in SKIP_FILES or not path.is_file():
-            continue
-        if path.is_symlink():
-            continue
-        files.append(path)
-    return files
+    # Skipped folders are not entered at all: a fork's .venv alone holds tens
+    # of thousands of files.
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        for name in names:
+            path = Path(folder, name)
+            if name in SKIP_FILES or path.is_symlink() or not path.is_file():
+                continue
+            files.append(path)
+    return sorted(files)
 
 
 def rename_text(text: str, old: str, new: str, *, keep: str) -> str:
