@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,12 +348,51 @@ class Run:
         raise RuntimeError("no NSpid line")
 
 
+TIMINGS = STATE_DIR / "timings.json"  # how long each step took the last time here
+
+
+def run_steps(
+    steps: Sequence[tuple[str, str, Callable[[], object]]],
+    *,
+    timings: Path = TIMINGS,
+    echo: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[object]:
+    """Run (key, what, step) in order, each announced with its number, what it
+    does and how long it took the last time on this machine, then how long it
+    took now; the times are kept for the next build's estimate."""
+    try:
+        last: dict[str, float] = json.loads(timings.read_text())
+    except (OSError, ValueError):
+        last = {}
+    results, began = [], clock()
+    for number, (key, what, step) in enumerate(steps, 1):
+        estimate = f", about {last[key]:.0f} s as the last time here" if key in last else ""
+        echo(f"image: step {number} of {len(steps)}, {what}{estimate} ...")
+        started = clock()
+        results.append(step())
+        last[key] = clock() - started
+        echo(f"image: step {number} of {len(steps)} done in {last[key]:.0f} s")
+    echo(f"image: built in {clock() - began:.0f} s")
+    with contextlib.suppress(OSError):
+        timings.write_text(json.dumps(last))
+    return results
+
+
 def main() -> None:
     """`python -m tests.ship.images`: build the image here and print its reference."""
     missing = tools_missing()
     if missing:
         raise SystemExit(f"missing: {' '.join(missing)} (make sysdeps installs them)")
-    built = build(base=base_image(), uv=uv_image())
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    base, uv, built = run_steps(
+        [
+            ("base", "the Debian base (debootstrap; kept after the first build)", base_image),
+            ("uv", "the uv image (from this machine's uv)", uv_image),
+            ("build", "the Dockerfile (buildah)", lambda: build(base=base_image(), uv=uv_image())),
+        ]
+    )
+    assert isinstance(built, Built), (base, uv)
     print(
         f"{built.ref} ({image_size_bytes(built.ref) / 1e6:.0f} MB, built in {built.build_s:.0f} s)"
     )

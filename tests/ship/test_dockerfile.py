@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tests.ship import images
 from tests.ship.images import REPO
 from tests.support import require
 
@@ -93,3 +94,30 @@ def test_the_build_context_holds_only_what_the_image_needs() -> None:
     }
     mounted = set(re.findall(r"source=([\w./-]+)", DOCKERFILE.read_text()))
     assert copied | mounted <= allowed
+
+
+def test_an_image_build_says_each_step_and_estimates_it_from_the_last_build(
+    tmp_path: Path,
+) -> None:
+    """`make image` is not silent: each step is announced with an estimate
+    from the last build here, then how long it took (kept for the next one)."""
+    ticks = iter(range(0, 1000, 5))  # a clock that moves 5 s per reading
+    lines: list[str] = []
+    timings = tmp_path / "timings.json"
+
+    def build() -> list[str]:
+        return images.run_steps(
+            [("base", "the base", lambda: "b"), ("build", "the image", lambda: "i")],
+            timings=timings,
+            echo=lines.append,
+            clock=lambda: float(next(ticks)),
+        )  # type: ignore[return-value]
+
+    assert build() == ["b", "i"]
+    assert lines[0] == "image: step 1 of 2, the base ..."  # nothing to go by yet
+    assert lines[1] == "image: step 1 of 2 done in 5 s"
+    assert lines[-1].startswith("image: built in ")
+    lines.clear()
+    build()
+    assert lines[0] == "image: step 1 of 2, the base, about 5 s as the last time here ..."
+    assert lines[2] == "image: step 2 of 2, the image, about 5 s as the last time here ..."
