@@ -1,17 +1,20 @@
-"""The per-request server span and HTTP metrics: one small ASGI middleware.
+"""Per-request telemetry: the server span, the HTTP metrics and the access line,
+in one small ASGI middleware.
 
 Per request, outside every other middleware (so it sees the edge's 413s and
 500s too): a server span named by the matched route's template, the stable
 conventions' `http.server.request.duration` histogram and
 `http.server.active_requests`, labelled with the template, never the raw
-path. Probes and scrapes are left alone.
+path, and one access line. Probes and scrapes are left alone.
 
-Why cattle's own and not FastAPI's `telemetry=` (which cattle used before) or
-opentelemetry-instrumentation-asgi: a request is a few hundred µs of CPU, and
-those spend about as much again on telemetry, most of it building attributes
-for spans the sampler then drops and passing each measurement through the
-SDK's metric pipeline (docs/results/otel-cost.md has the figures, measured
-side by side). Here:
+Why cattle's own and not FastAPI's `telemetry=` (which cattle used before),
+opentelemetry-instrumentation-asgi, or uvicorn's access log through
+python-json-logger: each was measured beside this code in one run, and each
+kept at least 3 points less of the node's throughput (docs/observability.md,
+"Cost"; docs/results/telemetry-overhead.md and otel-cost.md). FastAPI's own
+more than doubled a cached read's CPU, most of it building attributes for
+spans the sampler then drops and passing each measurement through the SDK's
+metric pipeline. Here:
 
 - the span comes from the SDK's tracer as before (so sampling, propagation,
   SQL child spans and the trace ids in log lines are the SDK's), but only
@@ -20,8 +23,8 @@ side by side). Here:
 - durations and in-flight counts are counted in the node (`HttpMetrics`) and
   handed to /metrics at scrape time, unless OTLP metrics export is on: then
   they go through the SDK's instruments, which is what OTLP reads;
-- the access line (`AccessLog`) is one JSON object written to stdout when the
-  response has gone, not a record through the logging module and
+- the access line (`AccessLog`) is one JSON object, written in batches after
+  the response has gone, not a record through the logging module and
   python-json-logger (which every other log line takes).
 """
 
