@@ -48,6 +48,8 @@ HOLD_TIME_S = 3
 KEEPALIVE_S = 1
 # Seconds between the sidecar's checks: the bound on seeing the drain file.
 CHECK_INTERVAL_S = 0.2
+# BIRD and ExaBGP (with its health checks) run ahead of the load: see _control_plane.
+CONTROL_PLANE_NICE = -10
 PIN_TABLE = "cattle_pin"
 MARK_BASE = 100  # node i's flows carry mark 100+i and route through table 100+i
 MAX_NODES = 62  # one /30 of 198.51.100.0/24 per node
@@ -253,7 +255,7 @@ def start_router(anycast: dict[str, Any], run_dir: Path, timeout_s: float = 10) 
     if check.returncode != 0:
         raise AnycastError(f"BIRD rejected {config}:\n{check.stdout}{check.stderr}")
     argv = [bird, "-f", "-c", str(config), "-s", str(sock), "-P", str(run_dir / "bird.pid")]
-    pid = procs.spawn(netns.exec_argv(anycast["router_netns"], argv), log=log)
+    pid = procs.spawn(_control_plane(netns.exec_argv(anycast["router_netns"], argv)), log=log)
     info = {"pid": pid, "config": str(config), "socket": str(sock), "log": str(log)}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -385,8 +387,19 @@ def start_sidecar(
     )
     log = run_dir / f"{node_id}.exabgp.log"
     argv = [_binary("exabgp", "exabgp"), str(config)]
-    pid = procs.spawn(netns.exec_argv(node["netns"], argv), log=log, env=sidecar_env())
+    pid = procs.spawn(
+        _control_plane(netns.exec_argv(node["netns"], argv)), log=log, env=sidecar_env()
+    )
     return {"pid": pid, "config": str(config), "log": str(log)}
+
+
+def _control_plane(argv: list[str]) -> list[str]:
+    """`argv` at the routing daemons' priority (nice CONTROL_PLANE_NICE; `nice`
+    execs it, so the PID stays the program's). On two cores shared with the
+    nodes and the client load, a starved sidecar or router would see the drain
+    file, or hear the withdrawal, late: routers give their control plane
+    priority over the traffic too."""
+    return ["nice", "-n", str(CONTROL_PLANE_NICE), *argv]
 
 
 def sidecar_running(sidecar: dict[str, Any] | None) -> bool:

@@ -8,6 +8,7 @@ keep reads right.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -118,6 +119,10 @@ async def test_cache_off_answers_exactly_alike_minus_the_read_source(sqlite_url,
             sources.add(on.headers.get("x-read-source"))
             assert off.headers.get("x-read-source") != "cache"
         assert "cache" in sources
+        # What the scale-out report reads: the cache's counters, absent when it is off.
+        counted = (await cached.get("/metrics")).text
+        assert re.search(rf"^{service.NAME}_cache_hits_total [1-9]", counted, re.M), counted
+        assert f"{service.NAME}_cache_" not in (await plain.get("/metrics")).text
 
 
 @pytest.mark.parametrize("stamps", [True, False], ids=["stamps", "broken-no-stamps"])
