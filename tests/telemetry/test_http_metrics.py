@@ -7,6 +7,9 @@ when OTLP metrics export is on, the SDK's histogram and up-down counter
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,37 +49,37 @@ def _feed(metrics: HttpMetrics | SdkMetrics, *, still_open: int) -> None:
         metrics.started("GET", "http")
 
 
-def test_the_nodes_count_renders_as_the_sdk_would() -> None:
+@contextlib.contextmanager
+def _both(*, still_open: int) -> Iterator[tuple[HttpMetrics, CollectorRegistry, CollectorRegistry]]:
+    """The node's count and the SDK's instruments, fed the same requests, each in a registry."""
     counted_registry = CollectorRegistry(auto_describe=False)
     counted = HttpMetrics(DURATION_BUCKETS_S)
     counted_registry.register(counted.collector())
-    _feed(counted, still_open=2)
-
+    _feed(counted, still_open=still_open)
     sdk_registry = CollectorRegistry(auto_describe=False)
     provider = build_meter_provider(build_resource("n1"), sdk_registry)
-    _feed(SdkMetrics(provider.get_meter("test"), DURATION_BUCKETS_S), still_open=2)
+    _feed(SdkMetrics(provider.get_meter("test"), DURATION_BUCKETS_S), still_open=still_open)
+    try:
+        yield counted, counted_registry, sdk_registry
+    finally:
+        provider.shutdown()
 
-    ours, theirs = _samples(counted_registry), _samples(sdk_registry)
+
+def test_the_nodes_count_renders_as_the_sdk_would() -> None:
+    with _both(still_open=2) as (_, counted_registry, sdk_registry):
+        ours, theirs = _samples(counted_registry), _samples(sdk_registry)
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
         assert abs(ours[key] - value) < 1e-9, (key, ours[key], value)
     in_flight = ("http_server_active_requests", frozenset({("http_request_method", "GET"),
                                                           ("url_scheme", "http")}))  # fmt: skip
     assert ours[in_flight] == 2
-    provider.shutdown()
 
 
 def test_control_a_bucket_off_by_one_is_caught() -> None:
     """The comparison above sees a duration counted in the wrong bucket."""
-    registry = CollectorRegistry(auto_describe=False)
-    counted = HttpMetrics(DURATION_BUCKETS_S)
-    registry.register(counted.collector())
-    _feed(counted, still_open=0)
-    sdk_registry = CollectorRegistry(auto_describe=False)
-    provider = build_meter_provider(build_resource("n1"), sdk_registry)
-    _feed(SdkMetrics(provider.get_meter("test"), DURATION_BUCKETS_S), still_open=0)
-    key = ("GET", 200, "/v1/notes/{note_id}", "1.1", "http", "")
-    counts = counted.durations[key]
-    counts[0], counts[1] = counts[0] - 1, counts[1] + 1  # 1 ms counted as above 1 ms
-    assert _samples(registry) != _samples(sdk_registry)
-    provider.shutdown()
+    with _both(still_open=0) as (counted, counted_registry, sdk_registry):
+        key = ("GET", 200, "/v1/notes/{note_id}", "1.1", "http", "")
+        counts = counted.durations[key]
+        counts[0], counts[1] = counts[0] - 1, counts[1] + 1  # 1 ms counted as above 1 ms
+        assert _samples(counted_registry) != _samples(sdk_registry)
