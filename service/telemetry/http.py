@@ -275,16 +275,16 @@ class HttpTelemetry:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if is_quiet(scope["path"]):
-            if self.access is None:
-                await self.app(scope, receive, send)
-            else:
-                await self._quiet(scope, receive, send)
+        # A probe or scrape: no span, not counted, in the access log only when it fails.
+        quiet = is_quiet(scope["path"])
+        if quiet and self.access is None:
+            await self.app(scope, receive, send)
             return
+        metrics = None if quiet else self.metrics
         method = scope["method"] if scope["method"] in KNOWN_METHODS else "_OTHER"
         scheme = scope.get("scheme", "http")
         span = token = None
-        if self.tracer is not None:
+        if self.tracer is not None and not quiet:
             parent = _incoming(scope["headers"])
             span = self.tracer.start_span(
                 "HTTP" if method == "_OTHER" else method, parent, kind=SpanKind.SERVER
@@ -298,8 +298,8 @@ class HttpTelemetry:
                 status = message["status"]
             await send(message)
 
-        if self.metrics is not None:
-            self.metrics.started(method, scheme)
+        if metrics is not None:
+            metrics.started(method, scheme)
         started = perf_counter()
         error = ""
         try:
@@ -312,35 +312,18 @@ class HttpTelemetry:
             if token is not None:
                 otel_context.detach(token)
             route = getattr(scope.get("route"), "path", "")
+            status = status or 500  # no response started: the server's answer is a 500
             if not error and status >= 500:
                 error = str(status)
-            key = (method, status or 500, route, scope.get("http_version", ""), scheme, error)
-            if self.metrics is not None:
-                self.metrics.finished(method, scheme, key, seconds)
+            key = (method, status, route, scope.get("http_version", ""), scheme, error)
+            if metrics is not None:
+                metrics.finished(method, scheme, key, seconds)
             if span is not None:
                 if span.is_recording():
                     _describe(span, scope, key)
                 span.end()
-            if self.access is not None:
-                self.access.write(scope, status or 500, route, seconds, span)
-
-    async def _quiet(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A probe or scrape: in the access log only when it fails."""
-        status = 0
-        started = perf_counter()
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            if self.access is not None and (status == 0 or status >= 500):
-                route = getattr(scope.get("route"), "path", "")
-                self.access.write(scope, status or 500, route, perf_counter() - started, None)
+            if self.access is not None and (not quiet or status >= 500):
+                self.access.write(scope, status, route, seconds, span)
 
 
 def _incoming(headers: list[tuple[bytes, bytes]]) -> otel_context.Context | None:
@@ -356,7 +339,7 @@ def _describe(span: trace.Span, scope: Scope, key: DurationKey) -> None:
     """A recorded span's name and attributes (a dropped one needs none)."""
     method, status, route, version, scheme, error = key
     if route:
-        span.update_name(f"{'HTTP' if method == '_OTHER' else method} {route}")
+        span.update_name(f"{span.name} {route}")  # type: ignore[attr-defined]
     attributes: dict[str, Any] = {
         "http.request.method": method,
         "http.response.status_code": status,
