@@ -21,6 +21,8 @@ times (CPU time of the calling thread, per call):
                   requests: twice per request)
   count           what cattle's middleware does instead of those three: one
                   request started and finished in the node's own count
+  count-prometheus-client  the same with prometheus_client's Histogram and
+                  Gauge (labels looked up, in-flight up and down, one observe)
   span-dropped    start and end of a server span the sampler drops
   span-recorded   start and end of a server span that is recorded (no
                   processor: what recording alone costs)
@@ -52,7 +54,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from starlette.types import Message, Scope
 
 from loadtests import report as reports
@@ -167,6 +169,28 @@ def _sdk_cases(log: logging.StreamHandler[Any], node_access: AccessLog) -> dict[
         counted.started("GET", "http")
         counted.finished("GET", "http", key, 0.0004)
 
+    registry = CollectorRegistry(auto_describe=False)
+    histogram = Histogram(
+        "http_server_request_duration_seconds",
+        "Duration of HTTP server requests.",
+        ["error_type", "http_request_method", "http_response_status_code", "http_route",
+         "network_protocol_version", "url_scheme"],
+        buckets=DURATION_BUCKETS_S,
+        registry=registry,
+    )  # fmt: skip
+    active = Gauge(
+        "http_server_active_requests",
+        "Number of active HTTP server requests.",
+        ["http_request_method", "url_scheme"],
+        registry=registry,
+    )
+
+    def count_with_client() -> None:
+        in_flight = active.labels("GET", "http")
+        in_flight.inc()
+        in_flight.dec()
+        histogram.labels("", "GET", "200", "/v1/notes/{note_id}", "1.1", "http").observe(0.0004)
+
     scope: Scope = {
         "method": "GET",
         "path": "/v1/notes/x",
@@ -179,6 +203,7 @@ def _sdk_cases(log: logging.StreamHandler[Any], node_access: AccessLog) -> dict[
         "record": _sync(lambda: duration.record(0.0004, DURATION_ATTRIBUTES)),
         "add": _sync(lambda: in_flight.add(1, IN_FLIGHT_ATTRIBUTES)),
         "count": _sync(count),
+        "count-prometheus-client": _sync(count_with_client),
         "span-dropped": _sync(span(dropped)),
         "span-recorded": _sync(span(recorded)),
         "access-log-stock": _sync(lambda: access.info(*line)),
@@ -319,7 +344,9 @@ def markdown(report: dict[str, Any]) -> str:
         "(`loadtests.benchmarks.stock_node`), both on the node's default sampler (10% of new "
         "traces recorded, none exported).",
         "- `record`, `add` and the spans are single SDK calls on providers built as the node "
-        "builds its own; `count` is the node's own count of one request; `access-log-stock` "
+        "builds its own; `count` is the node's own count of one request, "
+        "`count-prometheus-client` the same with prometheus_client's Histogram and Gauge; "
+        "`access-log-stock` "
         "is one access line as uvicorn writes it, through the logging module, the node's "
         "trace filter and python-json-logger; `access-log` is the node's own access line "
         "(service.telemetry.http.AccessLog); both to a file.",

@@ -254,6 +254,7 @@ def test_the_otel_cost_benchmark_writes_a_complete_report(tmp_path: Path) -> Non
     summary = report["summary"]
     assert set(summary) == {
         "read", "read+telemetry", "read+fastapi-telemetry", "record", "add", "count",
+        "count-prometheus-client",
         "span-dropped", "span-recorded", "access-log-stock", "access-log",
     }  # fmt: skip
     for name, row in summary.items():
