@@ -93,6 +93,7 @@ def test_the_sdk_call_costs_quoted_are_the_committed_result() -> None:
         ("`Histogram.record` of the duration", "record"),
         ("`UpDownCounter.add` (in-flight; twice per request)", "add"),
         ("the node's own count of a request", "count"),
+        ("the same count by prometheus_client's Histogram and Gauge", "count-prometheus-client"),
         ("a server span the sampler drops", "span-dropped"),
         ("a recorded server span", "span-recorded"),
         ("one access line through the logging module and python-json-logger", "access-log-stock"),
@@ -106,6 +107,11 @@ def test_the_sdk_call_costs_quoted_are_the_committed_result() -> None:
     added = result["telemetry_added_us_median"]
     assert f"cattle's middleware adds {added['read+telemetry']:.1f} µs" in page
     assert f"telemetry {added['read+fastapi-telemetry']:.1f} µs" in page
+    ours, client = summary["count"], summary["count-prometheus-client"]
+    assert (
+        f"{ours['share_of_read_median']:.1%} of the read against "
+        f"{client['share_of_read_median']:.1%}" in page
+    )
     floor = result["metrics_floor"]
     assert f"{floor['share_of_read_median']:.1%} of the read" in page
     assert f"({floor['us_median']:.1f} µs)" in page

@@ -95,7 +95,10 @@ class HttpMetrics:
 
     A finished request is a dictionary lookup and a bisect; /metrics turns
     the counts into the histogram and gauge that the SDK's Prometheus reader
-    would have written, with the same names and labels.
+    would have written, with the same names and labels. prometheus_client's
+    Histogram and Gauge would render the same series at several times the
+    cost per request (docs/results/otel-cost.md, `count` against
+    `count-prometheus-client`).
     """
 
     def __init__(self, buckets_s: Sequence[float]) -> None:
