@@ -72,6 +72,8 @@ class Plan:
     # off), beside the protected runs.
     control: bool = True
     front: str = "haproxy"
+    # Notes created before each run's load, for the readers to read.
+    seed_notes: int = 200
 
 
 SMOKE = Plan(
@@ -89,6 +91,7 @@ SMOKE = Plan(
     ),
     baseline_s=(0.5, 2.0),
     drain_delay_s=0.5,
+    seed_notes=20,  # 200 take seconds per run through the smoke's small nodes
 )
 
 
@@ -196,6 +199,7 @@ def drill(
             users=plan.users,
             duration_s=plan.duration_s,
             rate_per_user=rate_per_user,
+            seed_notes=plan.seed_notes,
             schedule=schedule,
         )
     return result, out_of_rotation_s

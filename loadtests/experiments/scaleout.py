@@ -91,6 +91,8 @@ class Plan:
     fit_ns: tuple[int, ...] = (1, 2, 4)
     # The nodes' read cache (service/cache/): off is the control for what it does.
     cache: bool = True
+    # Notes created before each run's load, for the readers to read.
+    seed_notes: int = 200
 
 
 SMOKE = Plan(
@@ -103,6 +105,7 @@ SMOKE = Plan(
     min_pairs=2,
     max_pairs=2,
     max_minutes=5.0,
+    seed_notes=20,  # 200 take 3 s per run through a quarter core
 )
 
 
@@ -144,6 +147,7 @@ def measure(n: int, plan: Plan, run_dir: Path) -> Point:
             users=n * plan.users_per_node,
             duration_s=plan.warmup_s + plan.measure_s,
             mix=plan.mix,
+            seed_notes=plan.seed_notes,
             on_sample=read_cgroups,
         )
         cache = cache_counts([node["url"] for node in state["nodes"]])
