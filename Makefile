@@ -23,6 +23,11 @@ export UV_PYTHON_DOWNLOADS := never
 # it, and every process (each node the suite starts) compiles FastAPI,
 # SQLAlchemy and the rest from source again before it can serve.
 export UV_COMPILE_BYTECODE := 1
+# ... and pytest caches nothing either: each pytest process (each xdist
+# worker, each suite a drill runs in a copy) would rewrite the asserts of
+# the test modules and of its plugins' hundreds of modules again before
+# collecting. Our own commands may write __pycache__ (git ignores it).
+unexport PYTHONDONTWRITEBYTECODE
 UV := $(shell command -v uv 2>/dev/null)
 ifeq ($(UV),)
 UV := $(HOME)/.local/bin/uv
