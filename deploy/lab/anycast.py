@@ -5,8 +5,9 @@
                   198.51.100.4i+1  <->  198.51.100.4i+2 (node i)
 
 Every node's namespace holds the service address (VIP) on its loopback, the
-cattle node listening on port 80, and an ExaBGP sidecar whose healthcheck
-announces VIP/32 to the router while /readyz answers 200. BIRD merges the
+cattle node listening on port 80, an ExaBGP sidecar whose healthcheck
+announces VIP/32 to the router while /readyz answers 200, and (BFD on, the
+default) a small BIRD answering the router's BFD session. BIRD merges the
 equal routes into one multipath route; the router's kernel hashes each flow
 (layer 4) onto one node. Addresses come from the documentation ranges and
 exist only inside the lab's own namespaces: nothing is added to the host's.
@@ -41,11 +42,19 @@ ROUTER_ID = "203.0.113.1"
 ROUTER_CLIENT_ADDRESS = "203.0.113.1"
 CLIENT_ADDRESS = "203.0.113.2"
 CLIENT_IFNAME = "client"
-# BGP timers: a node whose sidecar falls silent (a hung or cut-off machine) is
-# dropped when the hold time runs out; a dead process closes its session at
-# once, and a dead node (sidecar alive) is withdrawn by the healthcheck.
+# BGP timers: a dead process closes its session at once, and a dead node
+# (sidecar alive) is withdrawn by the healthcheck; a node that falls silent
+# (a hung or cut-off machine) is dropped when the hold time runs out, or by
+# BFD well before that.
 HOLD_TIME_S = 3
 KEEPALIVE_S = 1
+# BFD between the router and each node: a packet every 100 ms each way, down
+# after 3 in a row fail to come (0.3 s of silence). Short enough that a
+# silent node's route goes well within a second; long enough that on two
+# cores shared with the nodes and the load (the daemons at CONTROL_PLANE_NICE)
+# one or two late packets do not take a healthy node out.
+BFD_INTERVAL_MS = 100
+BFD_MULTIPLIER = 3
 # Seconds between the sidecar's checks: the bound on seeing the drain file.
 CHECK_INTERVAL_S = 0.2
 # BIRD and ExaBGP (with its health checks) run ahead of the load: see _control_plane.
@@ -89,7 +98,7 @@ def node_link(index: int) -> tuple[str, str]:
     return f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
 
 
-def plan(lab_id: str, node_ids: list[str], *, pinning: bool) -> dict[str, Any]:
+def plan(lab_id: str, node_ids: list[str], *, pinning: bool, bfd: bool = True) -> dict[str, Any]:
     """The anycast part of lab.json: every name and address, before anything exists.
 
     Saved first, so `down` finds the lab's namespaces even after a failed `up`.
@@ -119,6 +128,9 @@ def plan(lab_id: str, node_ids: list[str], *, pinning: bool) -> dict[str, Any]:
         "hold_time_s": HOLD_TIME_S,
         "check_interval_s": CHECK_INTERVAL_S,
         "pinning": pinning,
+        "bfd": bfd,
+        "bfd_interval_ms": BFD_INTERVAL_MS,
+        "bfd_multiplier": BFD_MULTIPLIER,
         "nodes": nodes,
         "bird": None,
     }
@@ -242,31 +254,53 @@ def start_router(anycast: dict[str, Any], run_dir: Path, timeout_s: float = 10) 
             router_as=anycast["router_as"],
             hold_time_s=anycast["hold_time_s"],
             keepalive_s=KEEPALIVE_S,
+            bfd="on" if anycast.get("bfd") else "off",
+            bfd_interval_ms=anycast.get("bfd_interval_ms", BFD_INTERVAL_MS),
+            bfd_multiplier=anycast.get("bfd_multiplier", BFD_MULTIPLIER),
             max_paths=MAX_NODES,
             peers=peers,
         )
     )
-    sock = run_dir / "bird.ctl"
-    log = run_dir / "bird.log"
+    return _start_bird(anycast["router_netns"], config, run_dir / "bird", timeout_s)
+
+
+def _start_bird(name: str, config: Path, stem: Path, timeout_s: float) -> dict[str, Any]:
+    """BIRD with `config` inside namespace `name`, at the control plane's priority,
+    its control socket, pid file and log at `stem`.ctl/.pid/.log (the lab's run
+    directory, never /run/bird); returns once it answers on that socket."""
+    sock, log, pidfile = (Path(f"{stem}.{suffix}") for suffix in ("ctl", "log", "pid"))
     bird = _binary("bird", "bird2")
     check = subprocess.run(
         [bird, "-p", "-c", str(config)], capture_output=True, text=True, timeout=10, check=False
     )
     if check.returncode != 0:
         raise AnycastError(f"BIRD rejected {config}:\n{check.stdout}{check.stderr}")
-    argv = [bird, "-f", "-c", str(config), "-s", str(sock), "-P", str(run_dir / "bird.pid")]
-    pid = procs.spawn(_control_plane(netns.exec_argv(anycast["router_netns"], argv)), log=log)
+    argv = [bird, "-f", "-c", str(config), "-s", str(sock), "-P", str(pidfile)]
+    pid = procs.spawn(_control_plane(netns.exec_argv(name, argv)), log=log)
     info = {"pid": pid, "config": str(config), "socket": str(sock), "log": str(log)}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not procs.is_ours(pid, str(config)):
+        if not procs.is_ours(pid, str(config)) and (ended := _ended(pid)):
             tail = log.read_text(errors="replace").splitlines()[-10:]
-            raise AnycastError("bird exited at start:\n" + "\n".join(tail))
+            raise AnycastError(f"bird in {name} {ended} at start:\n" + "\n".join(tail))
         with contextlib.suppress(AnycastError):
             birdc(info, "show status")
             return info
         time.sleep(0.05)
     raise AnycastError(f"bird did not open {sock} in {timeout_s:.0f} s; see {log}")
+
+
+def _ended(pid: int) -> str | None:
+    """How our child `pid` ended, or None while it still runs: a process caught
+    in exec() (nice and `ip netns exec` each exec the next) can look gone for a
+    moment on a busy machine, and must not fail a start that is going well."""
+    try:
+        waited, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return "exited"  # already reaped: it is gone
+    if waited == 0:
+        return None
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 def birdc(bird: dict[str, Any], command: str) -> str:
@@ -291,6 +325,29 @@ def bgp_sessions(bird: dict[str, Any]) -> dict[str, str]:
         if len(words) >= 6 and words[1] == "BGP":
             sessions[words[0]] = words[5]
     return sessions
+
+
+def bfd_sessions(bird: dict[str, Any], anycast: dict[str, Any]) -> dict[str, str]:
+    """Each node's BFD session as the router's BIRD sees it: Up, Down, Init, AdminDown."""
+    sessions = {}
+    for line in birdc(bird, "show bfd sessions").splitlines():
+        words = line.split()
+        if len(words) >= 3 and (node_id := node_for_address(anycast, words[0])):
+            sessions[node_id] = words[2]
+    return sessions
+
+
+def wait_bfd_up(anycast: dict[str, Any], node_ids: set[str], timeout_s: float) -> float:
+    """Seconds until the router's BFD session with each of `node_ids` is Up."""
+    started = time.monotonic()
+    seen: dict[str, str] = {}
+    while time.monotonic() - started < timeout_s:
+        with contextlib.suppress(AnycastError):
+            seen = bfd_sessions(anycast["bird"], anycast)
+        if all(seen.get(n) == "Up" for n in node_ids):
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AnycastError(f"router BFD sessions {seen} after {timeout_s:.0f} s, expected all Up")
 
 
 def announcing(bird: dict[str, Any], vip: str) -> list[str]:
@@ -393,6 +450,26 @@ def start_sidecar(
     return {"pid": pid, "config": str(config), "log": str(log)}
 
 
+def start_bfd_responder(
+    anycast: dict[str, Any], node_id: str, *, run_dir: Path, timeout_s: float = 10
+) -> dict[str, Any]:
+    """The small BIRD in node `node_id`'s namespace that answers the router's BFD
+    session (ExaBGP has no BFD): deploy/bird/bfd-node.conf.tmpl."""
+    node = anycast["nodes"][node_id]
+    config = run_dir / f"{node_id}.bfd.conf"
+    config.write_text(
+        render(
+            "bird/bfd-node.conf.tmpl",
+            node_address=node["address"],
+            router_address=node["router_address"],
+            interface="eth0",
+            bfd_interval_ms=anycast.get("bfd_interval_ms", BFD_INTERVAL_MS),
+            bfd_multiplier=anycast.get("bfd_multiplier", BFD_MULTIPLIER),
+        )
+    )
+    return _start_bird(node["netns"], config, run_dir / f"{node_id}.bfd", timeout_s)
+
+
 def _control_plane(argv: list[str]) -> list[str]:
     """`argv` at the routing daemons' priority (nice CONTROL_PLANE_NICE; `nice`
     execs it, so the PID stays the program's). On two cores shared with the
@@ -403,6 +480,7 @@ def _control_plane(argv: list[str]) -> list[str]:
 
 
 def sidecar_running(sidecar: dict[str, Any] | None) -> bool:
+    """Whether a process recorded as {"pid", "config"} (a sidecar, a BFD responder) runs."""
     return sidecar is not None and procs.is_ours(sidecar.get("pid"), sidecar["config"])
 
 
@@ -411,8 +489,14 @@ def stop_sidecar(sidecar: dict[str, Any] | None, timeout_s: float = 5) -> None:
         procs.stop(sidecar.get("pid"), sidecar["config"], timeout_s=timeout_s)
 
 
+# The BFD responder is recorded, found and stopped as the sidecar is.
+bfd_responder_running = sidecar_running
+stop_bfd_responder = stop_sidecar
+
+
 def kill_namespace(anycast: dict[str, Any], node_id: str) -> list[int]:
-    """SIGKILL every process in a node's namespace (node, ExaBGP, its check): a machine lost."""
+    """SIGKILL every process in a node's namespace (node, ExaBGP, its check, its BFD
+    responder): a machine lost."""
     killed = []
     for pid in netns.pids(anycast["nodes"][node_id]["netns"]):
         with contextlib.suppress(ProcessLookupError):

@@ -72,6 +72,13 @@ def parser() -> argparse.ArgumentParser:
         default="on",
         help="anycast: the router keeps each flow on its node when next hops change",
     )
+    up.add_argument(
+        "--bfd",
+        choices=("on", "off"),
+        default="on",
+        help="anycast: BFD between the router and each node (a silent node's route goes "
+        "in under a second; off: when the BGP hold time runs out)",
+    )
     up.add_argument("--cpu", type=_fraction, help="cap each node at this fraction of a core")
     up.add_argument("--drain-delay", type=float, default=2.0, help="seconds (default 2)")
     up.add_argument(
@@ -198,16 +205,21 @@ def _print_status(state: dict[str, Any]) -> None:
         print(
             f"anycast {state['front']}  client namespace {state['anycast']['client_netns']}  "
             f"pinning {'on' if router.get('pinning') else 'off'}  "
+            f"bfd {'on' if router.get('bfd') else 'off'}  "
             f"bird {'running' if router['bird_running'] else 'NOT running'}"
         )
         print(f"router ECMP next hops: {hops}")
-        print(f"{'node':6} {'pid':>8} {'url':24} {'state':10} {'bgp':12} {'announced':10} sidecar")
+        print(
+            f"{'node':6} {'pid':>8} {'url':24} {'state':10} {'bgp':12} {'bfd':9} "
+            f"{'announced':10} sidecar"
+        )
         for node in state["nodes"]:
             health = node.get("health") or {}
             lifecycle = health.get("lifecycle") or ("down" if not node["running"] else "?")
             print(
                 f"{node['id']:6} {node['pid'] or '-':>8} {node['url']:24} {lifecycle!s:10} "
-                f"{node.get('bgp') or '-':12} {'yes' if node.get('announced') else 'no':10} "
+                f"{node.get('bgp') or '-':12} {node.get('bfd') or '-':9} "
+                f"{'yes' if node.get('announced') else 'no':10} "
                 f"{'running' if node.get('sidecar_running') else 'down'}"
             )
         return
@@ -269,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     retries=not args.no_retries,
                     observe=not args.no_observe,
                     pinning=args.pinning == "on",
+                    bfd=args.bfd == "on",
                     prometheus=args.prometheus,
                     max_nodes=args.max_nodes,
                 ),

@@ -57,6 +57,9 @@ class LabOptions:
     node_env: dict[str, str] = field(default_factory=dict)
     # Anycast front: the router keeps each flow on the node it started on.
     pinning: bool = True
+    # Anycast front: BFD between the router and each node, so a node that
+    # falls silent loses its route in a fraction of a second, not the hold time.
+    bfd: bool = True
     # A Prometheus scraping every node and the front (haproxy front only).
     prometheus: bool = False
     # The most nodes `scale` may grow to: each planned node's bus port is
@@ -158,6 +161,11 @@ class Lab:
             for n in state.get("nodes", [])
             if anycast.sidecar_running(n.get("sidecar"))
         ]
+        live += [
+            f"bird-bfd {n['id']} (pid {n['bfd_responder']['pid']})"
+            for n in state.get("nodes", [])
+            if anycast.bfd_responder_running(n.get("bfd_responder"))
+        ]
         bird = (state.get("anycast") or {}).get("bird") or {}
         if procs.is_ours(bird.get("pid"), bird.get("config", "-")):
             live.append(f"bird (pid {bird['pid']})")
@@ -218,6 +226,7 @@ class Lab:
                 "retries": options.retries,
                 "observe": options.observe,
                 "pinning": options.pinning if options.front == "anycast" else None,
+                "bfd": options.bfd if options.front == "anycast" else None,
                 "drain_delay_s": options.drain_delay_s,
                 "shutdown_timeout_s": options.shutdown_timeout_s,
                 "max_nodes": max_nodes,
@@ -332,7 +341,9 @@ class Lab:
         self, state: dict[str, Any], node_ids: list[str], options: LabOptions
     ) -> None:
         try:
-            state["anycast"] = anycast.plan(state["lab_id"], node_ids, pinning=options.pinning)
+            state["anycast"] = anycast.plan(
+                state["lab_id"], node_ids, pinning=options.pinning, bfd=options.bfd
+            )
             self._save(state)  # names first: `down` finds them after a failed `up`
             anycast.create_network(state["anycast"])
             state["anycast"]["bird"] = anycast.start_router(state["anycast"], self.run_dir)
@@ -344,11 +355,20 @@ class Lab:
         plan = state["anycast"]
         try:
             for node in state["nodes"]:
+                if plan.get("bfd"):
+                    node["bfd_responder"] = anycast.start_bfd_responder(
+                        plan, node["id"], run_dir=self.run_dir
+                    )
+                    self._save(state)
                 node["sidecar"] = anycast.start_sidecar(
                     plan, node["id"], drain_file=node["drain_file"], run_dir=self.run_dir
                 )
                 self._save(state)
-            anycast.wait_next_hops(plan, {n["id"] for n in state["nodes"]}, timeout_s=20)
+            node_ids = {n["id"] for n in state["nodes"]}
+            anycast.wait_next_hops(plan, node_ids, timeout_s=20)
+            if plan.get("bfd"):
+                # Up before `up` returns: from then on a silent node is seen in < 1 s.
+                anycast.wait_bfd_up(plan, node_ids, timeout_s=10)
             anycast.set_pinning(plan, self.run_dir, options.pinning)
         except (anycast.AnycastError, netns.NetnsError) as exc:
             raise LabError(str(exc)) from None
@@ -699,11 +719,24 @@ class Lab:
         finally:
             if group is not None:
                 group.cap(state["options"]["cpu"])
-        if node.get("netns") and not anycast.sidecar_running(node.get("sidecar")):
-            # Its machine was lost with it (kill --machine): the sidecar comes back too.
-            node["sidecar"] = anycast.start_sidecar(
-                state["anycast"], node_id, drain_file=node["drain_file"], run_dir=self.run_dir
-            )
+        plan = state.get("anycast") or {}
+        lost = {
+            "sidecar": node.get("netns") and not anycast.sidecar_running(node.get("sidecar")),
+            "bfd": plan.get("bfd") and not anycast.bfd_responder_running(node.get("bfd_responder")),
+        }
+        if any(lost.values()):
+            # Its machine was lost with it (kill --machine): what ran beside it comes back too.
+            try:
+                if lost["bfd"]:
+                    node["bfd_responder"] = anycast.start_bfd_responder(
+                        plan, node_id, run_dir=self.run_dir
+                    )
+                if lost["sidecar"]:
+                    node["sidecar"] = anycast.start_sidecar(
+                        plan, node_id, drain_file=node["drain_file"], run_dir=self.run_dir
+                    )
+            except anycast.AnycastError as exc:
+                raise LabError(str(exc)) from None
             for i, existing in enumerate(state["nodes"]):
                 if existing["id"] == node_id:
                     state["nodes"][i] = node
@@ -745,6 +778,9 @@ class Lab:
             if anycast.sidecar_running(node.get("sidecar")):
                 anycast.stop_sidecar(node["sidecar"])
                 stopped.append(f"exabgp {node['id']}")
+            if anycast.bfd_responder_running(node.get("bfd_responder")):
+                anycast.stop_bfd_responder(node["bfd_responder"])
+                stopped.append(f"bird-bfd {node['id']}")
             if node.get("cgroup"):
                 with contextlib.suppress(OSError):
                     cgroups.CpuGroup(Path(node["cgroup"])).remove()
@@ -784,15 +820,21 @@ class Lab:
             "bird_running": procs.is_ours(bird.get("pid"), bird.get("config", "-"))
         }
         view["pinning"] = plan.get("pinning")
+        view["bfd"] = plan.get("bfd")
         if view["bird_running"]:
             with contextlib.suppress(anycast.AnycastError):
                 view["sessions"] = anycast.bgp_sessions(bird)
                 view["announcing"] = anycast.announcing(bird, plan["vip"])
+            if view["bfd"]:
+                with contextlib.suppress(anycast.AnycastError):
+                    view["bfd_sessions"] = anycast.bfd_sessions(bird, plan)
         with contextlib.suppress(netns.NetnsError):
             view["next_hops"] = anycast.next_hop_nodes(plan)
         for node in state["nodes"]:
             node["sidecar_running"] = anycast.sidecar_running(node.get("sidecar"))
             node["bgp"] = (view.get("sessions") or {}).get(node["id"])
+            node["bfd_responder_running"] = anycast.bfd_responder_running(node.get("bfd_responder"))
+            node["bfd"] = (view.get("bfd_sessions") or {}).get(node["id"])
             node["announced"] = node["id"] in (view.get("announcing") or [])
         return view
 
