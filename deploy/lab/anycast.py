@@ -29,12 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploy.lab import netns, procs
+from deploy.lab import haproxy, netns, procs
 from deploy.lab.render import render
 
 VIP = "192.0.2.10"
 SERVICE_PORT = 80
+# anycast+haproxy: VIP:80 is the namespace's HAProxy; the app node listens here.
+APP_PORT = 8000
 AGENT_PORT = 8081
+PROXY_STATS_PORT = 8404
+PROXY_METRICS_PORT = 8405
 BUS_PORT = 7400
 ROUTER_AS = 64512
 NODE_AS = 64513  # one AS for every node: equal AS paths, so the router merges them
@@ -418,6 +422,13 @@ def sidecar_env() -> dict[str, str]:
 def start_sidecar(
     anycast: dict[str, Any], node_id: str, *, drain_file: str, run_dir: Path
 ) -> dict[str, Any]:
+    """ExaBGP in node `node_id`'s namespace, announcing the VIP while the check passes.
+
+    The check asks /readyz of whatever answers on VIP:port there: the node
+    itself on the anycast front; on anycast+haproxy that namespace's HAProxy,
+    which answers from any ready node, so the route stays while the machine's
+    proxy can reach one (a dead app node is the proxy's to route around).
+    """
     node = anycast["nodes"][node_id]
     healthcheck_config = run_dir / f"{node_id}.healthcheck.conf"
     healthcheck_config.write_text(
@@ -425,7 +436,7 @@ def start_sidecar(
             "exabgp/healthcheck.conf.tmpl",
             vip=anycast["vip"],
             drain_file=drain_file,
-            readyz_url=f"http://127.0.0.1:{anycast['port']}/readyz",
+            readyz_url=f"http://{anycast['vip']}:{anycast['port']}/readyz",
             interval_s=anycast["check_interval_s"],
         )
     )
@@ -477,6 +488,51 @@ def _control_plane(argv: list[str]) -> list[str]:
     file, or hear the withdrawal, late: routers give their control plane
     priority over the traffic too."""
     return ["nice", "-n", str(CONTROL_PLANE_NICE), *argv]
+
+
+def start_proxy(
+    anycast: dict[str, Any],
+    node_id: str,
+    servers: list[haproxy.Server],
+    *,
+    run_dir: Path,
+    timeout_s: float = 10,
+) -> dict[str, Any]:
+    """anycast+haproxy: HAProxy in node `node_id`'s namespace on VIP:port, balancing
+    over every app node (the lab's HAProxy configuration; its files in their own
+    directory, run_dir/front-NODE). Returns once its admin socket answers."""
+    node = anycast["nodes"][node_id]
+    home = run_dir / f"front-{node_id}"
+    home.mkdir(exist_ok=True)
+    config = haproxy.write_config(
+        home, servers, front_host=anycast["vip"], front_port=anycast["port"],
+        stats_port=PROXY_STATS_PORT, metrics_port=PROXY_METRICS_PORT,
+    )  # fmt: skip
+    log = home / "haproxy.log"
+    argv = [haproxy.find_haproxy(), "-db", "-f", str(config)]
+    pid = procs.spawn(netns.exec_argv(node["netns"], argv), log=log)
+    sock = home / "haproxy.sock"
+    info = {"pid": pid, "config": str(config), "socket": str(sock), "log": str(log)}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not procs.is_ours(pid, str(config)) and _ended(pid):
+            tail = log.read_text(errors="replace").splitlines()[-10:]
+            raise AnycastError(f"haproxy in {node['netns']} exited at start:\n" + "\n".join(tail))
+        with contextlib.suppress(OSError):
+            if "Name: HAProxy" in haproxy.admin(sock, "show info"):
+                return info
+        time.sleep(0.05)
+    procs.stop(pid, str(config), timeout_s=2)
+    raise AnycastError(f"haproxy in {node['netns']} did not answer in {timeout_s:.0f} s; see {log}")
+
+
+def proxy_running(proxy: dict[str, Any] | None) -> bool:
+    return proxy is not None and procs.is_ours(proxy.get("pid"), proxy["config"])
+
+
+def stop_proxy(proxy: dict[str, Any] | None, timeout_s: float = 5) -> None:
+    if proxy:
+        procs.stop(proxy.get("pid"), proxy["config"], timeout_s=timeout_s)
 
 
 def sidecar_running(sidecar: dict[str, Any] | None) -> bool:

@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
         "--front",
         choices=FRONTS,
         default="haproxy",
-        help="haproxy on loopback; anycast: BIRD router + ExaBGP sidecars in namespaces",
+        help="haproxy on loopback; anycast: BIRD router + ExaBGP sidecars in namespaces; "
+        "anycast+haproxy: the same with an HAProxy per namespace over every node",
     )
     up.add_argument(
         "--pinning",
@@ -209,21 +210,23 @@ def _print_status(state: dict[str, Any]) -> None:
             f"bird {'running' if router['bird_running'] else 'NOT running'}"
         )
         print(f"router ECMP next hops: {hops}")
+        proxies = any("proxy_running" in node for node in state["nodes"])
         print(
-            f"{'node':6} {'pid':>8} {'url':24} {'state':10} {'bgp':12} {'bfd':9} "
-            f"{'announced':10} sidecar"
+            f"{'node':6} {'pid':>8} {'url':26} {'state':10} {'bgp':12} {'bfd':9} "
+            f"{'announced':10} {'sidecar':8}" + (" haproxy" if proxies else "")
         )
         for node in state["nodes"]:
             health = node.get("health") or {}
             lifecycle = health.get("lifecycle") or ("down" if not node["running"] else "?")
             print(
-                f"{node['id']:6} {node['pid'] or '-':>8} {node['url']:24} {lifecycle!s:10} "
+                f"{node['id']:6} {node['pid'] or '-':>8} {node['url']:26} {lifecycle!s:10} "
                 f"{node.get('bgp') or '-':12} {node.get('bfd') or '-':9} "
                 f"{'yes' if node.get('announced') else 'no':10} "
-                f"{'running' if node.get('sidecar_running') else 'down'}"
+                f"{'running' if node.get('sidecar_running') else 'down':8}"
+                + ((" running" if node["proxy_running"] else " down") if proxies else "")
             )
         return
-    print(f"{'node':6} {'pid':>8} {'url':24} {'state':10} {'haproxy':12} cgroup")
+    print(f"{'node':6} {'pid':>8} {'url':26} {'state':10} {'haproxy':12} cgroup")
     for node in state["nodes"]:
         health = node.get("health") or {}
         lifecycle = (
@@ -233,7 +236,7 @@ def _print_status(state: dict[str, Any]) -> None:
         )
         proxy = (node.get("haproxy") or {}).get("status", "-")
         print(
-            f"{node['id']:6} {node['pid'] or '-':>8} {node['url']:24} {lifecycle!s:10} "
+            f"{node['id']:6} {node['pid'] or '-':>8} {node['url']:26} {lifecycle!s:10} "
             f"{proxy!s:12} {node.get('cgroup') or '-'}"
         )
 

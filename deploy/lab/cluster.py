@@ -34,7 +34,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUN_DIR = REPO_ROOT / "run" / "lab"
 STATE_FILE = "lab.json"
 BACKENDS = ("sqlite", "postgres", "patroni")
-FRONTS = ("haproxy", "anycast", "none")
+FRONTS = ("haproxy", "anycast", "anycast+haproxy", "none")
+# Fronts with the BIRD router, ECMP and a namespace per node; anycast+haproxy
+# adds an HAProxy in every node's namespace, balancing over all the app nodes.
+ANYCAST_FRONTS = ("anycast", "anycast+haproxy")
 
 
 class LabError(RuntimeError):
@@ -157,6 +160,11 @@ class Lab:
         if procs.is_ours(metrics.get("pid"), metrics.get("config", "-")):
             live.append(f"prometheus (pid {metrics['pid']})")
         live += [
+            f"haproxy {n['id']} (pid {n['proxy']['pid']})"
+            for n in state.get("nodes", [])
+            if anycast.proxy_running(n.get("proxy"))
+        ]
+        live += [
             f"exabgp {n['id']} (pid {n['sidecar']['pid']})"
             for n in state.get("nodes", [])
             if anycast.sidecar_running(n.get("sidecar"))
@@ -189,18 +197,18 @@ class Lab:
                 raise LabError(str(exc)) from None
         if options.front not in FRONTS:
             raise LabError(f"--front {options.front!r}: choose one of {', '.join(FRONTS)}")
-        if options.front == "haproxy":
+        if options.front in ("haproxy", "anycast+haproxy"):
             try:
                 haproxy.find_haproxy()
             except haproxy.HAProxyError as exc:
                 raise LabError(str(exc)) from None
-        if options.front == "anycast":
+        if options.front in ANYCAST_FRONTS:
             try:
                 anycast.check_installed()
             except anycast.AnycastError as exc:
                 raise LabError(str(exc)) from None
             if options.backend != "sqlite":
-                raise LabError("--front anycast runs on --backend sqlite for now")
+                raise LabError(f"--front {options.front} runs on --backend sqlite for now")
         max_nodes = max(options.nodes, options.max_nodes or 0)
         if options.prometheus:
             if options.front != "haproxy":
@@ -225,8 +233,8 @@ class Lab:
                 "cpu": options.cpu,
                 "retries": options.retries,
                 "observe": options.observe,
-                "pinning": options.pinning if options.front == "anycast" else None,
-                "bfd": options.bfd if options.front == "anycast" else None,
+                "pinning": options.pinning if options.front in ANYCAST_FRONTS else None,
+                "bfd": options.bfd if options.front in ANYCAST_FRONTS else None,
                 "drain_delay_s": options.drain_delay_s,
                 "shutdown_timeout_s": options.shutdown_timeout_s,
                 "max_nodes": max_nodes,
@@ -250,7 +258,7 @@ class Lab:
             # Fixed bus ports, known before any node starts: each node's
             # CATTLE_BUS_PEERS names all the others.
             node_ids = [f"n{i}" for i in range(1, options.nodes + 1)]
-            if options.front == "anycast":
+            if options.front in ANYCAST_FRONTS:
                 self._start_anycast_router(state, node_ids, options)
                 # Each node in its own namespace: the same port everywhere.
                 bus_ports = dict.fromkeys(node_ids, anycast.BUS_PORT)
@@ -275,7 +283,7 @@ class Lab:
                 step("prometheus")
                 self._save(state)
                 state["prometheus"] = self._start_prometheus(state)
-            if options.front == "anycast":
+            if options.front in ANYCAST_FRONTS:
                 self._start_sidecars(state, options)
                 state["front"] = f"http://{anycast.VIP}:{anycast.SERVICE_PORT}"
             self._save(state)
@@ -354,6 +362,10 @@ class Lab:
     def _start_sidecars(self, state: dict[str, Any], options: LabOptions) -> None:
         plan = state["anycast"]
         try:
+            if options.front == "anycast+haproxy":
+                for node in state["nodes"]:
+                    node["proxy"] = self._start_machine_proxy(state, node["id"])
+                    self._save(state)
             for node in state["nodes"]:
                 if plan.get("bfd"):
                     node["bfd_responder"] = anycast.start_bfd_responder(
@@ -372,6 +384,16 @@ class Lab:
             anycast.set_pinning(plan, self.run_dir, options.pinning)
         except (anycast.AnycastError, netns.NetnsError) as exc:
             raise LabError(str(exc)) from None
+
+    def _start_machine_proxy(self, state: dict[str, Any], node_id: str) -> dict[str, Any]:
+        """anycast+haproxy: the HAProxy in `node_id`'s namespace, over every app node."""
+        servers = [
+            haproxy.Server(n["id"], n["host"], n["port"], n["agent_port"]) for n in state["nodes"]
+        ]
+        try:
+            return anycast.start_proxy(state["anycast"], node_id, servers, run_dir=self.run_dir)
+        except haproxy.HAProxyError as exc:
+            raise anycast.AnycastError(str(exc)) from None
 
     def set_pinning(self, on: bool) -> dict[str, Any]:
         """Switch the anycast router's connection pinning on or off (for new flows)."""
@@ -420,8 +442,11 @@ class Lab:
         plan = state.get("anycast")
         if plan:
             # Its own namespace: listens on every address there (the VIP on
-            # lo and its link), the same ports as every other node.
-            port, agent_port = anycast.SERVICE_PORT, anycast.AGENT_PORT
+            # lo and its link), the same ports as every other node; behind
+            # the namespace's HAProxy (anycast+haproxy) on the app port.
+            behind_proxy = state["options"]["front"] == "anycast+haproxy"
+            port = anycast.APP_PORT if behind_proxy else anycast.SERVICE_PORT
+            agent_port = anycast.AGENT_PORT
             address = {n: plan["nodes"][n]["address"] for n in bus_ports}
             bind_host = "0.0.0.0"  # inside the node's own namespace only
         else:
@@ -721,12 +746,15 @@ class Lab:
                 group.cap(state["options"]["cpu"])
         plan = state.get("anycast") or {}
         lost = {
+            "proxy": "proxy" in node and not anycast.proxy_running(node.get("proxy")),
             "sidecar": node.get("netns") and not anycast.sidecar_running(node.get("sidecar")),
             "bfd": plan.get("bfd") and not anycast.bfd_responder_running(node.get("bfd_responder")),
         }
         if any(lost.values()):
             # Its machine was lost with it (kill --machine): what ran beside it comes back too.
             try:
+                if lost["proxy"]:
+                    node["proxy"] = self._start_machine_proxy(state, node_id)
                 if lost["bfd"]:
                     node["bfd_responder"] = anycast.start_bfd_responder(
                         plan, node_id, run_dir=self.run_dir
@@ -760,6 +788,10 @@ class Lab:
         if proxy.get("pid") and procs.is_ours(proxy["pid"], proxy["config"]):
             procs.stop(proxy["pid"], proxy["config"], timeout_s=5)
             stopped.append("haproxy")
+        for node in state.get("nodes", []):
+            if anycast.proxy_running(node.get("proxy")):
+                anycast.stop_proxy(node["proxy"])
+                stopped.append(f"haproxy {node['id']}")
         # SIGTERM every node at once, so their drain delays run side by side.
         running = [
             node
@@ -832,6 +864,8 @@ class Lab:
             view["next_hops"] = anycast.next_hop_nodes(plan)
         for node in state["nodes"]:
             node["sidecar_running"] = anycast.sidecar_running(node.get("sidecar"))
+            if "proxy" in node:
+                node["proxy_running"] = anycast.proxy_running(node["proxy"])
             node["bgp"] = (view.get("sessions") or {}).get(node["id"])
             node["bfd_responder_running"] = anycast.bfd_responder_running(node.get("bfd_responder"))
             node["bfd"] = (view.get("bfd_sessions") or {}).get(node["id"])
