@@ -284,7 +284,7 @@ def _start_bird(name: str, config: Path, stem: Path, timeout_s: float) -> dict[s
     info = {"pid": pid, "config": str(config), "socket": str(sock), "log": str(log)}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not procs.is_ours(pid, str(config)) and (ended := _ended(pid)):
+        if not procs.is_ours(pid, str(config)) and (ended := procs.ended(pid)):
             tail = log.read_text(errors="replace").splitlines()[-10:]
             raise AnycastError(f"bird in {name} {ended} at start:\n" + "\n".join(tail))
         with contextlib.suppress(AnycastError):
@@ -292,19 +292,6 @@ def _start_bird(name: str, config: Path, stem: Path, timeout_s: float) -> dict[s
             return info
         time.sleep(0.05)
     raise AnycastError(f"bird did not open {sock} in {timeout_s:.0f} s; see {log}")
-
-
-def _ended(pid: int) -> str | None:
-    """How our child `pid` ended, or None while it still runs: a process caught
-    in exec() (nice and `ip netns exec` each exec the next) can look gone for a
-    moment on a busy machine, and must not fail a start that is going well."""
-    try:
-        waited, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return "exited"  # already reaped: it is gone
-    if waited == 0:
-        return None
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 def birdc(bird: dict[str, Any], command: str) -> str:
@@ -515,7 +502,7 @@ def start_proxy(
     info = {"pid": pid, "config": str(config), "socket": str(sock), "log": str(log)}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not procs.is_ours(pid, str(config)) and _ended(pid):
+        if not procs.is_ours(pid, str(config)) and procs.ended(pid):
             tail = log.read_text(errors="replace").splitlines()[-10:]
             raise AnycastError(f"haproxy in {node['netns']} exited at start:\n" + "\n".join(tail))
         with contextlib.suppress(OSError):

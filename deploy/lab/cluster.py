@@ -517,9 +517,11 @@ class Lab:
     def _wait_node(self, state: dict[str, Any], node: dict[str, Any], deadline: float) -> None:
         marker = self._marker(state, node["id"])
         while time.monotonic() < deadline:
-            if not procs.is_ours(node["pid"], marker):
+            if not procs.is_ours(node["pid"], marker) and (ended := procs.ended(node["pid"])):
                 tail = Path(node["log"]).read_text(errors="replace").splitlines()[-15:]
-                raise LabError(f"node {node['id']} exited while starting:\n" + "\n".join(tail))
+                raise LabError(
+                    f"node {node['id']} exited while starting ({ended}):\n" + "\n".join(tail)
+                )
             if self._node_status(node, "/readyz") == 200:
                 return
             time.sleep(0.05)

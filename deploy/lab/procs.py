@@ -69,6 +69,24 @@ _EXEC_READS = 20
 _EXEC_PAUSE_S = 0.005
 
 
+def ended(pid: int) -> str | None:
+    """How our child `pid` ended, or None while it still runs.
+
+    The second opinion on an `is_ours` that says no while a process starts: a
+    process caught in exec() (`sh`, `nice` and `ip netns exec` each exec the
+    next) can look gone or foreign for a moment on a busy machine, and must
+    not fail a start that is going well. Only the kernel's exit status is
+    taken as proof.
+    """
+    try:
+        waited, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return "exited"  # already reaped (or never ours): it is gone
+    if waited == 0:
+        return None
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
 def reap(pid: int) -> None:
     """Collect the exit status if the process is our child (no zombie left)."""
     with contextlib.suppress(ChildProcessError, OSError):

@@ -388,6 +388,38 @@ def test_without_pinning_the_same_drain_and_return_break_flows(lab, measured):
     assert seen["resets"] > 0, seen
 
 
+def kill_one_app_node_under_load(lab: Lab) -> dict[str, Any]:
+    """kill -9 of n2's app process (only: its machine stays) under bounded load
+    (also the anycast+haproxy front's test, tests/lab/test_anycast_haproxy.py)."""
+    anycast.wait_next_hops(_plan(lab), NODES, timeout_s=15)
+    with ClientLoad(lab, max_s=20.0) as load:
+        time.sleep(1.5)
+        killed_at = time.monotonic()
+        lab.kill("n2")
+        time.sleep(2.5)
+    before = [o for o in load.outcomes if o.ended < killed_at]
+    return {
+        "requests": len(load.outcomes),
+        "served_before_kill": sorted({o.node for o in before if o.node}),
+        "failed": len(load.failed()),
+        "errors": load.errors(),
+        "served_after_by_n2": sum(o.node == "n2" and o.at > killed_at + 0.5 for o in load.outcomes),
+        "next_hops_after": anycast.next_hop_nodes(_plan(lab)),
+    }
+
+
+def test_control_a_dead_app_node_fails_flows_pinned_to_it_without_a_proxy(lab):
+    """The control of the anycast+haproxy front's test: the same kill -9 of one
+    app node under the same load, with no proxy on its machine."""
+    _all_announced(lab)
+    plain = kill_one_app_node_under_load(lab)
+    print(f"\nanycast, kill -9 of n2's node: {plain}")
+    assert plain["served_before_kill"] == sorted(NODES), plain
+    assert plain["failed"] > 0, plain
+    lab.restart("n2")
+    _all_announced(lab)
+
+
 def test_kill_9_is_withdrawn_and_new_connections_succeed(lab, measured):
     _all_announced(lab)
     plan = _plan(lab)
