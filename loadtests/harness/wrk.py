@@ -3,8 +3,10 @@
 A benchmark starts its servers (`start` each, then `wait_ready` each, so they
 boot in parallel), drives one at a time with `run_wrk` and stops every server
 it started with `stop`, by the PID it got, also when something failed. Every
-wait is bounded. Servers and wrk are pinned with taskset, which execs its
-command: the PID Popen reports is the server's own, so /proc/<pid>/stat is
+wait is bounded. A server boots on any core (a dozen imports at once would
+otherwise queue on one) and is pinned to its core, every thread of it, once
+it answers, before anything is measured; wrk is pinned with taskset, which
+execs it. The PID Popen reports is the server's own, so /proc/<pid>/stat is
 its CPU use.
 """
 
@@ -59,11 +61,12 @@ def request(
 
 @dataclass
 class Server:
-    """One server process pinned to a core; `process` is set while it runs."""
+    """One server process, pinned to `core` once ready; `process` is set while it runs."""
 
     name: str
     port: int
     log_path: Path
+    core: int
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,11 +90,12 @@ def start(
     log_dir: Path,
     cwd: Path = REPO,
 ) -> Server:
-    """Start `command` pinned to `core`, output to LOG_DIR/NAME.log; does not wait."""
-    server = Server(name, port, log_dir / f"{name}.log")
+    """Start `command` (pinned to `core` by `wait_ready`), output to LOG_DIR/NAME.log;
+    does not wait."""
+    server = Server(name, port, log_dir / f"{name}.log", core)
     with server.log_path.open("wb") as log:
         server.process = subprocess.Popen(
-            ["taskset", "-c", str(core), *command],
+            command,
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -111,7 +115,8 @@ def uvicorn_command(app: str, port: int) -> list[str]:
 
 
 def wait_ready(server: Server, path: str, timeout_s: float = START_TIMEOUT_S) -> None:
-    """Poll GET `path` until it answers 200; raise if the process exits or time runs out."""
+    """Poll GET `path` until it answers 200, then pin every thread of the server to
+    its core; raise if the process exits or time runs out."""
     assert server.process is not None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -119,6 +124,11 @@ def wait_ready(server: Server, path: str, timeout_s: float = START_TIMEOUT_S) ->
             raise SystemExit(f"{server.name} exited; see {server.log_path}")
         with contextlib.suppress(OSError, http.client.HTTPException):
             if request(server.port, "GET", path, timeout_s=2)[0] == 200:
+                subprocess.run(
+                    ["taskset", "--all-tasks", "--cpu-list", "--pid", str(server.core),
+                     str(server.pid)],
+                    capture_output=True, timeout=10, check=True,
+                )  # fmt: skip
                 return
         time.sleep(0.1)
     raise SystemExit(f"{server.name} did not start in {timeout_s:.0f} s; see {server.log_path}")

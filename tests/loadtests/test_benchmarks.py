@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from loadtests.benchmarks import otel_cost as bench_otel_cost
 from loadtests.benchmarks import route_cost as bench_route_cost
 from loadtests.benchmarks import stock_node
 from loadtests.benchmarks import telemetry as bench_telemetry
+from loadtests.harness import wrk as wrkbench
 from service.app import create_app
 from service.config import Settings
 from service.telemetry.http import HttpTelemetry
@@ -284,3 +286,25 @@ def test_the_route_cost_benchmark_writes_a_complete_report(tmp_path: Path) -> No
     assert len(report["saved_domain_first"]["us_range"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
     assert out.with_suffix(".md").read_text().startswith("# What FastAPI's parameters")
+
+
+def test_a_server_boots_on_any_core_and_is_pinned_to_its_own_once_ready(tmp_path: Path) -> None:
+    """Every thread of a ready server runs on its core only (what wrk measures)."""
+    require(shutil.which("taskset") is not None, "taskset is not installed (util-linux)")
+    core = _cores()[-1]
+    port = wrkbench.free_port()
+    server = wrkbench.start(
+        "probe",
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        port=port,
+        env=dict(os.environ),
+        core=core,
+        log_dir=tmp_path,
+    )
+    try:
+        wrkbench.wait_ready(server, "/")
+        tasks = list(Path(f"/proc/{server.pid}/task").iterdir())
+        assert tasks
+        assert {tuple(sorted(os.sched_getaffinity(int(t.name)))) for t in tasks} == {(core,)}
+    finally:
+        wrkbench.stop(server)
