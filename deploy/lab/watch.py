@@ -261,6 +261,8 @@ class Dashboard:
     log: EventLog
     history: dict[str, deque[float]] = field(default_factory=dict)
     _cache_last: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Anycast: the nodes the router's kernel spreads new flows over (its ECMP route).
+    next_hops: list[str] | None = None
 
     def rows(self) -> dict[str, Row]:
         proxy_view: dict[str, dict[str, str]] = {}
@@ -273,6 +275,9 @@ class Dashboard:
         if plan and plan.get("bird"):
             with contextlib.suppress(anycast.AnycastError, OSError):
                 announcing = anycast.announcing(plan["bird"], plan["vip"])
+            self.next_hops = None
+            with contextlib.suppress(netns.NetnsError, OSError):
+                self.next_hops = anycast.next_hop_nodes(plan)
         rows = {}
         for node in self.state["nodes"]:
             node_id = node["id"]
@@ -352,7 +357,11 @@ class Dashboard:
                 "-" if row.errors is None else str(row.errors),
                 "-" if row.cache_ratio is None else f"{row.cache_ratio:.0%}",
             )
-        parts: list[RenderableType] = [table, self._load_line()]
+        parts: list[RenderableType] = [table]
+        if state.get("anycast"):
+            hops = "unknown" if self.next_hops is None else ", ".join(self.next_hops) or "none"
+            parts.append(Text(f"router ECMP next hops: {hops}"))
+        parts.append(self._load_line())
         parts.append(self._events_table())
         return Group(*parts)
 

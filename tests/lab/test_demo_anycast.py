@@ -62,6 +62,8 @@ def _demo_and_check(run_dir: Path) -> None:
     }
     assert sorted(rows) == ["n1", "n2", "n3"], last_view
     assert all(r[1] == "ready" and r[2] == "announced" for r in rows.values()), last_view
+    # Below the nodes, the router's own view: the ECMP route's next hops (from its kernel).
+    assert "router ECMP next hops: n1, n2, n3" in last_view, last_view
     assert "scale 4" not in out  # not a drill of this front
     assert re.search(r"load: \d+ requests, 0 failed", out), out
     stopped = out.rsplit("stopped:", 1)[-1]
