@@ -149,6 +149,12 @@ def _markdown(report: dict[str, Any]) -> str:
         ),
         ("kill -9 run: failed / requests", f"{kill['failed']} / {kill['requests']}"),
     ]
+    if "app_node_killed" in report:  # the control of tests/lab/test_anycast_haproxy.py
+        app = report["app_node_killed"]
+        rows.append(
+            ("kill -9 of one node, no proxy: failed / requests", f"{app['failed']} / "
+             f"{app['requests']}")
+        )  # fmt: skip
     return "\n".join(
         [
             "# Anycast: drain, kill -9 and the BGP timers",
@@ -408,7 +414,7 @@ def kill_one_app_node_under_load(lab: Lab) -> dict[str, Any]:
     }
 
 
-def test_control_a_dead_app_node_fails_flows_pinned_to_it_without_a_proxy(lab):
+def test_control_a_dead_app_node_fails_flows_pinned_to_it_without_a_proxy(lab, measured):
     """The control of the anycast+haproxy front's test: the same kill -9 of one
     app node under the same load, with no proxy on its machine."""
     _all_announced(lab)
@@ -416,6 +422,7 @@ def test_control_a_dead_app_node_fails_flows_pinned_to_it_without_a_proxy(lab):
     print(f"\nanycast, kill -9 of n2's node: {plain}")
     assert plain["served_before_kill"] == sorted(NODES), plain
     assert plain["failed"] > 0, plain
+    measured["app_node_killed"] = plain
     lab.restart("n2")
     _all_announced(lab)
 

@@ -11,6 +11,7 @@ control the same with BFD off, which must take about the hold time.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 
 from deploy.lab import anycast, netns
 from deploy.lab.cluster import REPO_ROOT, Lab, LabOptions
+from loadtests import report as reports
 from tests.lab.test_anycast import _anycast_lab
 from tests.support import wait_until
 
@@ -35,6 +37,9 @@ SILENT = "n2"
 # not BFD, took it away.
 BFD_BOUND_S = 1.0
 SILENCE_TABLE = "cattle_silent"
+# ANYCAST_WRITE=1: what the two cases measured goes to docs/results/anycast-bfd.json
+# (the source of the figures in docs/operations.md, "Anycast").
+RESULT = REPO_ROOT / "docs" / "results" / "anycast-bfd.json"
 # Everything in and out of the node's link to the router, dropped without a
 # word: no RST, no ICMP, as from a hung host or a cut cable.
 SILENCE = (
@@ -70,8 +75,51 @@ def _why_down(plan: dict[str, Any], node_id: str) -> str:
     return found[1].strip() if found else text
 
 
+@pytest.fixture(scope="module")
+def measured() -> Iterator[dict[str, Any]]:
+    """Each case's figures; written to RESULT under ANYCAST_WRITE=1 when both ran."""
+    figures: dict[str, Any] = {}
+    yield figures
+    if os.environ.get("ANYCAST_WRITE") and {"bfd_on", "bfd_off"} <= set(figures):
+        figures["timers"] = {
+            "bfd_interval_ms": anycast.BFD_INTERVAL_MS,
+            "bfd_multiplier": anycast.BFD_MULTIPLIER,
+            "hold_time_s": anycast.HOLD_TIME_S,
+            "keepalive_s": anycast.KEEPALIVE_S,
+        }
+        command = "python -m pytest tests/lab/test_anycast_bfd.py"
+        reports.write(reports.stamped(command, figures), RESULT.with_suffix(""), _markdown)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    on, off, timers = report["bfd_on"], report["bfd_off"], report["timers"]
+    return "\n".join(
+        [
+            "# Anycast: a silent node's route, with BFD and without",
+            "",
+            f"{reports.measured(report)} Written by the lab tests with ANYCAST_WRITE=1:",
+            "",
+            *reports.how_measured(report),
+            "A two-node anycast lab; node n2 made silent by an nftables table in its",
+            "namespace that drops everything on its link (no FIN, no RST); the time until",
+            "the router no longer has n2 among its ECMP next hops, and BIRD's last error",
+            "on n2's session.",
+            "",
+            "| case | route gone after | why |",
+            "|---|---:|---|",
+            f"| BFD on ({timers['bfd_interval_ms']} ms, multiplier {timers['bfd_multiplier']}) "
+            f"| {on['route_gone_s']:.3f} s | {on['why']} |",
+            f"| BFD off (hold time {timers['hold_time_s']} s) | {off['route_gone_s']:.3f} s "
+            f"| {off['why']} |",
+            "",
+            'docs/operations.md ("Anycast") explains them.',
+            "",
+        ]
+    )
+
+
 @pytest.mark.parametrize("bfd", [True, False], ids=["bfd-on", "bfd-off-control"])
-def test_a_silent_node_loses_its_route_within_a_second_with_bfd(bfd, capsys):
+def test_a_silent_node_loses_its_route_within_a_second_with_bfd(bfd, capsys, measured):
     options = LabOptions(nodes=len(NODES), front="anycast", drain_delay_s=0.5, bfd=bfd)
     with _anycast_lab(options) as lab:
         plan = lab.load()["anycast"]
@@ -94,6 +142,7 @@ def test_a_silent_node_loses_its_route_within_a_second_with_bfd(bfd, capsys):
             assert gone_s > BFD_BOUND_S
             assert gone_s <= anycast.HOLD_TIME_S + 1
             assert why.endswith("Hold timer expired"), why
+    measured["bfd_on" if bfd else "bfd_off"] = {"route_gone_s": gone_s, "why": why}
 
 
 def _machine_back_with_its_bfd_responder(
