@@ -229,3 +229,30 @@ def test_the_stopped_peer_figures_quoted_are_the_committed_results() -> None:
         )
         assert row in page, row
         assert round(result["sent_per_s"]) == 1000
+
+
+def test_the_anycast_figures_quoted_are_the_committed_results() -> None:
+    page = " ".join((REPO / "docs/operations.md").read_text().split())
+    results = REPO / "docs/results"
+    lab = json.loads((results / "anycast.json").read_text())
+    on, off, kill = lab["drain_pinning_on"], lab["drain_pinning_off"], lab["kill"]
+    app = lab["app_node_killed"]
+    bfd = json.loads((results / "anycast-bfd.json").read_text())
+    proxied = json.loads((results / "anycast-haproxy.json").read_text())["app_node_killed"]
+    quoted = [
+        f"{on['withdrawn_s']:.2f} s (pinning on), {off['withdrawn_s']:.2f} s (off)",
+        f"connection refused) | {kill['node_killed_route_gone_s']:.2f} s |",
+        f"drops its routes | {kill['namespace_killed_route_gone_s']:.2f} s |",
+        f"only the hold time | {lab['silent_sidecar']['route_gone_s']:.2f} s",
+        f"pinning on: 0 failed requests, 0 resets, of {on['requests']}",
+        f"pinning off: {off['failed']} failed requests, {off['resets']} resets, of "
+        f"{off['requests']} ({off['failed_during_drain']} while it drained, "
+        f"{off['failed_after_return']} after it came back)",
+        f"Kill -9 with pinning on ({kill['failed']} failed of {kill['requests']})",
+        f"anycast: {app['failed']} failed of {app['requests']}",
+        f"anycast+haproxy: {proxied['failed']} failed of {proxied['requests']}",
+        f"went after {bfd['bfd_on']['route_gone_s']:.2f} s with BFD",
+        f"after {bfd['bfd_off']['route_gone_s']:.2f} s without it",
+    ]
+    for phrase in quoted:
+        assert phrase in page, phrase
