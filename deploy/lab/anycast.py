@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -282,16 +283,33 @@ def _start_bird(name: str, config: Path, stem: Path, timeout_s: float) -> dict[s
     argv = [bird, "-f", "-c", str(config), "-s", str(sock), "-P", str(pidfile)]
     pid = procs.spawn(_control_plane(netns.exec_argv(name, argv)), log=log)
     info = {"pid": pid, "config": str(config), "socket": str(sock), "log": str(log)}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not procs.is_ours(pid, str(config)) and (ended := procs.ended(pid)):
-            tail = log.read_text(errors="replace").splitlines()[-10:]
-            raise AnycastError(f"bird in {name} {ended} at start:\n" + "\n".join(tail))
+
+    def answers() -> bool:
         with contextlib.suppress(AnycastError):
             birdc(info, "show status")
-            return info
+            return True
+        return False
+
+    _wait_started(info, f"bird in {name}", answers, timeout_s)
+    return info
+
+
+def _wait_started(
+    daemon: dict[str, Any], what: str, answers: Callable[[], bool], timeout_s: float
+) -> None:
+    """Until `answers()` says the daemon (recorded as {"pid", "config", "log"}) is up;
+    AnycastError with its log's tail if it exits first, or (stopped) if time runs out."""
+    pid, marker, log = daemon["pid"], daemon["config"], Path(daemon["log"])
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not procs.is_ours(pid, marker) and (ended := procs.ended(pid)):
+            tail = log.read_text(errors="replace").splitlines()[-10:]
+            raise AnycastError(f"{what} {ended} at start:\n" + "\n".join(tail))
+        if answers():
+            return
         time.sleep(0.05)
-    raise AnycastError(f"bird did not open {sock} in {timeout_s:.0f} s; see {log}")
+    procs.stop(pid, marker, timeout_s=2)
+    raise AnycastError(f"{what} did not answer in {timeout_s:.0f} s; see {log}")
 
 
 def birdc(bird: dict[str, Any], command: str) -> str:
@@ -500,41 +518,30 @@ def start_proxy(
     pid = procs.spawn(netns.exec_argv(node["netns"], argv), log=log)
     sock = home / "haproxy.sock"
     info = {"pid": pid, "config": str(config), "socket": str(sock), "log": str(log)}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not procs.is_ours(pid, str(config)) and procs.ended(pid):
-            tail = log.read_text(errors="replace").splitlines()[-10:]
-            raise AnycastError(f"haproxy in {node['netns']} exited at start:\n" + "\n".join(tail))
+
+    def answers() -> bool:
         with contextlib.suppress(OSError):
-            if "Name: HAProxy" in haproxy.admin(sock, "show info"):
-                return info
-        time.sleep(0.05)
-    procs.stop(pid, str(config), timeout_s=2)
-    raise AnycastError(f"haproxy in {node['netns']} did not answer in {timeout_s:.0f} s; see {log}")
+            return "Name: HAProxy" in haproxy.admin(sock, "show info")
+        return False
+
+    _wait_started(info, f"haproxy in {node['netns']}", answers, timeout_s)
+    return info
 
 
-def proxy_running(proxy: dict[str, Any] | None) -> bool:
-    return proxy is not None and procs.is_ours(proxy.get("pid"), proxy["config"])
+# What runs beside each node in its namespace, by its key in the node's lab.json
+# entry and its name in what `down` and `status` print. Each is recorded as
+# {"pid", "config", ...} and found and stopped the same way.
+MACHINE_DAEMONS = {"proxy": "haproxy", "sidecar": "exabgp", "bfd_responder": "bird-bfd"}
 
 
-def stop_proxy(proxy: dict[str, Any] | None, timeout_s: float = 5) -> None:
-    if proxy:
-        procs.stop(proxy.get("pid"), proxy["config"], timeout_s=timeout_s)
+def daemon_running(daemon: dict[str, Any] | None) -> bool:
+    """Whether a daemon recorded as {"pid", "config"} (sidecar, BFD responder, proxy) runs."""
+    return daemon is not None and procs.is_ours(daemon.get("pid"), daemon["config"])
 
 
-def sidecar_running(sidecar: dict[str, Any] | None) -> bool:
-    """Whether a process recorded as {"pid", "config"} (a sidecar, a BFD responder) runs."""
-    return sidecar is not None and procs.is_ours(sidecar.get("pid"), sidecar["config"])
-
-
-def stop_sidecar(sidecar: dict[str, Any] | None, timeout_s: float = 5) -> None:
-    if sidecar:
-        procs.stop(sidecar.get("pid"), sidecar["config"], timeout_s=timeout_s)
-
-
-# The BFD responder is recorded, found and stopped as the sidecar is.
-bfd_responder_running = sidecar_running
-stop_bfd_responder = stop_sidecar
+def stop_daemon(daemon: dict[str, Any] | None, timeout_s: float = 5) -> None:
+    if daemon:
+        procs.stop(daemon.get("pid"), daemon["config"], timeout_s=timeout_s)
 
 
 def kill_namespace(anycast: dict[str, Any], node_id: str) -> list[int]:

@@ -160,19 +160,10 @@ class Lab:
         if procs.is_ours(metrics.get("pid"), metrics.get("config", "-")):
             live.append(f"prometheus (pid {metrics['pid']})")
         live += [
-            f"haproxy {n['id']} (pid {n['proxy']['pid']})"
+            f"{name} {n['id']} (pid {n[key]['pid']})"
+            for key, name in anycast.MACHINE_DAEMONS.items()
             for n in state.get("nodes", [])
-            if anycast.proxy_running(n.get("proxy"))
-        ]
-        live += [
-            f"exabgp {n['id']} (pid {n['sidecar']['pid']})"
-            for n in state.get("nodes", [])
-            if anycast.sidecar_running(n.get("sidecar"))
-        ]
-        live += [
-            f"bird-bfd {n['id']} (pid {n['bfd_responder']['pid']})"
-            for n in state.get("nodes", [])
-            if anycast.bfd_responder_running(n.get("bfd_responder"))
+            if anycast.daemon_running(n.get(key))
         ]
         bird = (state.get("anycast") or {}).get("bird") or {}
         if procs.is_ours(bird.get("pid"), bird.get("config", "-")):
@@ -748,9 +739,9 @@ class Lab:
                 group.cap(state["options"]["cpu"])
         plan = state.get("anycast") or {}
         lost = {
-            "proxy": "proxy" in node and not anycast.proxy_running(node.get("proxy")),
-            "sidecar": node.get("netns") and not anycast.sidecar_running(node.get("sidecar")),
-            "bfd": plan.get("bfd") and not anycast.bfd_responder_running(node.get("bfd_responder")),
+            "proxy": "proxy" in node and not anycast.daemon_running(node.get("proxy")),
+            "sidecar": node.get("netns") and not anycast.daemon_running(node.get("sidecar")),
+            "bfd": plan.get("bfd") and not anycast.daemon_running(node.get("bfd_responder")),
         }
         if any(lost.values()):
             # Its machine was lost with it (kill --machine): what ran beside it comes back too.
@@ -775,6 +766,17 @@ class Lab:
 
     # -- down ----------------------------------------------------------------
 
+    @staticmethod
+    def _stop_machine_daemons(state: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+        """Stop what runs beside each node (anycast.MACHINE_DAEMONS, by key); what was stopped."""
+        stopped = []
+        for node in state.get("nodes", []):
+            for key in keys:
+                if anycast.daemon_running(node.get(key)):
+                    anycast.stop_daemon(node[key])
+                    stopped.append(f"{anycast.MACHINE_DAEMONS[key]} {node['id']}")
+        return stopped
+
     def down(self) -> list[str]:
         """Stop everything this lab started; safe to run twice. Returns what it stopped."""
         try:
@@ -790,10 +792,7 @@ class Lab:
         if proxy.get("pid") and procs.is_ours(proxy["pid"], proxy["config"]):
             procs.stop(proxy["pid"], proxy["config"], timeout_s=5)
             stopped.append("haproxy")
-        for node in state.get("nodes", []):
-            if anycast.proxy_running(node.get("proxy")):
-                anycast.stop_proxy(node["proxy"])
-                stopped.append(f"haproxy {node['id']}")
+        stopped += self._stop_machine_daemons(state, ("proxy",))
         # SIGTERM every node at once, so their drain delays run side by side.
         running = [
             node
@@ -808,13 +807,8 @@ class Lab:
                 procs.signal_pid(node["pid"], marker, signal.SIGKILL)
                 procs.wait_gone(node["pid"], marker, 5)
             stopped.append(f"node {node['id']}")
+        stopped += self._stop_machine_daemons(state, ("sidecar", "bfd_responder"))
         for node in state.get("nodes", []):
-            if anycast.sidecar_running(node.get("sidecar")):
-                anycast.stop_sidecar(node["sidecar"])
-                stopped.append(f"exabgp {node['id']}")
-            if anycast.bfd_responder_running(node.get("bfd_responder")):
-                anycast.stop_bfd_responder(node["bfd_responder"])
-                stopped.append(f"bird-bfd {node['id']}")
             if node.get("cgroup"):
                 with contextlib.suppress(OSError):
                     cgroups.CpuGroup(Path(node["cgroup"])).remove()
@@ -865,11 +859,11 @@ class Lab:
         with contextlib.suppress(netns.NetnsError):
             view["next_hops"] = anycast.next_hop_nodes(plan)
         for node in state["nodes"]:
-            node["sidecar_running"] = anycast.sidecar_running(node.get("sidecar"))
+            node["sidecar_running"] = anycast.daemon_running(node.get("sidecar"))
             if "proxy" in node:
-                node["proxy_running"] = anycast.proxy_running(node["proxy"])
+                node["proxy_running"] = anycast.daemon_running(node["proxy"])
             node["bgp"] = (view.get("sessions") or {}).get(node["id"])
-            node["bfd_responder_running"] = anycast.bfd_responder_running(node.get("bfd_responder"))
+            node["bfd_responder_running"] = anycast.daemon_running(node.get("bfd_responder"))
             node["bfd"] = (view.get("bfd_sessions") or {}).get(node["id"])
             node["announced"] = node["id"] in (view.get("announcing") or [])
         return view

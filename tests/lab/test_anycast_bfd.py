@@ -31,8 +31,8 @@ NODES = {"n1", "n2"}
 SILENT = "n2"
 # With BFD a silent node's route must be gone within this; without BFD it
 # is not. The hold time runs from the last keepalive the router heard, which
-# ExaBGP sends about every second but not exactly (on a busy machine the hold
-# time has run out as early as 1.4 s after ExaBGP froze): hence the control
+# ExaBGP sends about every second but not exactly (so on a busy machine the
+# hold time can run out well before 3 s after the silence): hence the control
 # asserts only that the route outlived this bound, and that the hold time,
 # not BFD, took it away.
 BFD_BOUND_S = 1.0
@@ -155,7 +155,7 @@ def _machine_back_with_its_bfd_responder(
     responder = lab.node(lab.load(), SILENT)["bfd_responder"]
     lab.kill(SILENT, machine=True)
     # SIGKILL is sent, not yet delivered, when kill returns.
-    assert wait_until(lambda: not anycast.bfd_responder_running(responder), timeout_s=5)
+    assert wait_until(lambda: not anycast.daemon_running(responder), timeout_s=5)
     lab.restart(SILENT)
     anycast.wait_bfd_up(plan, NODES, timeout_s=10)
     anycast.wait_next_hops(plan, NODES, timeout_s=15)

@@ -61,7 +61,7 @@ def test_a_dead_app_node_costs_no_flow_behind_the_per_machine_proxies() -> None:
         # VIP:80 in each namespace is that machine's HAProxy; the app nodes
         # listen on their own port behind it.
         assert all(n["port"] == anycast.APP_PORT for n in state["nodes"])
-        assert all(anycast.proxy_running(n["proxy"]) for n in state["nodes"])
+        assert all(anycast.daemon_running(n["proxy"]) for n in state["nodes"])
         proxied = kill_one_app_node_under_load(lab)
         # The machine of the dead node keeps its route: its proxy still
         # reaches the live nodes, so the router keeps its pinned flows there.
