@@ -105,7 +105,7 @@ SMOKE = Plan(
     min_pairs=2,
     max_pairs=2,
     max_minutes=5.0,
-    seed_notes=20,  # 200 take 3 s per run through a quarter core
+    seed_notes=20,  # seeding 200 takes seconds a run through a quarter core
 )
 
 
