@@ -203,6 +203,40 @@ def test_scaleout_stops_at_the_time_bound(tmp_path):
     assert any("both orders" in problem for problem in report["problems"])
 
 
+def _report_of(x, tmp_path, noise=None):
+    plan = scaleout.Plan(ns=(1, 2, 4), min_pairs=4, max_pairs=4)
+    pairs, stopped = scaleout.run_pairs(plan, _fake_runs(x, noise), tmp_path)
+    return scaleout.summarize(pairs, plan, stopped)
+
+
+def test_a_second_run_agrees_with_the_first_only_where_its_medians_are_close(tmp_path):
+    first = _report_of(lambda n: 50.0 * n, tmp_path / "first")
+    assert first["valid"], first["problems"]
+    same = scaleout.agreement(_report_of(lambda n: 50.0 * n, tmp_path / "same"), first, "a.json")
+    assert same["valid"] and same["agreement"]["agree"]
+    assert [r["agree"] for r in same["agreement"]["rows"]] == [True, True]
+    # The control: N=4 runs 8% slower in the second run; each run alone is
+    # valid (its pairs agree among themselves), the two together are not.
+    slower = _report_of(lambda n: 50.0 * n * (0.92 if n == 4 else 1.0), tmp_path / "slow")
+    assert slower["valid"], slower["problems"]
+    compared = scaleout.agreement(slower, first, "a.json")
+    assert not compared["valid"]
+    assert [(r["n"], r["agree"]) for r in compared["agreement"]["rows"]] == [(2, True), (4, False)]
+    assert any("N=4" in p and "the runs disagree" in p for p in compared["problems"])
+    text = scaleout.markdown(reports.stamped("cmd", compared))
+    assert "| 4 | 0.920 | 1.000 | -0.080 | **no** |" in text
+
+
+def test_agree_with_a_file_that_is_not_a_report_is_a_clear_cli_error(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    for path, said in ((tmp_path / "none.json", "no such file"), (bad, "not a scale-out report")):
+        with pytest.raises(SystemExit) as exc:
+            scaleout.main(["--agree-with", str(path), "--out", str(tmp_path / "out")])
+        assert exc.value.code == 2
+        assert said in capsys.readouterr().err
+
+
 def test_progress_lines_say_which_run_and_the_time_in_and_left():
     now = [0.0]
     lines: list[str] = []
