@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,22 @@ def wait_servers(socket_path: Path, names: list[str], status: str, timeout_s: fl
             return
         time.sleep(0.1)
     raise HAProxyError(f"servers not {status} after {timeout_s:.0f} s: {seen}")
+
+
+def serve_only(socket_path: Path, serving: Collection[str], names: Iterable[str]) -> None:
+    """Exactly `serving` of the `nodes` backend in rotation, the rest of `names` in MAINT.
+
+    A server taken out has its agent check disabled first: the node's agent
+    answers `ready`, which would cancel a MAINT set here. A server put back
+    is made ready and its agent asked again.
+    """
+    for name in names:
+        if name in serving:
+            _admin_ok(socket_path, f"set server nodes/{name} state ready")
+            _admin_ok(socket_path, f"enable agent nodes/{name}")
+        else:
+            _admin_ok(socket_path, f"disable agent nodes/{name}")
+            _admin_ok(socket_path, f"set server nodes/{name} state maint")
 
 
 def _default_server_options(config: Path) -> str:

@@ -4,12 +4,16 @@ Nodes are CPU-capped (cgroup v1 `cpu`, the same fraction of a core each), so
 one machine behaves like N small ones; locust drives the lab through HAProxy
 to saturation and counts steady-state throughput after a warm-up.
 
-The machine drifts over minutes, so N values are never compared across
-minutes: for each k of the plan (besides 1) a pair of runs, N=1 and N=k,
-runs back to back, the order alternating from pair to pair, and the
-efficiency E(k) = X(k) / (k X(1)) is taken within each pair. Pairs repeat
-until E(k)'s interval is narrow (Plan.ci_width) or a bound on pairs or time
-is reached; the report gives per k the median of the pair ratios and a
+The machine drifts, at times by tens of percent within a minute, so N
+values are never compared across minutes, nor across labs: a block starts
+one lab of k nodes and one load (the same users throughout), then serves it
+in segments of seconds, N=1 and N=k in turn. Between segments only HAProxy's
+rotation changes (at N=1 one node of the k serves, the next one at every
+pair, the others in MAINT). Two segments back to back make a pair, the
+order alternating from pair to pair, and the efficiency
+E(k) = X(k) / (k X(1)) is taken within each pair. Blocks repeat, round-robin
+over k, until E(k)'s interval is narrow (Plan.ci_width) or a bound on pairs
+or time is reached; the report gives per k the median of the pair ratios and a
 95% Student-t interval of their mean. Throughput per CPU-second the nodes
 used (read from their cgroups) is reported beside it: it does not move with
 the machine's speed.
@@ -36,8 +40,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import service
+from deploy.lab import cgroups, haproxy
 from deploy.lab.cluster import Lab, LabOptions
 from loadtests import report as reports
 from loadtests.harness import analysis, cgroupcpu, paired
@@ -66,31 +74,40 @@ MACHINE_MAX_BUSY = 0.95  # the machine itself must not be the limit
 MAX_ERROR_RATE = 0.01
 
 Point = dict[str, Any]
-Measure = Callable[[int, Path], Point]
+# A block: one lab of k nodes, one load, segments serving 1 or k nodes in the
+# given orders (one (first, second) pair per entry); a Point per segment.
+# `first` is the index of the block's first pair over the run.
+MeasureBlock = Callable[[int, list[tuple[int, int]], int, Path], list[Point]]
 
 
 @dataclass(frozen=True)
 class Plan:
     ns: tuple[int, ...] = (1, 2, 4, 8)
     cpu: float = 0.1
-    # 20 users split exactly 18/1/1 by the read-mostly weights (90/5/5), so
-    # every N runs the same mix; fewer users would round it differently per N.
+    # Closed-loop users per serving node: a block starts k times as many, in k
+    # equal shares of the same mix, and only n shares send while n nodes
+    # serve (the others wait). 20 split exactly 18/1/1 by the read-mostly
+    # weights (90/5/5).
     users_per_node: int = 20
-    warmup_s: float = 6.0
-    measure_s: float = 20.0
+    warmup_s: float = 8.0
+    # Each segment: settle_s after the switch (not counted), then measure_s.
+    settle_s: float = 3.0
+    measure_s: float = 12.0
     backend: str = "postgres"
     mix: str = "read-mostly"
-    # Pairs per k: at least min_pairs (even, so both orders count alike),
-    # more until the 95% interval of E(k) is at most ci_width wide, never
-    # more than max_pairs, and no new pair once max_minutes have passed.
+    # Pairs per block (one lab, one load), blocks round-robin over k; at
+    # least min_pairs per k (even, so both orders count alike), more until
+    # the 95% interval of E(k) is at most ci_width wide, never more than
+    # max_pairs, and no new block once max_minutes have passed.
+    block_pairs: int = 4
     min_pairs: int = 4
-    max_pairs: int = 8
+    max_pairs: int = 12
     # The stated spread: E(k) known to within +-ci_width/2. A k whose
     # interval is still wider when the pairs stop makes the run not valid
     # (its repeats disagree), and a second run agrees with a first when
     # every E(k) median is within ci_width/2 of the first's (--agree-with).
     ci_width: float = 0.10
-    max_minutes: float = 45.0
+    max_minutes: float = 40.0
     # The USL is fitted on these N only; the largest N of `ns` checks it.
     fit_ns: tuple[int, ...] = (1, 2, 4)
     # The nodes' read cache (service/cache/). Off by default: E(N) is about
@@ -98,8 +115,14 @@ class Plan:
     # each run happened to write moves the work per request with it. On is
     # the cache's own scale-out (--cache on).
     cache: bool = False
-    # Notes created before each run's load, for the readers to read.
+    # Notes created before each block's load, for the readers to read.
     seed_notes: int = 200
+    # A node out of rotation burns its CPU cap (a spinning process in its
+    # cgroup), so the machine is as busy while one node serves as while k do:
+    # two cores shared by all the lab's processes run each one slower the
+    # busier the other core is, which a fleet of separate machines would
+    # not. Off is the control: what that sharing alone does to E(N).
+    burn_idle: bool = True
 
 
 SMOKE = Plan(
@@ -107,12 +130,14 @@ SMOKE = Plan(
     cpu=0.25,
     users_per_node=3,
     warmup_s=1.0,
-    measure_s=2.0,
+    settle_s=0.5,
+    measure_s=2.5,  # two cgroup readings (one a second) at least: CPU per request
     backend="sqlite",
+    block_pairs=2,
     min_pairs=2,
     max_pairs=2,
     max_minutes=5.0,
-    seed_notes=20,  # seeding 200 takes seconds a run through a quarter core
+    seed_notes=20,  # seeding 200 takes seconds through a quarter core
 )
 
 
@@ -124,20 +149,75 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def measure(n: int, plan: Plan, run_dir: Path) -> Point:
-    """One run: N nodes at saturation, steady-state figures, CPU used and validity checks."""
+def serving(k: int, n: int, pair: int) -> list[str]:
+    """The nodes that serve the N=n segment of pair `pair` in a lab of k: all k,
+    or one, the next one at every pair (one node's own speed is not N=1's)."""
+    names = [f"n{i}" for i in range(1, k + 1)]
+    return names if n == k else [names[pair % k]]
+
+
+def _burner(group: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A process that spins in `group` (a node's cgroup, so under its cap), stopped."""
+    with log.open("wb") as out:
+        burner = subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"], stdout=out, stderr=subprocess.STDOUT
+        )
+    os.kill(burner.pid, signal.SIGSTOP)
+    try:
+        cgroups.CpuGroup(group).add(burner.pid)
+    except OSError:
+        burner.kill()
+        burner.wait(timeout=10)
+        raise
+    return burner
+
+
+def measure_block(
+    k: int, orders: list[tuple[int, int]], first: int, plan: Plan, run_dir: Path
+) -> list[Point]:
+    """One block: a lab of k nodes under one load, segments serving 1 or k of them.
+
+    Between segments HAProxy's rotation changes (the others in MAINT), not
+    the lab or the load: the segments of a pair are seconds apart, closer than
+    the machine's drift, and no lab start or locust start sits between them.
+    """
     lab = Lab(run_dir)
     node_env = {} if plan.cache else {f"{service.ENV_PREFIX}CACHE": "off"}
     lab.up(
         LabOptions(
-            nodes=n, backend=plan.backend, cpu=plan.cpu, drain_delay_s=0.5, node_env=node_env
+            nodes=k, backend=plan.backend, cpu=plan.cpu, drain_delay_s=0.5, node_env=node_env
         )
     )
+    # (N, its pair over the run, the nodes serving it) of every segment, in order.
+    plan_segments = [
+        (n, first + p, serving(k, n, first + p)) for p, order in enumerate(orders) for n in order
+    ]
     readings: list[tuple[float, dict[str, float]]] = []
     sources: set[str] = set()
+    burners: dict[str, subprocess.Popen[bytes]] = {}
     try:
         state = lab.load()
         groups = {node["id"]: Path(node["cgroup"]) for node in state["nodes"] if node["cgroup"]}
+        socket_path = Path(state["haproxy"]["socket"])
+        names = [node["id"] for node in state["nodes"]]
+
+        if plan.burn_idle:
+            for node in state["nodes"]:
+                burners[node["id"]] = _burner(
+                    Path(node["cgroup"]), run_dir / f"burn-{node['id']}.log"
+                )
+
+        def switch(nodes: list[str]) -> Callable[[], None]:
+            def act() -> None:
+                for name in nodes:  # the serving nodes' CPU first, then the rotation
+                    if name in burners:
+                        os.kill(burners[name].pid, signal.SIGSTOP)
+                haproxy.serve_only(socket_path, nodes, names)
+                for name, burner in burners.items():
+                    if name not in nodes:
+                        os.kill(burner.pid, signal.SIGCONT)
+
+            return act
 
         def read_cgroups(sample: Sample) -> None:
             used = {}
@@ -148,22 +228,45 @@ def measure(n: int, plan: Plan, run_dir: Path) -> Point:
                     sources.add(source)
             readings.append((sample.t, used))
 
+        segment_s = plan.settle_s + plan.measure_s
+        switch(plan_segments[0][2])()
+        schedule = [
+            (plan.warmup_s + i * segment_s, f"serve {' '.join(nodes)}", switch(nodes))
+            for i, (_, _, nodes) in enumerate(plan_segments)
+            if i > 0
+        ]
         result = run_load(
             state["front"],
             state["nodes"],
-            users=n * plan.users_per_node,
-            duration_s=plan.warmup_s + plan.measure_s,
+            users=k * plan.users_per_node,
+            duration_s=plan.warmup_s + len(plan_segments) * segment_s,
             mix=plan.mix,
             seed_notes=plan.seed_notes,
+            schedule=schedule,
             on_sample=read_cgroups,
+            # Every serving node has the users of one node: k shares, n active.
+            phases=(
+                k,
+                [
+                    (0.0 if i == 0 else plan.warmup_s + i * segment_s, n)
+                    for i, (n, _, _) in enumerate(plan_segments)
+                ],
+            ),
         )
         cache = cache_counts([node["url"] for node in state["nodes"]])
     finally:
+        for burner in burners.values():
+            burner.kill()  # SIGKILL ends a stopped process too
+            burner.wait(timeout=10)
         lab.down()
-    point = _point(n, plan, result)
-    point.update(_cpu_used(result, plan, readings, sources))
-    point.update(cache)
-    return point
+    points = []
+    for i, (n, _, nodes) in enumerate(plan_segments):
+        start = plan.warmup_s + i * (plan.settle_s + plan.measure_s) + plan.settle_s
+        point = _point(n, plan, result, start, nodes)
+        point.update(_cpu_used(result, start, plan.measure_s, readings, sources, nodes))
+        point.update(cache)
+        points.append(point)
+    return points
 
 
 def cache_counts(urls: list[str]) -> dict[str, Any]:
@@ -195,19 +298,21 @@ def _counter(text: str, name: str) -> float:
 
 def _cpu_used(
     result: LoadResult,
-    plan: Plan,
+    start_s: float,
+    seconds: float,
     readings: list[tuple[float, dict[str, float]]],
     sources: set[str],
+    serving: list[str],
 ) -> dict[str, Any]:
-    """Requests per CPU-second the nodes used, between the first and last cgroup
-    readings inside the measured window (requests counted over the same span)."""
-    lo, hi = result.started + plan.warmup_s, result.started + plan.warmup_s + plan.measure_s
+    """Requests per CPU-second the serving nodes used, between the first and last
+    cgroup readings inside the measured window (requests counted over the same span)."""
+    lo, hi = result.started + start_s, result.started + start_s + seconds
     inside = [(t, used) for t, used in readings if lo <= t <= hi]
     empty = {"node_cpu_s": None, "cpu_span_s": None, "requests_per_cpu_s": None}
     if len(inside) < 2:
         return empty | {"cpu_source": None}
     (t0, first), (t1, last) = inside[0], inside[-1]
-    cpu_s = sum(last[node] - first[node] for node in first.keys() & last.keys())
+    cpu_s = sum(last[node] - first[node] for node in first.keys() & last.keys() & set(serving))
     ok = result.column("ok"), result.column("t")
     served = sum(1 for row in result.rows if row[ok[0]] and t0 <= row[ok[1]] < t1)
     return {
@@ -218,12 +323,16 @@ def _cpu_used(
     }
 
 
-def _point(n: int, plan: Plan, result: LoadResult) -> Point:
-    start, end = plan.warmup_s, plan.warmup_s + plan.measure_s
+def _point(n: int, plan: Plan, result: LoadResult, start: float, serving: list[str]) -> Point:
+    """A segment's figures and checks: its measured window, its serving nodes."""
+    end = start + plan.measure_s
     figures = analysis.summarize(result, analysis.window(result, start, end), plan.measure_s)
     lo, hi = result.started + start, result.started + end
-    samples = [s for s in result.samples if lo <= s.t <= hi + 1]
-    node_ids = sorted({k for s in samples for k in s.node_cpu})
+    # A sample covers the second before it: those wholly inside the window,
+    # or (a window shorter than two samples, as a smoke run's) those touching it.
+    samples = [s for s in result.samples if lo + 1 <= s.t <= hi] or [
+        s for s in result.samples if lo < s.t <= hi + 1
+    ]
     nodes = {
         node: {
             "cpu_cores": _mean([s.node_cpu[node] for s in samples if node in s.node_cpu]),
@@ -231,7 +340,7 @@ def _point(n: int, plan: Plan, result: LoadResult) -> Point:
                 [s.node_throttled[node] for s in samples if node in s.node_throttled]
             ),
         }
-        for node in node_ids
+        for node in serving
     }
     loadgen = _mean([s.loadgen_cpu for s in samples])
     busy = _mean([s.machine_busy for s in samples])
@@ -245,12 +354,22 @@ def _point(n: int, plan: Plan, result: LoadResult) -> Point:
                 f"{node} not saturated: {cores:.3f} cores of {plan.cpu}, "
                 f"throttled in {throttled:.0%} of periods"
             )
+    others = set(figures["by_node"]) - set(serving)
+    if others:
+        problems.append(f"nodes out of rotation served requests: {sorted(others)}")
+    switches = [e for e in result.events if lo - plan.settle_s - 1 <= e["t"] <= lo]
+    for event in switches:
+        if event["error"]:
+            problems.append(f"{event['label']} failed: {event['error']}")
+        elif event["done_t"] > lo:
+            problems.append(f"{event['label']} took past the settling time")
     if busy is not None and busy > MACHINE_MAX_BUSY:
         problems.append(f"machine {busy:.0%} busy: the nodes competed for CPU")
     if figures["requests"] and figures["failed"] / figures["requests"] > MAX_ERROR_RATE:
         problems.append(f"{figures['failed']} of {figures['requests']} requests failed")
     return {
         "n": n,
+        "serving": serving,
         **figures,
         "loadgen_cpu_cores": loadgen,
         "machine_busy": busy,
@@ -269,63 +388,38 @@ def _settled(pairs: list[dict[str, Any]], plan: Plan) -> bool:
     return interval is not None and interval[1] - interval[0] <= plan.ci_width
 
 
-def progress(pairs: list[dict[str, Any]], plan: Plan, k: int, index: int, elapsed_s: float) -> str:
-    """Where the run is, before a pair: its N, run k of at most m, time spent and left.
+def progress(pairs: list[dict[str, Any]], plan: Plan, k: int, first: int, elapsed_s: float) -> str:
+    """Where the run is, before a block: its N, its pairs of at most m, time spent and left.
 
     Time left is the smaller of the time bound and the pairs still allowed at
     the mean pair's duration so far (pairs may stop sooner: an interval narrow).
     """
-    ks = [n for n in plan.ns if n != 1]
-    most_runs = 2 * plan.max_pairs * len(ks)
-    done_runs = 2 * len(pairs)
+    most = plan.max_pairs * len([n for n in plan.ns if n != 1])
+    count = min(plan.block_pairs, plan.max_pairs - first)
     line = (
-        f"pair {index + 1} of N=1/N={k}: runs {done_runs + 1}-{done_runs + 2} of at most "
-        f"{most_runs}, {elapsed_s / 60:.1f} min in"
+        f"block of N=1/N={k}, its pairs {first + 1}-{first + count}: pairs "
+        f"{len(pairs) + 1}-{len(pairs) + count} of at most {most}, {elapsed_s / 60:.1f} min in"
     )
     bound_s = max(0.0, plan.max_minutes * 60 - elapsed_s)
     if pairs:
-        per_pair_s = elapsed_s / len(pairs)
-        left_s = min(bound_s, per_pair_s * (most_runs - done_runs) / 2)
+        left_s = min(bound_s, elapsed_s / len(pairs) * (most - len(pairs)))
         line += f", at most {left_s / 60:.1f} min left"
     return line
 
 
-def run_pairs(
-    plan: Plan,
-    measure_one: Measure,
-    base: Path,
-    clock: Callable[[], float] = time.monotonic,
-    on_pair: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> tuple[list[dict[str, Any]], str]:
-    """Pairs of (N=1, N=k) back to back, order alternated, round-robin over k.
-
-    Prints where it is before every pair, and hands the pairs so far to
-    `on_pair` after each (a report in progress). Returns the pairs and why
-    they stopped: every k's interval narrow, the pair bound, or the time
-    bound.
-    """
-    ks = [k for k in plan.ns if k != 1]
-    began = clock()
-    deadline = began + plan.max_minutes * 60
-    pairs: list[dict[str, Any]] = []
-    for index in range(plan.max_pairs):
-        open_ks = [k for k in ks if not _settled([p for p in pairs if p["k"] == k], plan)]
-        if not open_ks:
-            return pairs, "every interval narrow"
-        for k in open_ks:
-            if clock() > deadline:
-                return pairs, f"time bound ({plan.max_minutes:g} min)"
-            started = clock()
-            print(progress(pairs, plan, k, index, started - began), flush=True)
-            runs = {
-                n: measure_one(n, base / f"k{k}-pair{index}-n{n}")
-                for n in paired.first(index, 1, k)
-            }
-            x1, xk = runs[1]["throughput_rps"], runs[k]["throughput_rps"]
-            pair = {
+def pairs_of(k: int, first: int, points: list[Point]) -> list[dict[str, Any]]:
+    """A block's segments, two by two, as pairs: E(k) within each."""
+    pairs = []
+    for p in range(len(points) // 2):
+        index = first + p
+        order = list(paired.first(index, 1, k))
+        runs = dict(zip(order, points[2 * p : 2 * p + 2], strict=True))
+        x1, xk = runs[1]["throughput_rps"], runs[k]["throughput_rps"]
+        pairs.append(
+            {
                 "k": k,
                 "index": index,
-                "order": list(paired.first(index, 1, k)),
+                "order": order,
                 "x1_rps": x1,
                 "xk_rps": xk,
                 "efficiency": xk / (k * x1) if x1 else 0.0,
@@ -334,18 +428,55 @@ def run_pairs(
                 ),
                 "runs": [runs[1], runs[k]],
             }
-            pairs.append(pair)
-            print(
-                f"pair {index + 1} of N=1/N={k} (order {pair['order']}): X(1)={x1:.0f}, "
-                f"X({k})={xk:.0f} req/s, E={pair['efficiency']:.3f}"
-                + "".join(
-                    f"; N={r['n']} INVALID: {'; '.join(r['problems'])}"
-                    for r in pair["runs"]
-                    if not r["valid"]
+        )
+    return pairs
+
+
+def run_pairs(
+    plan: Plan,
+    measure: MeasureBlock,
+    base: Path,
+    clock: Callable[[], float] = time.monotonic,
+    on_pair: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> tuple[list[dict[str, Any]], str]:
+    """Blocks of pairs (N=1, N=k), order alternated, round-robin over k.
+
+    Prints where it is before every block and each pair after it, and hands
+    the pairs so far to `on_pair` after each block (a report in progress).
+    Returns the pairs and why they stopped: every k's interval narrow, the
+    pair bound, or the time bound.
+    """
+    ks = [k for k in plan.ns if k != 1]
+    began = clock()
+    deadline = began + plan.max_minutes * 60
+    pairs: list[dict[str, Any]] = []
+    for block in range(-(-plan.max_pairs // plan.block_pairs)):
+        open_ks = [k for k in ks if not _settled([p for p in pairs if p["k"] == k], plan)]
+        if not open_ks:
+            return pairs, "every interval narrow"
+        for k in open_ks:
+            if clock() > deadline:
+                return pairs, f"time bound ({plan.max_minutes:g} min)"
+            started = clock()
+            first = block * plan.block_pairs
+            count = min(plan.block_pairs, plan.max_pairs - first)
+            print(progress(pairs, plan, k, first, started - began), flush=True)
+            orders = [paired.first(first + p, 1, k) for p in range(count)]
+            new = pairs_of(k, first, measure(k, orders, first, base / f"k{k}-block{block}"))
+            pairs.extend(new)
+            for pair in new:
+                print(
+                    f"pair {pair['index'] + 1} of N=1/N={k} (order {pair['order']}): "
+                    f"X(1)={pair['x1_rps']:.0f}, X({k})={pair['xk_rps']:.0f} req/s, "
+                    f"E={pair['efficiency']:.3f}"
+                    + "".join(
+                        f"; N={r['n']} INVALID: {'; '.join(r['problems'])}"
+                        for r in pair["runs"]
+                        if not r["valid"]
+                    ),
+                    flush=True,
                 )
-                + f" ({clock() - started:.0f} s)",
-                flush=True,
-            )
+            print(f"block of N=1/N={k}: {clock() - started:.0f} s", flush=True)
             if on_pair is not None:
                 on_pair(pairs)
     settled = all(_settled([p for p in pairs if p["k"] == k], plan) for k in ks)
@@ -626,16 +757,28 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
         "",
         f"Each node is capped at **{plan['cpu']} core** (cgroup v1 `cpu`), behind HAProxy, "
         f"on the {plan['backend']} backend; locust drives the **{plan['mix']}** mix with "
-        f"{plan['users_per_node']} closed-loop users per node. Throughput is counted over "
-        f"{plan['measure_s']:g} s after a {plan['warmup_s']:g} s warm-up. The nodes' read "
+        f"{plan['users_per_node']} closed-loop users per node of k. The nodes' read "
         f"cache is **{'on' if plan.get('cache', True) else 'off'}**; its hit ratio is over "
-        "the whole run, warm-up included, summed over the nodes (/metrics).",
+        "the whole run, warm-up included, summed over the nodes (/metrics). Nodes out of "
+        "rotation "
+        + (
+            "**burn their CPU cap** (a spinning process in their cgroup), so the machine is as "
+            "busy while one node serves as while k do."
+            if plan.get("burn_idle")
+            else "**idle** (the control: the machine is less busy while one node serves)."
+        ),
         "",
-        "The machine drifts over minutes, so every N is compared with N=1 **within a pair**: "
-        "the two runs back to back, N=1 first in odd pairs and last in even ones. "
-        f"E(N) = X(N) / (N·X(1)) is taken in each pair; pairs repeat (at least "
-        f"{plan['min_pairs']}, at most {plan['max_pairs']} per N, no new pair after "
-        f"{plan['max_minutes']:g} min) until the interval is at most {plan['ci_width']} wide. "
+        "The machine drifts, so every N is compared with N=1 **within a pair** of segments "
+        "seconds apart in one lab under one load. A block starts a lab of k nodes and "
+        f"{plan['users_per_node']}·k users in k equal shares of the mix (only the shares of "
+        f"the serving nodes send), warms up {plan['warmup_s']:g} s, then serves "
+        f"{plan.get('block_pairs', 1)} pairs of segments: N=1 (one node of the k, the next at "
+        "every pair, the others in HAProxy's MAINT) and N=k, N=1 first in odd pairs and last "
+        f"in even ones. A segment settles {plan.get('settle_s', 0):g} s after the switch, then "
+        f"counts {plan['measure_s']:g} s. E(N) = X(N) / (N·X(1)) is taken in each pair; "
+        f"blocks repeat (at least {plan['min_pairs']}, at most {plan['max_pairs']} pairs per N, "
+        f"no new block after {plan['max_minutes']:g} min) until the interval is at most "
+        f"{plan['ci_width']} wide. "
         f"Stopped: {report['stopped']}. Interval: {report['interval']}.",
         "",
         f"**Verdict: {'valid' if report['valid'] else 'NOT valid'}.**"
@@ -741,7 +884,7 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
 def run(
     plan: Plan,
     command: str,
-    measure_one: Measure | None = None,
+    measure: MeasureBlock | None = None,
     refresh: Callable[[dict[str, Any]], None] | None = None,
     first: tuple[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
@@ -764,7 +907,7 @@ def run(
     try:
         pairs, stopped = run_pairs(
             plan,
-            measure_one or (lambda n, run_dir: measure(n, plan, run_dir)),
+            measure or (lambda k, orders, first, d: measure_block(k, orders, first, plan, d)),
             base,
             on_pair=on_pair,
         )
@@ -800,7 +943,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ns", type=_ns, help="node counts, comma-separated, 1 first (default 1,2,4,8)"
     )
-    parser.add_argument("--cache", choices=("on", "off"), help="the nodes' read cache (default on)")
+    parser.add_argument(
+        "--mix", choices=("read-mostly", "read-only", "write-heavy"), help="the locust mix"
+    )
+    parser.add_argument(
+        "--cache", choices=("on", "off"), help="the nodes' read cache (default off)"
+    )
+    parser.add_argument(
+        "--burn-idle",
+        choices=("on", "off"),
+        help="nodes out of rotation burn their CPU cap (default on; off is the control)",
+    )
     parser.add_argument(
         "--agree-with",
         type=Path,
@@ -825,6 +978,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_minutes": args.max_minutes,
         "ns": args.ns,
         "cache": None if args.cache is None else args.cache == "on",
+        "mix": args.mix,
+        "burn_idle": None if args.burn_idle is None else args.burn_idle == "on",
     }
     plan = Plan(**(asdict(plan) | {k: v for k, v in changes.items() if v is not None}))
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:

@@ -119,13 +119,16 @@ def run_load(
     seed_notes: int = 200,
     schedule: list[tuple[float, str, Callable[[], Any]]] | None = None,
     on_sample: Callable[[Sample], None] | None = None,
+    phases: tuple[int, list[tuple[float, int]]] | None = None,
 ) -> LoadResult:
     """Drive `host` with locust for `duration_s`, running `schedule` events on time.
 
     `schedule` is [(seconds after the load starts, label, action)]. `nodes`
     are lab.json node entries whose CPU and throttling are sampled (their
     pids may change when an event restarts one: pass the same dicts and
-    update them in place).
+    update them in place). `phases` (shares, [(seconds, active shares)]):
+    the users split into equal shares, of which only the active ones send
+    (loadtests/harness/locust_run.py, Phases).
     """
     with tempfile.TemporaryDirectory(prefix="cattle-load-") as tmp:
         out = Path(tmp) / "requests.json"
@@ -137,6 +140,9 @@ def run_load(
         ]  # fmt: skip
         if rate_per_user is not None:
             argv += ["--rate-per-user", str(rate_per_user)]
+        if phases is not None:
+            shares, steps = phases
+            argv += ["--shares", str(shares), "--phases", ",".join(f"{t:g}:{n}" for t, n in steps)]
         log = Path(tmp) / "locust.log"
         with log.open("wb") as log_file:
             proc = subprocess.Popen(

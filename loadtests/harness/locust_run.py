@@ -26,6 +26,77 @@ def user_counts(weights: dict[Any, int], users: int) -> dict[Any, int]:
     return counts
 
 
+class Phases:
+    """When each share of the users is active: the users of 1 node, then of k, in turn.
+
+    The users are split into `shares` equal shares, each with the same mix;
+    from `at_s` seconds into the load, the first `active` shares send and the
+    others wait. The scale-out experiment serves one lab with 1 node, then
+    with k, on the same schedule, so that every node serving always has the
+    users of one node: the same queue, the same mix, at every N.
+    """
+
+    def __init__(self, shares: int, phases: list[tuple[float, int]]) -> None:
+        if shares < 1 or not phases or phases[0][0] != 0:
+            raise ValueError("phases need at least one share and a first phase at 0 s")
+        if any(not 0 <= active <= shares for _, active in phases):
+            raise ValueError(f"a phase's active shares must be between 0 and {shares}")
+        self.shares = shares
+        self.phases = sorted(phases)
+        self.started = time.time()  # set again when the load starts
+
+    def active(self, share: int, at_s: float) -> bool:
+        current = [active for start, active in self.phases if start <= at_s]
+        return share < current[-1]
+
+    def wait_s(self, share: int) -> float:
+        """Seconds until `share` may send (0 if it may now; the rest of the day if never)."""
+        at_s = time.time() - self.started
+        if self.active(share, at_s):
+            return 0.0
+        later = [start for start, active in self.phases if start > at_s and share < active]
+        return later[0] - at_s if later else 86400.0
+
+    @classmethod
+    def parse(cls, shares: int, text: str) -> Phases:
+        """`0:1,23:8,38:1`: from 0 s one share, from 23 s eight, from 38 s one."""
+        try:
+            phases = [
+                (float(at), int(active)) for at, active in (p.split(":") for p in text.split(","))
+            ]
+        except ValueError:
+            raise ValueError(
+                f"{text!r}: give phases as SECONDS:ACTIVE_SHARES,... e.g. 0:1,23:8"
+            ) from None
+        return cls(shares, phases)
+
+
+def _gate(user_class: type[Any], phases: Phases, per_share: int) -> None:
+    """Make `user_class`'s users wait while their share is not active.
+
+    Each user takes the next index of its class when it starts; its share is
+    index // per_share. It waits before its first task and after every task.
+    """
+    import gevent
+
+    indices = iter(range(10**9))
+    original = user_class.__dict__.get("wait_time") or getattr(user_class, "wait_time", None)
+    base_start = user_class.on_start
+
+    def on_start(self: Any) -> None:
+        self.share = next(indices) // per_share
+        gevent.sleep(phases.wait_s(self.share))
+        base_start(self)
+
+    def wait_time(self: Any) -> float:
+        base = original(self) if original is not None else 0.0
+        gevent.sleep(base)
+        return phases.wait_s(self.share)
+
+    user_class.on_start = on_start
+    user_class.wait_time = wait_time
+
+
 def run(
     host: str,
     *,
@@ -36,6 +107,7 @@ def run(
     seed_notes: int = 200,
     rate_per_user: float | None = None,
     started_file: Path | None = None,
+    phases: Phases | None = None,
 ) -> dict[str, Any]:
     import gevent
     from locust import User, constant_throughput, events
@@ -44,7 +116,15 @@ def run(
     from loadtests.clients import notes
 
     weights = notes.MIXES[mix]
-    counts = user_counts(weights, users)
+    if phases is None:
+        counts = user_counts(weights, users)
+    else:
+        if users % phases.shares:
+            raise ValueError(f"{users} users do not split into {phases.shares} equal shares")
+        # Each share the same mix: a share's split, times the shares.
+        counts = {
+            c: n * phases.shares for c, n in user_counts(weights, users // phases.shares).items()
+        }
     classes: list[type[User]] = []
     for user_class, weight in weights.items():
         user_class.weight = weight
@@ -54,6 +134,8 @@ def run(
             # Open-ish loop: each user aims at a fixed rate, so the offered load
             # is users x rate whatever the latency (for runs below saturation).
             user_class.wait_time = constant_throughput(rate_per_user)
+        if phases is not None:
+            _gate(user_class, phases, counts[user_class] // phases.shares)
         classes.append(user_class)
     notes.seed(host, seed_notes)
 
@@ -64,6 +146,8 @@ def run(
     runner = env.create_local_runner()
     events.init.fire(environment=env, runner=runner, web_ui=None)  # type: ignore[no-untyped-call]
     started = time.time()
+    if phases is not None:
+        phases.started = started
     if started_file is not None:
         started_file.write_text(str(started))  # the caller's clock for its event schedule
     runner.start(users, spawn_rate=spawn_rate)
@@ -101,9 +185,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="JSON file for every request")
     parser.add_argument("--started-file", type=Path, help="written when the load starts")
+    parser.add_argument(
+        "--shares", type=int, default=1, help="equal shares of the users, for --phases"
+    )
+    parser.add_argument(
+        "--phases", help="SECONDS:ACTIVE_SHARES,... e.g. 0:1,23:8 (default: every user always)"
+    )
     args = parser.parse_args(argv)
     if not 0 < args.duration_s <= 3600:
         parser.error("--duration-s must be between 0 and 3600")
+    phases = None
+    if args.phases is not None:
+        try:
+            phases = Phases.parse(args.shares, args.phases)
+        except ValueError as exc:
+            parser.error(f"--phases: {exc}")
     result = run(
         args.host,
         users=args.users,
@@ -112,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_notes=args.seed_notes,
         rate_per_user=args.rate_per_user,
         started_file=args.started_file,
+        phases=phases,
     )
     args.out.write_text(json.dumps(result))
     return 0

@@ -54,17 +54,22 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
         for run in pair["runs"]:
             assert run["throughput_rps"] > 0
             assert run["p50_ms"] > 0
-            # The validity checks ran on real samples of every node and the load generator.
-            assert set(run["nodes"]) == {f"n{i}" for i in range(1, run["n"] + 1)}
+            # N nodes served the segment, and only they: the others were out of
+            # HAProxy's rotation (MAINT, their agent checks off).
+            assert len(run["serving"]) == run["n"]
+            assert set(run["by_node"]) == set(run["serving"]), run["by_node"]
+            # The validity checks ran on real samples of every serving node and the load generator.
+            assert set(run["nodes"]) == set(run["serving"])
             assert run["loadgen_cpu_cores"] is not None
             assert isinstance(run["valid"], bool)
             # CPU the nodes used, read from their cgroups over the measured window.
             assert run["node_cpu_s"] > 0
             assert run["requests_per_cpu_s"] > 0
             assert run["cpu_source"]
-            # The read mix reads by id: every node's cache counted hits or misses.
-            assert run["cache_hits"] + run["cache_misses"] > 0
-            assert 0 <= run["cache_hit_ratio"] <= 1
+            # The cache is off by default: no node counted a hit or a miss.
+            assert not scaleout.SMOKE.cache
+            assert run["cache_hits"] == run["cache_misses"] == 0
+            assert run["cache_hit_ratio"] is None
     n1, n2 = saved["rows"]
     assert n1["efficiency_median"] == pytest.approx(1.0)
     assert len(n1["throughput_runs"]) == 2
@@ -108,7 +113,8 @@ def test_usl_fit_recovers_known_parameters():
 
 
 def _fake_runs(x, noise=None):
-    """A measure function without nodes: X(N) from `x`, times a drift that grows every run."""
+    """A block measure without nodes: X(N) from `x` for each segment, times a
+    drift that grows every segment."""
     calls = itertools.count()
     noise = noise or (lambda n, i: 1.0)
 
@@ -121,18 +127,23 @@ def _fake_runs(x, noise=None):
             "valid": True, "problems": [],
         }  # fmt: skip
 
-    return measure_one
+    def measure(k, orders, first, run_dir):
+        return [measure_one(n, run_dir) for order in orders for n in order]
+
+    return measure
 
 
 def test_scaleout_pairs_alternate_and_cancel_the_drift(tmp_path):
-    plan = scaleout.Plan(ns=(1, 2, 4, 8), min_pairs=4, max_pairs=6)
+    plan = scaleout.Plan(ns=(1, 2, 4, 8), block_pairs=2, min_pairs=4, max_pairs=6)
     x = lambda n: scaleout.usl(n, 50.0, 0.02, 0.002)  # noqa: E731
     pairs, stopped = scaleout.run_pairs(plan, _fake_runs(x), tmp_path)
     assert stopped == "every interval narrow"
-    # Round-robin over k, each k's pairs alternating which N runs first.
-    assert [(p["k"], p["order"]) for p in pairs[:6]] == [
-        (2, [1, 2]), (4, [1, 4]), (8, [1, 8]), (2, [2, 1]), (4, [4, 1]), (8, [8, 1]),
+    # Blocks round-robin over k, each block's pairs alternating which N runs first.
+    assert [(p["k"], p["order"]) for p in pairs[:8]] == [
+        (2, [1, 2]), (2, [2, 1]), (4, [1, 4]), (4, [4, 1]), (8, [1, 8]), (8, [8, 1]),
+        (2, [1, 2]), (2, [2, 1]),
     ]  # fmt: skip
+    assert [p["index"] for p in pairs if p["k"] == 2] == [0, 1, 2, 3]
     assert len(pairs) == 3 * plan.min_pairs
     report = scaleout.summarize(pairs, plan, stopped)
     assert report["valid"], report["problems"]
@@ -174,20 +185,22 @@ def test_scaleout_reports_progress_and_a_drawable_report_after_every_pair(tmp_pa
         plan, "python -m loadtests.experiments.scaleout", _fake_runs(lambda n: 10.0 * n),
         refresh=partials.append,
     )  # fmt: skip
-    # One report per pair, each of the pairs so far, each drawn as the final one is.
-    assert [len(p["pairs"]) for p in partials] == [1, 2, 3, 4]
+    # One report per block, each of the pairs so far, each drawn as the final one is.
+    assert [len(p["pairs"]) for p in partials] == [2, 4]
     assert all(p["stopped"] == scaleout.IN_PROGRESS for p in partials)
     assert final["stopped"] != scaleout.IN_PROGRESS and len(final["pairs"]) == 4
     for i, partial in enumerate(partials):
         assert "Stopped: not yet" in scaleout.markdown(partial)
         scaleout.plot(partial, tmp_path / f"partial-{i}.png")
         assert (tmp_path / f"partial-{i}.png").stat().st_size > 0
-    # Before every pair: which N, which runs of how many, how long in and left.
+    # Before every block: which N, which pairs of how many, how long in and left.
     lines = [line for line in capsys.readouterr().out.splitlines() if "of at most" in line]
-    assert lines[0].startswith("pair 1 of N=1/N=2: runs 1-2 of at most 8, 0.0 min in")
+    assert lines[0].startswith(
+        "block of N=1/N=2, its pairs 1-2: pairs 1-2 of at most 4, 0.0 min in"
+    )
     assert "left" not in lines[0]  # no pair yet to estimate from
-    assert lines[3].startswith("pair 2 of N=1/N=4: runs 7-8 of at most 8")
-    assert "min left" in lines[3]
+    assert lines[1].startswith("block of N=1/N=4, its pairs 1-2: pairs 3-4 of at most 4")
+    assert "min left" in lines[1]
 
 
 def test_scaleout_stops_at_the_time_bound(tmp_path):
@@ -301,3 +314,124 @@ def test_nodeloss_smoke_runs_the_drill_and_audits(tmp_path, capsys):
     assert "| drain n1 |" in text
     assert "control: saturation with HAProxy retries off (failures expected)" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def _analysed(drain, kill, baseline_rps=100.0):
+    """An analysed node-loss run, as `nodeloss.analyse` returns it, with known capacities."""
+
+    def event(label, capacity=None):
+        entry = {
+            "event": label, "at_s": 0.0, "took_s": 0.0, "error": None, "requests": 10,
+            "failed": 0, "failed_by_kind": {},
+        }  # fmt: skip
+        return entry if capacity is None else entry | {"capacity_after_loss": capacity}
+
+    return {
+        "baseline_rps": baseline_rps, "requests": 100, "failed": 0,
+        "audit": {"acknowledged": 1, "lost": 0, "duplicated": 0, "unexpected": 0},
+        "events": [
+            event("drain n1", drain), event("restart n1"), event("kill n2", kill),
+            event("restart n2"),
+        ],
+    }  # fmt: skip
+
+
+def test_nodeloss_capacity_after_loss_over_repeats_has_a_median_and_an_interval():
+    runs = [_analysed(0.70, 0.80), _analysed(0.74, 0.72), _analysed(0.78, 0.76)]
+    drain, kill = nodeloss.capacity_after_loss(runs, expected=0.75)
+    assert drain["event"] == "drain n1" and kill["event"] == "kill n2"
+    assert drain["ratios"] == [0.70, 0.74, 0.78]
+    assert kill["ratios"] == [0.80, 0.72, 0.76]  # in the order the repeats ran
+    for entry in (drain, kill):
+        assert entry["median"] == pytest.approx(0.76 if entry is kill else 0.74)
+        assert entry["mean"] == pytest.approx(0.76 if entry is kill else 0.74)
+        assert entry["expected"] == 0.75
+        # Standard deviation 0.04 over 3 repeats; t(0.975, 2 degrees of freedom) = 4.3027.
+        half = 4.302653 * 0.04 / 3**0.5
+        low, high = entry["interval"]
+        assert low == pytest.approx(entry["mean"] - half, abs=1e-6)
+        assert high == pytest.approx(entry["mean"] + half, abs=1e-6)
+    text = "\n".join(nodeloss._capacity_section([drain, kill], 3))
+    assert "## Capacity after a loss, over 3 repeats at saturation" in text
+    assert "| drain n1 | 0.74 | 0.64 to 0.84 | 0.75 | 0.70, 0.74, 0.78 |" in text
+
+
+def test_nodeloss_capacity_after_loss_of_one_repeat_has_no_interval():
+    (drain, kill) = nodeloss.capacity_after_loss([_analysed(0.7, 0.8)], expected=0.5)
+    assert (drain["median"], kill["median"]) == (0.7, 0.8)
+    assert drain["interval"] is None and kill["interval"] is None
+    text = "\n".join(nodeloss._capacity_section([drain, kill], 1))
+    assert "over 1 repeat at saturation" in text
+    assert "| kill n2 | 0.80 | none (one repeat) | 0.50 | 0.80 |" in text
+
+
+def test_nodeloss_capacity_after_loss_leaves_out_a_repeat_it_could_not_measure():
+    runs = [_analysed(0.70, 0.80), _analysed(None, 0.72), _analysed(0.78, 0.76)]
+    drain, _ = nodeloss.capacity_after_loss(runs, expected=0.75)
+    assert drain["ratios"] == [0.70, None, 0.78]
+    assert drain["median"] == pytest.approx(0.74)
+    assert drain["interval"] is not None
+    assert "0.70, not measured, 0.78" in "\n".join(nodeloss._capacity_section([drain], 3))
+
+
+def test_nodeloss_interleaves_the_saturation_repeats_with_the_steady_run(monkeypatch, capsys):
+    """The run's order, names and summary, with a fake lab and fake drills (no nodes)."""
+
+    class FakeLab:
+        def __init__(self, path):
+            pass
+
+        def up(self, options):
+            self.retries = options.retries
+
+        def down(self):
+            pass
+
+        def status(self):
+            return {"nodes": [{"id": "n1", "running": True}]}
+
+    drills = []
+    capacities = iter([(0.70, 0.80), (None, None), (0.74, 0.72), (0.78, 0.76), (0.1, 0.1)])
+
+    def drill_and_audit(lab, plan, *, rate_per_user, runs):
+        drills.append(("saturation" if rate_per_user is None else "steady", lab.retries))
+        runs.end()
+        return _analysed(*next(capacities))
+
+    monkeypatch.setattr(nodeloss, "Lab", FakeLab)
+    monkeypatch.setattr(nodeloss, "_drill_and_audit", drill_and_audit)
+    report = nodeloss.run(nodeloss.Plan(repeats=3), "python -m loadtests.experiments.nodeloss")
+    assert drills == [
+        ("saturation", True), ("steady", True), ("saturation", True), ("saturation", True),
+        ("saturation", False),
+    ]  # fmt: skip
+    assert list(report["runs"]) == [
+        "saturation", "steady", "saturation-2", "saturation-3", "control",
+    ]  # fmt: skip
+    begun = re.findall(r"^nodeloss: run (\d) of 5 \(([\w ]+)\)", capsys.readouterr().out, re.M)
+    assert begun == [
+        ("1", "saturation 1 of 3"), ("2", "steady"), ("3", "saturation 2 of 3"),
+        ("4", "saturation 3 of 3"), ("5", "control"),
+    ]  # fmt: skip
+    # The saturation repeats only: not the steady run, nor the control.
+    drain, kill = report["capacity_after_loss"]
+    assert drain["ratios"] == [0.70, 0.74, 0.78]
+    assert kill["ratios"] == [0.80, 0.72, 0.76]
+    text = nodeloss.markdown(report)
+    assert "## Capacity after a loss, over 3 repeats at saturation" in text
+    assert "## saturation, repeat 3, HAProxy retries on (baseline 100 req/s)" in text
+
+
+def test_nodeloss_progress_of_one_repeat_keeps_the_three_runs():
+    assert list(nodeloss.progress(nodeloss.SMOKE).labels) == ["saturation", "steady", "control"]
+
+
+def test_nodeloss_repeats_below_one_is_a_clear_cli_error(tmp_path, capsys):
+    for given in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as exc:
+            nodeloss.main(["--smoke", "--repeats", given, "--out", str(tmp_path / "out")])
+        assert exc.value.code == 2
+        assert "argument --repeats" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+    with pytest.raises(ValueError, match="at least 1"):
+        nodeloss.Plan(repeats=0)
