@@ -22,8 +22,10 @@ import contextlib
 import importlib.util
 import json
 import shlex
+import signal
 import subprocess
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -180,6 +182,30 @@ def render(out: Path, markdown: Markdown, plot: Plot | None = None) -> Report:
     return report
 
 
+@contextlib.contextmanager
+def terminated_like_interrupted() -> Iterator[None]:
+    """SIGTERM ends a measurement as Ctrl+C does: its `finally` blocks run.
+
+    Python's default SIGTERM ends the process at once, which would leave an
+    experiment's lab (nodes, HAProxy, PostgreSQL) running with nobody to
+    stop it. Here SIGTERM raises SystemExit in the main thread instead; the
+    previous handler is back afterwards. (Off the main thread, as when a
+    test drives an experiment from a worker, nothing changes.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(
     name: str,
     out: Path,
@@ -199,7 +225,7 @@ def main(
     if render_only:
         render(out, markdown, plot)
         return None
-    with exclusive(name) if lock else contextlib.nullcontext():
+    with terminated_like_interrupted(), exclusive(name) if lock else contextlib.nullcontext():
         report = measure()
     write(report, out, markdown, plot)
     return report

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from loadtests import REPO_ROOT as REPO
 from loadtests import report as reports
 
 RESULT_FILES = sorted(reports.RESULTS.glob("*.json"))
@@ -61,3 +66,47 @@ def test_render_rewrites_the_markdown_from_the_saved_figures(tmp_path: Path) -> 
     assert reports.render(out, lambda report: f"figure {report['figure']}\n") == report
     assert out.with_suffix(".md").read_text() == "figure 1\n"
     assert json.loads(out.with_suffix(".json").read_text()) == report
+
+
+_MEASURE_UNTIL_TERMINATED = """
+import sys, time
+from pathlib import Path
+from loadtests import report
+
+tmp = Path(sys.argv[1])
+
+def measure():
+    try:
+        (tmp / "started").write_text("")
+        time.sleep(60)
+    finally:
+        (tmp / "cleaned").write_text("")  # as an experiment takes its lab down
+    return {}
+
+if sys.argv[2] == "main":
+    report.main("t", tmp / "out", render_only=False, measure=measure, markdown=str, lock=False)
+else:  # the control: the same measurement outside report.main
+    measure()
+"""
+
+
+@pytest.mark.parametrize(("how", "cleaned"), [("main", True), ("bare", False)])
+def test_sigterm_ends_a_measurement_through_its_finally_blocks(
+    tmp_path: Path, how: str, cleaned: bool
+) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _MEASURE_UNTIL_TERMINATED, str(tmp_path), how], cwd=REPO
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "started").exists()
+        child.send_signal(signal.SIGTERM)
+        code = child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+    assert (tmp_path / "cleaned").exists() is cleaned
+    assert code == (128 + signal.SIGTERM if cleaned else -signal.SIGTERM)
