@@ -1,8 +1,10 @@
 """Node-loss experiment: steady load on N nodes while nodes leave and come back.
 
-Two runs on a lab of N=4 CPU-capped nodes behind HAProxy: one at about 70%
-of capacity, one at saturation; then a control run, at saturation on a lab
-whose HAProxy does not retry, which shows what the retries protect against
+Runs on a lab of N=4 CPU-capped nodes behind HAProxy: at saturation, then at
+about 70% of capacity, then at saturation again until there are --repeats
+saturation runs (interleaved with the steady one, so the machine's drift
+spreads over the repeats); then a control run, at saturation on a lab whose
+HAProxy does not retry, which shows what the retries protect against
 (failures are expected there). During each, on a schedule: drain a node
 (SIGTERM: its drain sequence), restart it, kill -9 another, restart it, and
 (with --backend patroni) kill the database primary. Afterwards every
@@ -10,9 +12,10 @@ acknowledged create is audited against what the service stores.
 
 Writes docs/results/nodeloss.{md,json,png}: a timeline of requests/s stacked
 by node, failures/s and p50/p99 with the events marked; failed requests per
-event; capacity after a loss against (N-1)/N; time to recover; the audit.
+event; capacity after a loss against (N-1)/N, per run and over the repeats at
+saturation (median and 95% interval); time to recover; the audit.
 
-    python -m loadtests.experiments.nodeloss            # the full run (about 5 minutes)
+    python -m loadtests.experiments.nodeloss            # the full run (five runs of 90 s of load)
     python -m loadtests.experiments.nodeloss --smoke    # seconds: checks the code, not the machine
 
 With --front anycast the same drill runs on the lab's anycast front (BIRD
@@ -32,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ from loadtests import report as reports
 from loadtests.experiments.audit import audit
 from loadtests.harness import analysis
 from loadtests.harness.loadrun import LoadResult, run_load
+from loadtests.harness.paired import t_interval
 from loadtests.harness.progress import Runs
 
 RESULTS = reports.RESULTS / "nodeloss"
@@ -74,6 +78,13 @@ class Plan:
     front: str = "haproxy"
     # Notes created before each run's load, for the readers to read.
     seed_notes: int = 200
+    # Saturation runs on the one lab (the first, the steady run, then the rest):
+    # capacity after a loss is stated over them, not from one run.
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, not {self.repeats}")
 
 
 SMOKE = Plan(
@@ -92,6 +103,7 @@ SMOKE = Plan(
     baseline_s=(0.5, 2.0),
     drain_delay_s=0.5,
     seed_notes=20,  # 200 take seconds per run through the smoke's small nodes
+    repeats=1,
 )
 
 
@@ -232,7 +244,7 @@ def analyse(
         if event["label"] in out_of_rotation_s:
             left = out_of_rotation_s[event["label"]]
             entry["out_of_rotation_s"] = None if left is None else round(left, 3)
-        if event["label"].startswith(("kill n", "drain")):
+        if _is_loss(event["label"]):
             # Capacity with a node gone: after detection, until the restart.
             settled = [s["ok"] for s in timeline[int(start) + 3 : int(end)]]
             if settled and baseline:
@@ -280,6 +292,47 @@ def analyse(
     }
 
 
+def _is_loss(label: str) -> bool:
+    """A node leaving (drained or killed), not the database primary."""
+    return label.startswith(("kill n", "drain"))
+
+
+def capacity_after_loss(
+    saturation_runs: Sequence[dict[str, Any]], expected: float
+) -> list[dict[str, Any]]:
+    """Capacity after each loss over the repeats at saturation (the analysed runs, in order).
+
+    Each repeat's ratio is against its own run's baseline, paired within the
+    run, so the machine's drift between runs stays out of it; then their
+    median and the 95% Student-t interval of their mean (None for one
+    repeat). A repeat whose ratio could not be measured is None in `ratios`
+    and left out of the rest."""
+    labels = list(
+        dict.fromkeys(
+            e["event"] for run in saturation_runs for e in run["events"] if _is_loss(e["event"])
+        )
+    )
+    summary = []
+    for label in labels:
+        ratios = [
+            next((e.get("capacity_after_loss") for e in run["events"] if e["event"] == label), None)
+            for run in saturation_runs
+        ]
+        measured = [r for r in ratios if r is not None]
+        interval = t_interval(measured)
+        summary.append(
+            {
+                "event": label,
+                "ratios": ratios,
+                "median": statistics.median(measured) if measured else None,
+                "mean": statistics.fmean(measured) if measured else None,
+                "interval": None if interval is None else list(interval),
+                "expected": expected,
+            }
+        )
+    return summary
+
+
 def _failed_by_kind(result: LoadResult, rows: list[list[Any]]) -> dict[str, int]:
     ok, name = result.column("ok"), result.column("name")
     counts: dict[str, int] = {}
@@ -318,14 +371,34 @@ def _drill_and_audit(
     return analyse(result, plan, audited, left)
 
 
+def _repeat_name(i: int) -> str:
+    """The report's name of saturation run `i` (from 1): the first keeps the name it always had."""
+    return "saturation" if i == 1 else f"saturation-{i}"
+
+
+def _saturation_names(runs: dict[str, Any]) -> list[str]:
+    """The saturation repeats among `runs`, in the order they ran."""
+    return [name for i in range(1, len(runs) + 1) if (name := _repeat_name(i)) in runs]
+
+
 def progress(plan: Plan) -> Runs:
-    """Progress lines of the runs: each run's length by the plan is its load's."""
-    names = ["saturation", "steady", *(["control"] if plan.control else [])]
+    """Progress lines of the runs, in their order: each run's length by the plan is its load's."""
+
+    def saturation(i: int) -> str:
+        return f"saturation {i} of {plan.repeats}" if plan.repeats > 1 else "saturation"
+
+    names = [
+        saturation(1),
+        "steady",
+        *(saturation(i) for i in range(2, plan.repeats + 1)),
+        *(["control"] if plan.control else []),
+    ]
     return Runs("nodeloss", [plan.duration_s] * len(names), names)
 
 
 def run(plan: Plan, command: str) -> dict[str, Any]:
-    """The drill at saturation, then below it, each audited; then (plan.control) at
+    """The drill at saturation, then below it, then at saturation again until there are
+    plan.repeats saturation runs, each audited, all on one lab; then (plan.control) at
     saturation on a lab without HAProxy retries; the report (written by the caller)."""
     base = Path(tempfile.mkdtemp(prefix="cattle-nodeloss-", dir="/tmp"))
     base.chmod(0o755)
@@ -345,21 +418,29 @@ def run(plan: Plan, command: str) -> dict[str, Any]:
     )
     lines = progress(plan)
     load = f"{plan.duration_s:g} s of load"
+
+    def at_saturation(lab: Lab, i: int) -> None:
+        name = _repeat_name(i)
+        runs[name] = _drill_and_audit(lab, plan, rate_per_user=None, runs=lines)
+        runs[name][protection] = True
+        print(f"{name}: baseline {runs[name]['baseline_rps']:.0f} req/s", flush=True)
+
     try:
         lines.begin(f"{plan.nodes} nodes coming up, then {load} at saturation")
         lab = Lab(base / "run")
         lab.up(options)
         try:
-            runs["saturation"] = _drill_and_audit(lab, plan, rate_per_user=None, runs=lines)
-            runs["saturation"][protection] = True
-            print(
-                f"saturation: baseline {runs['saturation']['baseline_rps']:.0f} req/s", flush=True
-            )
+            at_saturation(lab, 1)
+            # The steady rate is a share of the first saturation run's baseline.
             lines.begin(f"{load} at {plan.steady_fraction:.0%} of the baseline")
             _restore(lab, plan)
             rate = plan.steady_fraction * runs["saturation"]["baseline_rps"] / plan.users
             runs["steady"] = _drill_and_audit(lab, plan, rate_per_user=rate, runs=lines)
             runs["steady"] |= {"offered_rps": rate * plan.users, protection: True}
+            for i in range(2, plan.repeats + 1):
+                lines.begin(f"{load} at saturation")
+                _restore(lab, plan)
+                at_saturation(lab, i)
         finally:
             lab.down()
         if plan.control:
@@ -374,16 +455,22 @@ def run(plan: Plan, command: str) -> dict[str, Any]:
             print(f"control ({protection} off): {runs['control']['failed']} failed", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    expected = (plan.nodes - 1) / plan.nodes
     figures = {
         "plan": asdict(plan),
-        "expected_capacity_after_loss": (plan.nodes - 1) / plan.nodes,
+        "expected_capacity_after_loss": expected,
         "runs": runs,
+        # The saturation repeats only: the control is another configuration,
+        # where a request that failed is not capacity either.
+        "capacity_after_loss": capacity_after_loss(
+            [runs[name] for name in _saturation_names(runs)], expected
+        ),
     }
     return reports.stamped(command, figures)
 
 
 def _restore(lab: Lab, plan: Plan) -> None:
-    """Every node running again between the two runs (the drill left them up, but be sure)."""
+    """Every node running again between runs (the drill left them up, but be sure)."""
     for node in lab.status()["nodes"]:
         if not node["running"]:
             lab.restart(node["id"])
@@ -468,7 +555,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     expected = report["expected_capacity_after_loss"]
-    for name in ("saturation", "steady", "control"):
+    saturation = _saturation_names(report["runs"])
+    # Reports from before the repeats have no summary: it is one run's figures.
+    summary = report.get("capacity_after_loss") or capacity_after_loss(
+        [report["runs"][name] for name in saturation], expected
+    )
+    lines += _capacity_section(summary, len(saturation))
+    names = ["saturation", "steady", *saturation[1:], "control"]
+    for name in names:
         data = report["runs"].get(name)
         if not data:
             continue
@@ -502,11 +596,46 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _capacity_section(summary: list[dict[str, Any]], repeats: int) -> list[str]:
+    """The markdown of the capacity after each loss over the repeats at saturation."""
+
+    def figure(value: float | None) -> str:
+        return "not measured" if value is None else f"{value:.2f}"
+
+    lines = [
+        f"## Capacity after a loss, over {repeats} repeat{'s' if repeats != 1 else ''} "
+        "at saturation",
+        "",
+        "Throughput from 3 s after the loss until the restart, over the baseline of the "
+        "same run (so the machine's drift between runs stays out), beside the expected "
+        "(N-1)/N. The interval is the 95% Student-t interval of the mean over the repeats. "
+        "The control run is left out: it is another configuration, where a failed request "
+        "is not capacity either.",
+        "",
+        "| event | median | 95% interval | expected (N-1)/N | per repeat |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for entry in summary:
+        interval = entry["interval"]
+        if interval is not None:
+            shown = f"{interval[0]:.2f} to {interval[1]:.2f}"
+        else:
+            shown = "none (one repeat)" if len(entry["ratios"]) == 1 else "none (one measured)"
+        each = ", ".join(figure(r) for r in entry["ratios"])
+        lines.append(
+            f"| {entry['event']} | {figure(entry['median'])} | {shown} "
+            f"| {entry['expected']:.2f} | {each} |"
+        )
+    return [*lines, ""]
+
+
 def _front(report: dict[str, Any]) -> str:
     return str(report["plan"].get("front", "haproxy"))  # reports before --front: HAProxy
 
 
 def _title(name: str, front: str = "haproxy") -> str:
+    if name.startswith("saturation-"):
+        name = f"saturation, repeat {name.removeprefix('saturation-')}"
     if front == "anycast":
         if name == "control":
             return "control: saturation with the router's pinning off (failures expected)"
@@ -514,6 +643,17 @@ def _title(name: str, front: str = "haproxy") -> str:
     if name == "control":
         return "control: saturation with HAProxy retries off (failures expected)"
     return f"{name}, HAProxy retries on"
+
+
+def _repeats(text: str) -> int:
+    """--repeats: a whole number, at least 1."""
+    try:
+        repeats = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if repeats < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {repeats}")
+    return repeats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,6 +671,13 @@ def main(argv: list[str] | None = None) -> int:
         help="anycast: BIRD + ExaBGP sidecars in namespaces, SQLite (control: pinning off)",
     )
     parser.add_argument(
+        "--repeats",
+        type=_repeats,
+        metavar="R",
+        help=f"saturation runs, interleaved with the steady one (default {Plan.repeats}; "
+        f"--smoke: {SMOKE.repeats})",
+    )
+    parser.add_argument(
         "--out", type=Path, help="writes OUT.json, OUT.md and OUT.png (default docs/results/)"
     )
     parser.add_argument(
@@ -541,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = SMOKE if args.smoke else Plan()
     if args.backend:
         plan = Plan(**{**asdict(plan), "backend": args.backend})
+    if args.repeats is not None:
+        plan = replace(plan, repeats=args.repeats)
     if args.front == "anycast":
         if args.backend:
             parser.error(
