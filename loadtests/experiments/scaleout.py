@@ -14,9 +14,11 @@ order alternating from pair to pair, and the efficiency
 E(k) = X(k) / (k X(1)) is taken within each pair. Blocks repeat, round-robin
 over k, until E(k)'s interval is narrow (Plan.ci_width) or a bound on pairs
 or time is reached; the report gives per k the median of the pair ratios and a
-95% Student-t interval of their mean. Throughput per CPU-second the nodes
-used (read from their cgroups) is reported beside it: it does not move with
-the machine's speed.
+95% Student-t interval of their mean. Throughput per CPU-second the serving
+nodes used (read from their cgroups) is reported beside it: it leaves out
+how much CPU a node got, not how fast the machine ran that CPU (a capped
+node here always gets its share; its requests per CPU-second move with the
+machine as its throughput does).
 
 A run is valid only if every run's nodes were the bottleneck (every node
 throttled by its cap in most periods and using its share, the load
@@ -831,8 +833,9 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
         "",
         f"X(1) over the whole run: median {report['x1_rps']:.0f} req/s, its runs spread "
         f"{_f(report['x1_spread'], '.0%')} (max - min over median): the drift the pairs "
-        "keep out of E(N). Requests per node CPU-second (the nodes' cgroups, over the "
-        "measured window) do not depend on how fast the machine ran.",
+        "keep out of E(N). Requests per node CPU-second: the serving nodes' cgroups, over "
+        "the measured window; the per-CPU ratio of a pair moves with the machine as E does "
+        "when every node gets its whole cap.",
         "",
     ]
     if "sigma" in fit:
