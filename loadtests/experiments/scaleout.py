@@ -190,10 +190,11 @@ def measure_block(
             nodes=k, backend=plan.backend, cpu=plan.cpu, drain_delay_s=0.5, node_env=node_env
         )
     )
-    # (N, its pair over the run, the nodes serving it) of every segment, in order.
-    plan_segments = [
-        (n, first + p, serving(k, n, first + p)) for p, order in enumerate(orders) for n in order
-    ]
+    # (N, the nodes serving it) of every segment, in order, and when it is
+    # switched to (seconds into the load; the first is set before the load).
+    plan_segments = [(n, serving(k, n, first + p)) for p, order in enumerate(orders) for n in order]
+    segment_s = plan.settle_s + plan.measure_s
+    switched_at = [0.0] + [plan.warmup_s + i * segment_s for i in range(1, len(plan_segments))]
     readings: list[tuple[float, dict[str, float]]] = []
     sources: set[str] = set()
     burners: dict[str, subprocess.Popen[bytes]] = {}
@@ -230,12 +231,10 @@ def measure_block(
                     sources.add(source)
             readings.append((sample.t, used))
 
-        segment_s = plan.settle_s + plan.measure_s
-        switch(plan_segments[0][2])()
+        switch(plan_segments[0][1])()
         schedule = [
-            (plan.warmup_s + i * segment_s, f"serve {' '.join(nodes)}", switch(nodes))
-            for i, (_, _, nodes) in enumerate(plan_segments)
-            if i > 0
+            (at, f"serve {' '.join(nodes)}", switch(nodes))
+            for at, (_, nodes) in zip(switched_at[1:], plan_segments[1:], strict=True)
         ]
         result = run_load(
             state["front"],
@@ -247,13 +246,7 @@ def measure_block(
             schedule=schedule,
             on_sample=read_cgroups,
             # Every serving node has the users of one node: k shares, n active.
-            phases=(
-                k,
-                [
-                    (0.0 if i == 0 else plan.warmup_s + i * segment_s, n)
-                    for i, (n, _, _) in enumerate(plan_segments)
-                ],
-            ),
+            phases=(k, [(at, n) for at, (n, _) in zip(switched_at, plan_segments, strict=True)]),
         )
         cache = cache_counts([node["url"] for node in state["nodes"]])
     finally:
@@ -262,8 +255,8 @@ def measure_block(
             burner.wait(timeout=10)
         lab.down()
     points = []
-    for i, (n, _, nodes) in enumerate(plan_segments):
-        start = plan.warmup_s + i * (plan.settle_s + plan.measure_s) + plan.settle_s
+    for i, (n, nodes) in enumerate(plan_segments):
+        start = plan.warmup_s + i * segment_s + plan.settle_s  # the first too: after the warm-up
         point = _point(n, plan, result, start, nodes)
         point.update(_cpu_used(result, start, plan.measure_s, readings, sources, nodes))
         point.update(cache)
