@@ -1,4 +1,4 @@
-"""One node's end of the bus: a PUB socket for what it says, a SUB socket for its peers.
+"""One node's end of the bus: an XPUB socket for what it says, a SUB socket for its peers.
 
 Built and started in the lifespan (its ZeroMQ context too: a context must
 never be created at import or cross a fork), used from the event loop's
@@ -194,6 +194,7 @@ class Bus:
             asyncio.create_task(self._receive(), name="bus-receive"),
             asyncio.create_task(self._watch_links(), name="bus-links"),
             asyncio.create_task(self._beat(), name="bus-heartbeat"),
+            asyncio.create_task(self._greet_subscribers(), name="bus-subscribers"),
             asyncio.create_task(self._tick(), name="bus-membership"),
         ]
         if dns:
@@ -215,7 +216,13 @@ class Bus:
 
     def _open_pub(self) -> None:
         assert self._context is not None
-        pub = self._context.socket(zmq.PUB)
+        # XPUB is PUB that also hands up the subscriptions it receives: a
+        # subscriber that (re)connects gets a heartbeat at once, not up to an
+        # interval later (a peer thawed from SIGSTOP is ALIVE again on the
+        # first message after its connections come back). Verbose: every
+        # subscriber's subscriptions, not only the first of each topic.
+        pub = self._context.socket(zmq.XPUB)
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         pub.setsockopt(zmq.SNDHWM, self.settings.bus_hwm)
         pub.setsockopt(zmq.LINGER, self._linger_ms)
         self._heartbeat_options(pub)
@@ -371,6 +378,22 @@ class Bus:
             await asyncio.sleep(interval_s * random.uniform(0.9, 1.1))
             self._send_heartbeat()
             self.loop_lag_s = 0.0
+
+    async def _greet_subscribers(self) -> None:
+        """A heartbeat as soon as a subscriber (re)joins; one per wake-up."""
+        assert self._pub is not None
+        owner, pub = self._pub_owner, self._pub
+        while True:
+            await owner.poll(timeout=_RECV_POLL_MS)
+            joined = False
+            for _ in range(_RECV_BATCH):
+                try:
+                    frame = pub.recv(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                joined = joined or frame[:1] == b"\x01"  # \x01 subscribe, \x00 unsubscribe
+            if joined:
+                self._send_heartbeat()
 
     # -- receiving ---------------------------------------------------------------------
 

@@ -296,6 +296,18 @@ async def test_heartbeats_carry_state_and_cache_stats_and_go_out_at_once_on_requ
     assert status["state"] == "ready" and status["endpoint"] == a.endpoint
 
 
+async def test_a_subscriber_that_joins_hears_a_heartbeat_at_once(start_bus: StartBus) -> None:
+    # Heartbeats every 30 s: A's first one went out before B connected. B hears A
+    # within a second only because A greets every new subscriber (a plain PUB
+    # would leave B waiting the whole interval: the control, on the old code).
+    slow = {"bus_heartbeat_interval_s": 30, "bus_suspect_after_s": 60, "bus_dead_after_s": 90}
+    a = await start_bus("a", **slow)
+    b = await start_bus("b", bus_peers=[a.endpoint], **slow)
+    heard = await until(lambda: "a" in b.membership.peers, 1.0)
+    assert heard is not None, "B heard nothing from A within 1 s of subscribing"
+    assert b.membership.peers["a"].state is PeerState.alive
+
+
 async def test_a_bus_in_a_multiprocessing_child_refuses_to_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
