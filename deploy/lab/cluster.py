@@ -670,6 +670,7 @@ class Lab:
 
         cluster = PatroniCluster.from_json(database)
         try:
+            cluster.wait_failover_candidate(timeout_s)
             old = cluster.leader()
             started = time.monotonic()
             pid = cluster.kill_postgres(old)

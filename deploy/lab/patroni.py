@@ -212,6 +212,22 @@ class PatroniCluster:
             raise PatroniError(f"the cluster has no leader\n{self._log_tails()}")
         return name
 
+    def wait_failover_candidate(self, timeout_s: float = 60) -> None:
+        """Wait until a leader has a running synchronous standby to fail over to.
+
+        In synchronous mode only that standby may be promoted. Right after a
+        failover the replicas are still following the new timeline: a leader
+        crashed then has no candidate, and Patroni restarts it in place.
+        """
+
+        def candidate() -> bool:
+            members = self._cluster_members()
+            running = [m for m in members if m.get("state") in ("running", "streaming")]
+            roles = [m.get("role") for m in running]
+            return "leader" in roles and "sync_standby" in roles
+
+        self._wait(candidate, timeout_s, "have a synchronous standby to fail over to")
+
     def kill_postgres(self, member: str) -> int:
         """SIGKILL that member's postmaster (not Patroni): a crash. Returns its PID."""
         m = self.member(member)
