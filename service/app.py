@@ -42,7 +42,10 @@ def create_app(
     node.hold(app, settings=settings)
     # The domains' routes first: FastAPI tries routes in order, each at a
     # cost, and a request is far more often the domain's than a probe
-    # (docs/results/route-cost.md).
+    # (docs/results/route-cost.md). FastAPI's own (the OpenAPI document and
+    # the docs pages) it added at construction; they go last.
+    fastapi_own = list(app.router.routes)
+    app.router.routes.clear()
     for router in domains.routers(domains_served):
         app.include_router(router)
     # Lifecycle, in-flight counter, drain controller, probe and admin routes.
@@ -60,6 +63,7 @@ def create_app(
     telemetry.observe_lifecycle([state.value for state in State], lambda: lifecycle.state.value)
     install_telemetry(app, telemetry)
     _describe_parameters_as_sent(app)
+    app.router.routes.extend(fastapi_own)
     return app
 
 

@@ -7,7 +7,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -189,3 +189,30 @@ def test_a_served_node_writes_only_json_lines_its_access_log_included(tmp_path: 
     assert line["path"] == "/no/such/path" and line["status"] == 404
     assert line["method"] == "GET"
     assert line["trace_id"] == TRACE_ID
+
+
+async def test_an_access_line_is_json_whatever_the_path_holds() -> None:
+    # The line is formatted by hand for speed: every text field must still be
+    # escaped as json.dumps would, and the time be the request's, in UTC.
+    stream = io.StringIO()
+    log = AccessLog('node-"1"', stream)
+    path = '/v1/notes/"quoted"\\back\nline/é/\u2028/\x00'
+    scope = {
+        "type": "http",
+        "client": ("192.0.2.7", 5000),
+        "method": "GET",
+        "path": path,
+        "query_string": b"a=1&b=%22",
+        "http_version": "1.1",
+    }
+    before = datetime.now(UTC)
+    log.write(scope, 404, "", 0.0012, None)
+    log.flush()
+    after = datetime.now(UTC)
+    [line] = lines_of(stream.getvalue())
+    assert line["path"] == path + "?a=1&b=%22" and line["node_id"] == 'node-"1"'
+    assert line["message"] == f'192.0.2.7:5000 - "GET {path}?a=1&b=%22 HTTP/1.1" 404'
+    assert (line["status"], line["route"], line["duration_ms"]) == (404, "", 1.2)
+    assert line["client"] == "192.0.2.7:5000" and "trace_id" not in line
+    at = datetime.fromisoformat(str(line["time"]))
+    assert at.utcoffset() is not None and before.replace(microsecond=0) <= at <= after
