@@ -81,6 +81,8 @@ def answer(fit: dict[str, Any], target_rps: float, max_nodes: int = MAX_NODES) -
     lam, sigma, kappa = draws(fit, fit["lambda_stderr"])
     curves = usl(ns[None, :], lam[:, None], sigma[:, None], kappa[:, None])
     low, high = np.percentile(curves, 2.5, axis=0), np.percentile(curves, 97.5, axis=0)
+    # Stretched to hold the central curve: a fit on a bound has its draws on one side of it.
+    low, high = np.minimum(low, central), np.maximum(high, central)
 
     def first(values: Any) -> int | None:
         reached = np.nonzero(values >= target_rps)[0]

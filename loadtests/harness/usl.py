@@ -102,10 +102,18 @@ def draws(
 def band(
     fit: dict[str, Any], n: float, x1_stderr: float = 0.0, confidence: float = 0.95
 ) -> tuple[float, float]:
-    """The central `confidence` band of X(n) over the fit's uncertainty."""
+    """The central `confidence` band of X(n) over the fit's uncertainty, stretched
+    to hold the fit's own X(n).
+
+    A fit on a bound (sigma or kappa 0) has its draws clipped to that bound, so
+    they all fall on one side of it: the percentiles alone could leave out the
+    very prediction they bound.
+    """
     import numpy as np
 
     lam, sigma, kappa = draws(fit, x1_stderr)
     values = usl(n, lam, sigma, kappa)
     tail = (1 - confidence) / 2 * 100
-    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+    central = float(usl(n, fit["lambda"], fit["sigma"], fit["kappa"]))
+    low, high = float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+    return min(low, central), max(high, central)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loadtests import capacity
-from loadtests.harness.usl import usl
+from loadtests.harness.usl import band, usl
 
 FIXTURE = Path(__file__).with_name("capacity_fit.json")
 
@@ -120,3 +120,20 @@ def test_an_invalid_run_plans_only_when_asked(tmp_path, capsys):
     assert "--accept-invalid" in err
     assert capacity.main(["--target-rps", "500", "--fit", path, "--accept-invalid"]) == 0
     assert "WARNING: the run behind this fit is not valid" in capsys.readouterr().out
+
+
+def test_a_fit_on_its_bounds_has_a_band_that_holds_its_own_prediction() -> None:
+    # sigma = kappa = 0, as a run whose E(N) came out at 1 fits: every draw is
+    # clipped to >= 0 and, sigma and kappa drawn anti-correlated (as fits give them), next to
+    # none lands on both bounds: plain percentiles of the draws fall below the prediction.
+    fit = _fit()["usl"] | {
+        "sigma": 0.0,
+        "kappa": 0.0,
+        "covariance": [[5.87e-3, -1.478e-3], [-1.478e-3, 3.74e-4]],
+    }
+    predicted = usl(8, fit["lambda"], 0.0, 0.0)
+    low, high = band(fit, 8)
+    assert low < predicted <= high
+    result = capacity.answer(fit, predicted * 0.99)
+    low, high = result["predicted_band"]
+    assert low < result["predicted_rps"] <= high
