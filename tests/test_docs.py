@@ -218,6 +218,27 @@ def test_the_cache_hit_ratios_quoted_are_the_committed_results() -> None:
         assert expected in page, expected
 
 
+def test_what_the_cache_did_to_the_scale_out_quoted_is_the_committed_results() -> None:
+    page = " ".join((REPO / "docs/bus.md").read_text().split())
+    on, off = (
+        json.loads((REPO / f"docs/results/{name}.json").read_text())
+        for name in ("scaleout-cache", "scaleout")
+    )
+    ratios = [r["cache_hit_ratio_median"] for r in on["rows"]]
+    assert f"a hit ratio of {min(ratios):.1%} to {max(ratios):.1%} at every N" in page
+    widths = [r["interval_width"] for r in on["rows"] if r["interval_width"] is not None]
+    assert f"too wide ({min(widths):.2f} to {max(widths):.2f})" in page
+    per_cpu = [
+        " / ".join(f"{r['requests_per_cpu_s_median']:.0f}" for r in run["rows"])
+        for run in (on, off)
+    ]
+    assert f"were {per_cpu[0]} with the cache on, against {per_cpu[1]} with it off" in page
+    on_sigma, off_sigma = (
+        f"{run['usl']['sigma']:.3f} ± {run['usl']['sigma_stderr']:.3f}" for run in (on, off)
+    )
+    assert f"σ at {on_sigma} with the cache and {off_sigma} without" in page
+
+
 def test_the_stopped_peer_figures_quoted_are_the_committed_results() -> None:
     page = (REPO / "docs/bus.md").read_text()
     for name in ("bus-stall", "bus-stall-no-hwm"):
