@@ -258,6 +258,7 @@ def test_the_otel_cost_benchmark_writes_a_complete_report(tmp_path: Path) -> Non
         "read", "read+telemetry", "read+fastapi-telemetry", "record", "add", "count",
         "count-prometheus-client",
         "span-dropped", "span-recorded", "access-log-stock", "access-log",
+        "access-log-json-dumps",
     }  # fmt: skip
     for name, row in summary.items():
         assert len(report["rounds"][name]) == 2, name
