@@ -249,6 +249,7 @@ def measure_block(
             phases=(k, [(at, n) for at, (n, _) in zip(switched_at, plan_segments, strict=True)]),
         )
         cache = cache_counts([node["url"] for node in state["nodes"]])
+        logs = {node["id"]: node_log_tail(Path(node["log"])) for node in state["nodes"]}
     finally:
         for burner in burners.values():
             burner.kill()  # SIGKILL ends a stopped process too
@@ -260,8 +261,22 @@ def measure_block(
         point = _point(n, plan, result, start, nodes)
         point.update(_cpu_used(result, start, plan.measure_s, readings, sources, nodes))
         point.update(cache)
+        if point["failed"] or set(point["by_node"]) != set(nodes):
+            # Something a node would say: what each one logged last, beside the figures.
+            point["node_logs"] = logs
         points.append(point)
     return points
+
+
+def node_log_tail(log: Path, lines: int = 20) -> list[str]:
+    """The last `lines` of a node's log other than its access lines (warnings,
+    errors, tracebacks, lifecycle); [] when the log is gone."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    kept = [line for line in text.splitlines() if '"logger": "service.access"' not in line]
+    return kept[-lines:]
 
 
 def cache_counts(urls: list[str]) -> dict[str, Any]:

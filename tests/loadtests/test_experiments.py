@@ -57,7 +57,10 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
             # N nodes served the segment, and only they: the others were out of
             # HAProxy's rotation (MAINT, their agent checks off).
             assert len(run["serving"]) == run["n"]
-            assert set(run["by_node"]) == set(run["serving"]), run["by_node"]
+            assert set(run["by_node"]) == set(run["serving"]), (
+                run["by_node"],
+                run.get("node_logs"),
+            )
             # The validity checks ran on real samples of every serving node and the load generator.
             assert set(run["nodes"]) == set(run["serving"])
             assert run["loadgen_cpu_cores"] is not None
@@ -435,3 +438,19 @@ def test_nodeloss_repeats_below_one_is_a_clear_cli_error(tmp_path, capsys):
     assert not (tmp_path / "out.json").exists()
     with pytest.raises(ValueError, match="at least 1"):
         nodeloss.Plan(repeats=0)
+
+
+def test_a_node_log_tail_leaves_out_access_lines(tmp_path):
+    # What a failed segment's report shows of each node: its own words, not its traffic.
+    log = tmp_path / "n1.log"
+    access = '{"level": "INFO", "logger": "service.access", "message": "GET /v1/notes 200"}'
+    said = [
+        '{"level": "WARNING", "logger": "service.bus", "message": "bus: peer n2 alive -> suspect"}',
+        "Traceback (most recent call last):",
+        '  File "service/app.py", line 1, in <module>',
+        "RuntimeError: broken",
+    ]
+    log.write_text("\n".join([access, said[0], access, *said[1:], access]) + "\n")
+    assert scaleout.node_log_tail(log) == said
+    assert scaleout.node_log_tail(log, lines=2) == said[-2:]
+    assert scaleout.node_log_tail(tmp_path / "gone.log") == []
