@@ -22,7 +22,7 @@ from typing import Any
 
 from loadtests import REPO_ROOT
 from loadtests import report as reports
-from loadtests.harness.usl import draws, peak_n, usl
+from loadtests.harness.usl import bands, peak_n, usl
 
 FIT = reports.RESULTS / "scaleout.json"
 MAX_NODES = 1000
@@ -78,11 +78,7 @@ def answer(fit: dict[str, Any], target_rps: float, max_nodes: int = MAX_NODES) -
 
     ns = np.arange(1, max_nodes + 1, dtype=float)
     central = usl(ns, fit["lambda"], fit["sigma"], fit["kappa"])
-    lam, sigma, kappa = draws(fit, fit["lambda_stderr"])
-    curves = usl(ns[None, :], lam[:, None], sigma[:, None], kappa[:, None])
-    low, high = np.percentile(curves, 2.5, axis=0), np.percentile(curves, 97.5, axis=0)
-    # Stretched to hold the central curve: a fit on a bound has its draws on one side of it.
-    low, high = np.minimum(low, central), np.maximum(high, central)
+    low, high = bands(fit, ns, fit["lambda_stderr"])
 
     def first(values: Any) -> int | None:
         reached = np.nonzero(values >= target_rps)[0]

@@ -99,11 +99,11 @@ def draws(
     return lam, sigma, kappa
 
 
-def band(
-    fit: dict[str, Any], n: float, x1_stderr: float = 0.0, confidence: float = 0.95
-) -> tuple[float, float]:
-    """The central `confidence` band of X(n) over the fit's uncertainty, stretched
-    to hold the fit's own X(n).
+def bands(
+    fit: dict[str, Any], ns: Any, x1_stderr: float = 0.0, confidence: float = 0.95
+) -> tuple[Any, Any]:
+    """The central `confidence` band of X(n) at each n of `ns` over the fit's
+    uncertainty (two arrays), stretched to hold the fit's own X(n).
 
     A fit on a bound (sigma or kappa 0) has its draws clipped to that bound, so
     they all fall on one side of it: the percentiles alone could leave out the
@@ -111,9 +111,19 @@ def band(
     """
     import numpy as np
 
+    ns = np.asarray(ns, dtype=float)
     lam, sigma, kappa = draws(fit, x1_stderr)
-    values = usl(n, lam, sigma, kappa)
+    curves = usl(ns[None, :], lam[:, None], sigma[:, None], kappa[:, None])
     tail = (1 - confidence) / 2 * 100
-    central = float(usl(n, fit["lambda"], fit["sigma"], fit["kappa"]))
-    low, high = float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
-    return min(low, central), max(high, central)
+    central = usl(ns, fit["lambda"], fit["sigma"], fit["kappa"])
+    low = np.minimum(np.percentile(curves, tail, axis=0), central)
+    high = np.maximum(np.percentile(curves, 100 - tail, axis=0), central)
+    return low, high
+
+
+def band(
+    fit: dict[str, Any], n: float, x1_stderr: float = 0.0, confidence: float = 0.95
+) -> tuple[float, float]:
+    """`bands` at one n."""
+    low, high = bands(fit, [n], x1_stderr, confidence)
+    return float(low[0]), float(high[0])
