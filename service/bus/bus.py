@@ -18,8 +18,8 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -36,6 +36,7 @@ from service.config import Settings, env_var
 from service.tasks import cancel_within
 
 log = logging.getLogger("service.bus")
+_T = TypeVar("_T")
 
 # How often the membership tick runs: the resolution of SUSPECT/DEAD and of
 # the stall measurement. A tenth of a second keeps "within 4 s" honest at a
@@ -57,6 +58,26 @@ _LINK_EVENTS = {
     zmq.EVENT_DISCONNECTED: "down",
     zmq.EVENT_CLOSED: "down",
 }
+
+
+async def _arrivals(
+    waiter: zmq.asyncio.Socket, receive: Callable[[], _T]
+) -> AsyncIterator[list[_T]]:
+    """What a socket received, a batch per wake-up: `receive()` (non-blocking)
+    until it raises zmq.Again or _RECV_BATCH came; after a full batch the loop
+    gets a turn before the next."""
+    while True:
+        await waiter.poll(timeout=_RECV_POLL_MS)
+        arrived: list[_T] = []
+        while len(arrived) < _RECV_BATCH:
+            try:
+                arrived.append(receive())
+            except zmq.Again:
+                break
+        if arrived:
+            yield arrived
+        if len(arrived) == _RECV_BATCH:
+            await asyncio.sleep(0)
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -382,38 +403,26 @@ class Bus:
     async def _greet_subscribers(self) -> None:
         """A heartbeat as soon as a subscriber (re)joins; one per wake-up."""
         assert self._pub is not None
-        owner, pub = self._pub_owner, self._pub
-        while True:
-            await owner.poll(timeout=_RECV_POLL_MS)
-            joined = False
-            for _ in range(_RECV_BATCH):
-                try:
-                    frame = pub.recv(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                joined = joined or frame[:1] == b"\x01"  # \x01 subscribe, \x00 unsubscribe
-            if joined:
+        pub = self._pub
+        async for frames in _arrivals(self._pub_owner, lambda: pub.recv(flags=zmq.NOBLOCK)):
+            if any(frame[:1] == b"\x01" for frame in frames):  # \x01 subscribe, \x00 unsubscribe
                 self._send_heartbeat()
 
     # -- receiving ---------------------------------------------------------------------
 
     async def _receive(self) -> None:
         assert self._sub is not None
-        while True:
-            await self._sub.poll(timeout=_RECV_POLL_MS)
-            handled = 0
-            while handled < _RECV_BATCH:
-                try:
-                    frames = self._sub_sync.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                handled += 1
+        sub = self._sub_sync
+
+        def receive() -> list[zmq.Frame]:
+            return sub.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+
+        async for arrived in _arrivals(self._sub, receive):
+            for frames in arrived:
                 try:
                     self._handle(frames)
                 except Exception:  # one bad message must not stop the bus
                     log.exception("bus: handling a message failed")
-            if handled == _RECV_BATCH:
-                await asyncio.sleep(0)
 
     def _handle(self, frames: Sequence[zmq.Frame]) -> None:
         message = messages.decode([f.bytes for f in frames])
