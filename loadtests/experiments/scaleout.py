@@ -63,6 +63,7 @@ from loadtests import report as reports
 from loadtests.harness import analysis, cgroupcpu, paired
 from loadtests.harness.loadrun import LoadResult, Sample, run_load
 from loadtests.harness.usl import band, fit_usl, peak_n, usl
+from service.telemetry.http import AccessLog
 
 RESULTS = reports.RESULTS / "scaleout"
 # A report's `stopped` while the run goes on (--refresh-plot writes one after every pair).
@@ -249,12 +250,14 @@ def measure_block(
             phases=(k, [(at, n) for at, (n, _) in zip(switched_at, plan_segments, strict=True)]),
         )
         cache = cache_counts([node["url"] for node in state["nodes"]])
-        logs = {node["id"]: node_log_tail(Path(node["log"])) for node in state["nodes"]}
     finally:
         for burner in burners.values():
             burner.kill()  # SIGKILL ends a stopped process too
             burner.wait(timeout=10)
         lab.down()
+    # The node logs stay in the run directory after the lab is down: read when a
+    # segment went wrong, once.
+    logs: dict[str, list[str]] = {}
     points = []
     for i, (n, nodes) in enumerate(plan_segments):
         start = plan.warmup_s + i * segment_s + plan.settle_s  # the first too: after the warm-up
@@ -263,9 +266,14 @@ def measure_block(
         point.update(cache)
         if point["failed"] or set(point["by_node"]) != set(nodes):
             # Something a node would say: what each one logged last, beside the figures.
+            logs = logs or {node["id"]: node_log_tail(Path(node["log"])) for node in state["nodes"]}
             point["node_logs"] = logs
         points.append(point)
     return points
+
+
+# What every access line holds, as the node encodes it (service.telemetry.http.AccessLog).
+_ACCESS_LINE = json.dumps({"logger": AccessLog.LOGGER})[1:-1]
 
 
 def node_log_tail(log: Path, lines: int = 20) -> list[str]:
@@ -275,7 +283,7 @@ def node_log_tail(log: Path, lines: int = 20) -> list[str]:
         text = log.read_text(errors="replace")
     except OSError:
         return []
-    kept = [line for line in text.splitlines() if '"logger": "service.access"' not in line]
+    kept = [line for line in text.splitlines() if _ACCESS_LINE not in line]
     return kept[-lines:]
 
 
