@@ -98,6 +98,10 @@ def test_the_sdk_call_costs_quoted_are_the_committed_result() -> None:
         ("a recorded server span", "span-recorded"),
         ("one access line through the logging module and python-json-logger", "access-log-stock"),
         ("one access line as the node writes it", "access-log"),
+        (
+            "the same line made by json.dumps of a dict (how the node made it before)",
+            "access-log-json-dumps",
+        ),
     ):
         row = summary[name]
         expected = (
@@ -107,6 +111,11 @@ def test_the_sdk_call_costs_quoted_are_the_committed_result() -> None:
     added = result["telemetry_added_us_median"]
     assert f"cattle's middleware adds {added['read+telemetry']:.1f} µs" in page
     assert f"telemetry {added['read+fastapi-telemetry']:.1f} µs" in page
+    line, dumps = summary["access-log"], summary["access-log-json-dumps"]
+    assert (
+        f"{line['us_per_call_median']:.2f} µs against {dumps['us_per_call_median']:.2f} µs "
+        "for json.dumps of the same line" in " ".join(page.split())
+    )
     ours, client = summary["count"], summary["count-prometheus-client"]
     assert (
         f"{ours['share_of_read_median']:.1%} of the read against "

@@ -266,8 +266,8 @@ class AccessLog:
     def _line(self, access: _Access) -> str:
         # One f-string with each text field escaped by the json module's own
         # encoder, instead of json.dumps of the line as a dict: the same JSON for
-        # less per request (what a line costs: docs/results/otel-cost.md,
-        # `access-log`).
+        # less per request (docs/results/otel-cost.md, `access-log` against
+        # `access-log-json-dumps`).
         at, client, method, path, version, status, route, seconds, ids = access
         message = f'{client} - "{method} {path} HTTP/{version}" {status}'
         trace_ids = f', "trace_id": "{ids[0]:032x}", "span_id": "{ids[1]:016x}"' if ids else ""
