@@ -6,6 +6,7 @@ from service.app import create_app
 from service.config import Settings
 
 PROBES = ("/livez", "/startupz", "/readyz", "/healthz")
+OWN = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 def test_the_domains_routes_are_tried_before_the_probes(settings: Settings) -> None:
@@ -15,3 +16,13 @@ def test_the_domains_routes_are_tried_before_the_probes(settings: Settings) -> N
     first_probe = min(i for i, path in enumerate(paths) if path.startswith(PROBES))
     domain = [i for i, path in enumerate(paths) if path.startswith("/v1/")]
     assert domain and max(domain) < first_probe, paths
+
+
+def test_fastapis_own_routes_are_tried_last(settings: Settings) -> None:
+    # The OpenAPI document and the docs pages are asked for rarely; FastAPI adds
+    # them first, at construction, and create_app moves them behind every other.
+    routes = create_app(settings).router.routes
+    own = [i for i, route in enumerate(routes) if getattr(route, "path", None) in OWN]
+    assert len(own) == len(OWN) and min(own) == len(routes) - len(OWN), [
+        getattr(route, "path", type(route).__name__) for route in routes
+    ]
