@@ -166,6 +166,14 @@ class SQLiteReader:
             self._connection = None
 
 
+async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
+    """These connections only run reads, outside transactions, and set nothing in
+    the session: no reset query is due when one goes back to the pool. asyncpg's
+    default sends one on every release (advisory locks, cursors, LISTEN, RESET
+    ALL): a second round trip per read. The pool still rolls back a transaction
+    left open before it calls this."""
+
+
 class PostgresPools:
     """An asyncpg pool per PostgreSQL source, opened on first use, closed at shutdown.
 
@@ -189,7 +197,11 @@ class PostgresPools:
             if found is None:
                 _, kwargs = engine.dialect.create_connect_args(engine.url)
                 found = self._pools[name] = await asyncpg.create_pool(
-                    **kwargs, **self.connect_args, min_size=0, max_size=self.max_size
+                    **kwargs,
+                    **self.connect_args,
+                    min_size=0,
+                    max_size=self.max_size,
+                    reset=_nothing_to_reset,
                 )
             return found
 

@@ -45,7 +45,9 @@ async def test_reading_a_note_is_one_statement_and_no_transaction(
         def on_statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
             engine_statements.append(statement.split()[0].upper())
 
-        for method in ("fetchrow", "fetchval"):
+        # `execute` too: asyncpg's pool would send its reset query through it
+        # on every release, a second statement per read.
+        for method in ("fetchrow", "fetchval", "execute"):
             monkeypatch.setattr(
                 asyncpg.connection.Connection,
                 method,
