@@ -12,6 +12,8 @@ times (CPU time of the calling thread, per call):
   read+telemetry  the same app with telemetry on: cattle's own middleware
                   (service/telemetry/http.py: span, HTTP metrics; the
                   access log off, it is timed on its own below)
+  read+telemetry-no-span  the same with the middleware's tracer taken out: its
+                  HTTP metrics and timing without the SDK's server span
   read+fastapi-telemetry  the same, the spans and HTTP metrics by FastAPI's own
                   OpenTelemetry support instead (loadtests.benchmarks.stock_node)
   record          one Histogram.record of a request duration with the five
@@ -67,7 +69,7 @@ from service import domains
 from service.app import create_app
 from service.config import Settings
 from service.db import migrate
-from service.telemetry.http import AccessLog, HttpMetrics
+from service.telemetry.http import AccessLog, HttpMetrics, HttpTelemetry
 from service.telemetry.logs import TraceContext, json_formatter
 from service.telemetry.metrics import DURATION_BUCKETS_S, build_meter_provider
 from service.telemetry.tracing import build_resource
@@ -75,6 +77,7 @@ from service.telemetry.tracing import build_resource
 RESULTS = reports.RESULTS / "otel-cost"
 READ = "read"
 OURS = "read+telemetry"
+NO_SPAN = "read+telemetry-no-span"
 FASTAPI = "read+fastapi-telemetry"
 # What FastAPI records a request's duration with (a GET that matched a route).
 DURATION_ATTRIBUTES: dict[str, AttributeValue] = {
@@ -249,6 +252,16 @@ class JsonDumpsAccessLog(AccessLog):
         return json.dumps(line) + "\n"
 
 
+def _middleware(app: FastAPI) -> HttpTelemetry:
+    """The app's telemetry middleware (the stack is built by the app's first call)."""
+    layer: Any = app.middleware_stack
+    while layer is not None and not isinstance(layer, HttpTelemetry):
+        layer = getattr(layer, "app", None)
+    if layer is None:
+        raise RuntimeError("the app has no telemetry middleware: is telemetry on?")
+    return layer
+
+
 async def _timed(case: Case, calls: int) -> float:
     """CPU µs of the calling thread per call (the event loop's: every case runs on it)."""
     started = time.thread_time()
@@ -265,7 +278,7 @@ async def _measure(args: argparse.Namespace, work: Path) -> dict[str, list[float
         "drain_delay_s": 0,
     }
     apps: dict[str, FastAPI] = {}
-    for name, enabled in ((READ, False), (OURS, True), (FASTAPI, True)):
+    for name, enabled in ((READ, False), (OURS, True), (NO_SPAN, True), (FASTAPI, True)):
         data = work / name
         data.mkdir()
         node = Settings(data_dir=data, telemetry_enabled=enabled, access_log=False, **settings)
@@ -276,6 +289,8 @@ async def _measure(args: argparse.Namespace, work: Path) -> dict[str, list[float
         for name, app in apps.items():
             state = await running.enter_async_context(app.router.lifespan_context(app))
             cases[name] = await _read_case(app, dict(state or {}))
+            if name == NO_SPAN:
+                _middleware(app).tracer = None
         log = logging.StreamHandler((work / "access.log").open("w"))
         access_file = (work / "access-node.log").open("w")
         running.callback(access_file.close)
@@ -319,7 +334,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     metric_share = [f / r for f, r in zip(floor, times[READ], strict=True)]
     extra = {
         name: [(t - r) for t, r in zip(times[name], times[READ], strict=True)]
-        for name in (OURS, FASTAPI)
+        for name in (OURS, NO_SPAN, FASTAPI)
     }
     return reports.stamped(
         reports.command_line("loadtests.benchmarks.otel_cost", argv or []),
@@ -351,7 +366,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"**cattle's middleware adds {added[OURS]:.1f} µs to a cached read of {read:.0f} µs; "
         f"FastAPI's own telemetry adds {added[FASTAPI]:.1f} µs** (medians over rounds of "
-        "each read's cost less the plain read's in the same round).",
+        "each read's cost less the plain read's in the same round). Without its server span, "
+        f"cattle's middleware adds {added[NO_SPAN]:.1f} µs.",
         "",
         f"Through the SDK's instruments, a request's duration record and its two in-flight "
         f"adds alone cost "
@@ -380,7 +396,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"log off; `{OURS}` has cattle's middleware (service/telemetry/http.py), `{FASTAPI}` "
         "FastAPI's own spans and HTTP metrics in its place "
         "(`loadtests.benchmarks.stock_node`), both on the node's default sampler (10% of new "
-        "traces recorded, none exported).",
+        "traces recorded, none exported); "
+        f"`{NO_SPAN}` is `{OURS}` with the middleware's tracer taken out after the app's first "
+        "call (its HTTP metrics and timing only).",
         "- `record`, `add` and the spans are single SDK calls on providers built as the node "
         "builds its own; `count` is the node's own count of one request, "
         "`count-prometheus-client` the same with prometheus_client's Histogram and Gauge; "
