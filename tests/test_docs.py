@@ -73,6 +73,11 @@ def test_the_telemetry_cost_quoted_is_the_committed_result() -> None:
             f"{row['ratio_max']:.1%}) | {row['cpu_ratio_median']:.2f} |"
         )
         assert expected in page, expected
+    off_us, default_us = (summary[name]["cpu_us_per_request_median"] for name in ("off", "default"))
+    assert (
+        f"{off_us:.0f} µs of CPU per request with telemetry off, {default_us:.0f} µs with the "
+        "defaults" in " ".join(page.split())
+    )
     # Each hand-written part against the stock part it replaces, in the same run.
     for stock in ("fastapi-native", "stock-access-log"):
         kept = summary[stock]["ratio_median"]
@@ -89,6 +94,7 @@ def test_the_sdk_call_costs_quoted_are_the_committed_result() -> None:
     for label, name in (
         ("the cached read itself, telemetry off", "read"),
         ("the same read, cattle's middleware on", "read+telemetry"),
+        ("the same read, cattle's middleware without its server span", "read+telemetry-no-span"),
         ("the same read, FastAPI's telemetry on", "read+fastapi-telemetry"),
         ("`Histogram.record` of the duration", "record"),
         ("`UpDownCounter.add` (in-flight; twice per request)", "add"),
@@ -111,6 +117,10 @@ def test_the_sdk_call_costs_quoted_are_the_committed_result() -> None:
     added = result["telemetry_added_us_median"]
     assert f"cattle's middleware adds {added['read+telemetry']:.1f} µs" in page
     assert f"telemetry {added['read+fastapi-telemetry']:.1f} µs" in page
+    assert (
+        f"the middleware adds {added['read+telemetry-no-span']:.1f} µs of its "
+        f"{added['read+telemetry']:.1f} µs" in " ".join(page.split())
+    )
     line, dumps = summary["access-log"], summary["access-log-json-dumps"]
     assert (
         f"{line['us_per_call_median']:.2f} µs against {dumps['us_per_call_median']:.2f} µs "

@@ -15,7 +15,7 @@ Configurations:
   off          CATTLE_TELEMETRY_ENABLED=false CATTLE_ACCESS_LOG=false
   default      nothing set: cattle's own middleware (service/telemetry/http.py:
                server spans, 10% of new traces recorded, HTTP metrics),
-               /metrics, uvicorn's access log through python-json-logger
+               /metrics, the node's own JSON access line (AccessLog)
   no-access-log  default with CATTLE_ACCESS_LOG=false (splits the cost)
   fastapi-native  default, but spans and HTTP metrics by FastAPI's own
                OpenTelemetry support (loadtests.benchmarks.stock_node), what
@@ -329,7 +329,7 @@ def markdown(report: dict[str, Any]) -> str:
         "providers (probes and /metrics excluded), the SDK's sampler at cattle's "
         "default (parentbased_traceidratio 0.1: a tenth of the requests record a span and its "
         "SQL spans, for nobody when no exporter is set), the SQLAlchemy instrumentation, "
-        "/metrics, and uvicorn's access log formatted by python-json-logger.",
+        "/metrics, and the node's own JSON access line (service.telemetry.http.AccessLog).",
         f"- `{FASTAPI_NATIVE}` and `{ASGI_MIDDLEWARE}` are `python -m "
         "loadtests.benchmarks.stock_node` (STOCK_TELEMETRY=fastapi or asgi): the same app with "
         "FastAPI's own OpenTelemetry support (operation spans off) or "
