@@ -6,7 +6,6 @@ from service.app import create_app
 from service.config import Settings
 
 PROBES = ("/livez", "/startupz", "/readyz", "/healthz")
-OWN = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 def test_the_domains_routes_are_tried_before_the_probes(settings: Settings) -> None:
@@ -21,8 +20,11 @@ def test_the_domains_routes_are_tried_before_the_probes(settings: Settings) -> N
 def test_fastapis_own_routes_are_tried_last(settings: Settings) -> None:
     # The OpenAPI document and the docs pages are asked for rarely; FastAPI adds
     # them first, at construction, and create_app moves them behind every other.
-    routes = create_app(settings).router.routes
-    own = [i for i, route in enumerate(routes) if getattr(route, "path", None) in OWN]
-    assert len(own) == len(OWN) and min(own) == len(routes) - len(OWN), [
+    app = create_app(settings)
+    urls = {app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url}
+    routes = app.router.routes
+    own = [i for i, route in enumerate(routes) if getattr(route, "path", None) in urls]
+    assert None not in urls and len(own) == len(urls), urls
+    assert min(own) == len(routes) - len(urls), [
         getattr(route, "path", type(route).__name__) for route in routes
     ]
