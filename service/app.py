@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from opentelemetry.sdk.trace import SpanProcessor
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -23,11 +25,18 @@ from service.telemetry import install as install_telemetry
 
 
 def create_app(
-    settings: Settings | None = None, *, domains_served: tuple[str, ...] = domains.DOMAINS
+    settings: Settings | None = None,
+    *,
+    domains_served: tuple[str, ...] = domains.DOMAINS,
+    span_processors: Sequence[SpanProcessor] = (),
 ) -> FastAPI:
-    """One node's app, serving `domains_served` (all of service/domains.py by default)."""
+    """One node's app, serving `domains_served` (all of service/domains.py by default).
+
+    `span_processors` receive the node's spans besides OTLP export (if the
+    OTEL_* variables configure it); with neither, the node makes no spans.
+    """
     settings = settings or Settings()
-    telemetry = Telemetry(settings)
+    telemetry = Telemetry(settings, span_processors)
     app = FastAPI(
         title=service.NAME,
         version=service.__version__,

@@ -1,13 +1,15 @@
-"""A node whose per-request spans and HTTP metrics come from a stock part, not cattle's own.
+"""A node that makes a span per request, by cattle's middleware or by a stock part.
 
     STOCK_TELEMETRY=fastapi python -m loadtests.benchmarks.stock_node
     STOCK_TELEMETRY=asgi python -m loadtests.benchmarks.stock_node
 
-Each serves like `python -m service serve`.
+Each serves like `python -m service serve`, but with a span processor that
+does nothing: a node with no trace export makes no spans, and these rows
+measure what making them costs, and what the stock parts cost making them.
 
-The telemetry benchmark's stock rows, measured beside cattle's own middleware
-(service/telemetry/http.py) with the same providers and probe exclusions:
+The telemetry benchmark's rows, with the same providers and probe exclusions:
 
+  spans    cattle's own middleware (service/telemetry/http.py), making spans
   fastapi  FastAPI's own OpenTelemetry support (`FastAPI(telemetry=...)`),
            what cattle used before its own middleware
   asgi     opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware,
@@ -16,7 +18,9 @@ The telemetry benchmark's stock rows, measured beside cattle's own middleware
            uvicorn's, through the logging module and python-json-logger (the
            node's log format), what cattle used before its own access line
 
-Everything else (the cache, /metrics, the SQL spans) is the node's own.
+The spans are sampled as the node samples (10% of new traces recorded) and
+go nowhere. Everything else (the cache, /metrics, the SQL spans) is the
+node's own.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 from fastapi.telemetry._asgi import NativeTelemetry
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import SpanProcessor
 
 from service.app import create_app
 from service.config import Settings
 from service.server import serve
 from service.telemetry.http import QUIET_PATHS, HttpTelemetry, is_quiet
 
-STACKS = ("fastapi", "asgi", "access")
+STACKS = ("spans", "fastapi", "asgi", "access")
 
 
 def build_app(settings: Settings, stack: str) -> FastAPI:
@@ -44,10 +49,15 @@ def build_app(settings: Settings, stack: str) -> FastAPI:
         raise SystemExit(f"STOCK_TELEMETRY={stack!r}: say one of {', '.join(STACKS)}")
     # The stable HTTP conventions (read once per process by the instrumentation).
     os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
+    nowhere = [SpanProcessor()]  # the SDK's base processor: receives spans, does nothing
     if stack == "access":
         # No access line of the node's own; uvicorn writes its own (see main).
-        return create_app(settings.model_copy(update={"access_log": False}))
-    app = create_app(settings)
+        return create_app(
+            settings.model_copy(update={"access_log": False}), span_processors=nowhere
+        )
+    app = create_app(settings, span_processors=nowhere)
+    if stack == "spans":
+        return app
     app.user_middleware = [m for m in app.user_middleware if m.cls is not HttpTelemetry]  # type: ignore[comparison-overlap]
     telemetry = app.state.telemetry
     if stack == "asgi":

@@ -14,16 +14,19 @@ gives the median of those ratios over rounds and their range.
 Configurations:
   off          CATTLE_TELEMETRY_ENABLED=false CATTLE_ACCESS_LOG=false
   default      nothing set: cattle's own middleware (service/telemetry/http.py:
-               server spans, 10% of new traces recorded, HTTP metrics),
+               HTTP metrics, no span, as no trace export is configured),
                /metrics, the node's own JSON access line (AccessLog)
   no-access-log  default with CATTLE_ACCESS_LOG=false (splits the cost)
-  fastapi-native  default, but spans and HTTP metrics by FastAPI's own
+  spans        default, but a server span per request (10% of new traces
+               recorded) for a span processor that does nothing
+               (loadtests.benchmarks.stock_node): what making spans costs
+  fastapi-native  spans, but spans and HTTP metrics by FastAPI's own
                OpenTelemetry support (loadtests.benchmarks.stock_node), what
                cattle used before its own middleware
-  stock-access-log  default, but the access log is uvicorn's through the
+  stock-access-log  spans, but the access log is uvicorn's through the
                logging module and python-json-logger
                (loadtests.benchmarks.stock_node), what cattle used before
-  asgi-middleware  default, but spans and HTTP metrics by
+  asgi-middleware  spans, but spans and HTTP metrics by
                opentelemetry-instrumentation-asgi's middleware
                (loadtests.benchmarks.stock_node), what cattle used before that
   otlp         default + OTEL_EXPORTER_OTLP_ENDPOINT at a live collector
@@ -85,6 +88,7 @@ class Config:
 
 
 HEADLINE = "default"  # the verdict is about it
+SPANS = "spans"  # the stock rows are compared with it: all of them make spans
 OTLP = "otlp"
 FASTAPI_NATIVE = "fastapi-native"
 STOCK_ACCESS_LOG = "stock-access-log"
@@ -101,23 +105,29 @@ def configs(collector_url: str, black_hole_url: str) -> list[Config]:
         Config("default", {}, "defaults: server spans (10% recorded), metrics, JSON access log"),
         Config("no-access-log", {"CATTLE_ACCESS_LOG": "false"}, "defaults, access log off"),
         Config(
+            SPANS,
+            {"STOCK_TELEMETRY": "spans"},
+            "defaults + a server span per request (10% recorded, none exported)",
+            module="loadtests.benchmarks.stock_node",
+        ),
+        Config(
             FASTAPI_NATIVE,
             {"STOCK_TELEMETRY": "fastapi"},
-            "defaults, but spans and HTTP metrics by FastAPI's own OpenTelemetry support "
+            "`spans`, but spans and HTTP metrics by FastAPI's own OpenTelemetry support "
             "instead of cattle's middleware",
             module="loadtests.benchmarks.stock_node",
         ),
         Config(
             STOCK_ACCESS_LOG,
             {"STOCK_TELEMETRY": "access"},
-            "defaults, but the access log is uvicorn's through python-json-logger instead of "
+            "`spans`, but the access log is uvicorn's through python-json-logger instead of "
             "cattle's own line",
             module="loadtests.benchmarks.stock_node",
         ),
         Config(
             ASGI_MIDDLEWARE,
             {"STOCK_TELEMETRY": "asgi"},
-            "defaults, but spans and HTTP metrics by opentelemetry-instrumentation-asgi's "
+            "`spans`, but spans and HTTP metrics by opentelemetry-instrumentation-asgi's "
             "middleware instead of cattle's",
             module="loadtests.benchmarks.stock_node",
         ),
@@ -280,6 +290,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"{_share(judged['ratio_even_rounds'])} in the even ones: "
         + ("the same verdict." if judged["valid"] else "not the same verdict on the target."),
     ]
+    spans = s.get(SPANS)
+    if spans is not None:
+        lines += [
+            "",
+            f"Making a server span per request for a processor that exports nothing (`{SPANS}`, "
+            f"as every node did before spans were made only for an exporter) keeps "
+            f"{spans['ratio_median']:.1%} of the throughput of telemetry off.",
+        ]
     otlp = s.get(OTLP)
     if otlp is not None:
         lines += [
@@ -326,17 +344,19 @@ def markdown(report: dict[str, Any]) -> str:
         "- CPU µs/request is the node process's CPU time (user + system, all its threads) over "
         "the responses wrk counted, per round; its ratio is taken within each round as well.",
         "- `default` is cattle's own middleware (service/telemetry/http.py) with the app's own "
-        "providers (probes and /metrics excluded), the SDK's sampler at cattle's "
-        "default (parentbased_traceidratio 0.1: a tenth of the requests record a span and its "
-        "SQL spans, for nobody when no exporter is set), the SQLAlchemy instrumentation, "
-        "/metrics, and the node's own JSON access line (service.telemetry.http.AccessLog).",
-        f"- `{FASTAPI_NATIVE}` and `{ASGI_MIDDLEWARE}` are `python -m "
-        "loadtests.benchmarks.stock_node` (STOCK_TELEMETRY=fastapi or asgi): the same app with "
-        "FastAPI's own OpenTelemetry support (operation spans off) or "
-        "opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware (one span per request) "
-        "in place of cattle's middleware, with the same providers and exclusions.",
-        f"- `{STOCK_ACCESS_LOG}` is the same module with STOCK_TELEMETRY=access: cattle's "
-        "middleware, but no access line of the node's own; uvicorn's access log instead, "
+        "meter provider (probes and /metrics excluded), the SQLAlchemy instrumentation's pool "
+        "use, /metrics, and the node's own JSON access line (service.telemetry.http.AccessLog). "
+        "No trace export is configured, so the node makes no spans (service.telemetry.core).",
+        f"- `{SPANS}` is `python -m loadtests.benchmarks.stock_node` (STOCK_TELEMETRY=spans): "
+        "the same node with a span processor that does nothing, so it makes a server span per "
+        "request, on cattle's default sampler (parentbased_traceidratio 0.1: a tenth of the "
+        "requests record a span and its SQL spans), exported nowhere.",
+        f"- `{FASTAPI_NATIVE}` and `{ASGI_MIDDLEWARE}` are the same module (STOCK_TELEMETRY="
+        f"fastapi or asgi): `{SPANS}` with FastAPI's own OpenTelemetry support (operation spans "
+        "off) or opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware (one span per "
+        "request) in place of cattle's middleware, with the same providers and exclusions.",
+        f"- `{STOCK_ACCESS_LOG}` is the same module with STOCK_TELEMETRY=access: `{SPANS}`, "
+        "but no access line of the node's own; uvicorn's access log instead, "
         "through the logging module, the node's trace filter and python-json-logger.",
         "- `otlp` exports to `python -m loadtests.benchmarks.collector` pinned to the load "
         "generator's core: 10% of new traces are recorded with their SQL spans and exported in "

@@ -29,9 +29,10 @@ def install(app: FastAPI, telemetry: Telemetry) -> None:
     settings = telemetry.settings
     access = AccessLog(settings.node_id) if settings.access_log else None
     telemetry.access_log = access  # flushed when the node stops
-    if telemetry.tracer_provider is not None or access is not None:
+    if telemetry.enabled or access is not None:
         app.add_middleware(
             HttpTelemetry,
+            traced=telemetry.enabled,
             tracer_provider=telemetry.tracer_provider,
             metrics=telemetry.http_metrics,
             access=access,

@@ -21,8 +21,9 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry, generate_latest
 
 import service
@@ -48,9 +49,14 @@ class Telemetry:
     `enabled` is False with CATTLE_TELEMETRY_ENABLED=false or OTEL_SDK_DISABLED=true:
     no providers, no middleware, an empty /metrics. The access log has its own
     switch (CATTLE_ACCESS_LOG).
+
+    Spans are made only for someone: when OTLP trace export is configured, or
+    for `span_processors` handed over in code (a fork's own exporter, a test's
+    in-memory one). With neither there is no tracer provider, and a request
+    costs no span (docs/observability.md, "Cost": `default` against `spans`).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, span_processors: Sequence[SpanProcessor] = ()) -> None:
         self.settings = settings
         sdk_disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         self.enabled = settings.telemetry_enabled and not sdk_disabled
@@ -65,7 +71,10 @@ class Telemetry:
             # Providers now (they start no thread): the middleware takes them
             # when the app is first called, before the lifespan runs.
             resource = tracing.build_resource(settings.node_id)
-            self.tracer_provider = tracing.build_tracer_provider(resource)
+            if span_processors or exporting.otlp_wanted("traces"):
+                self.tracer_provider = tracing.build_tracer_provider(resource)
+                for processor in span_processors:
+                    self.tracer_provider.add_span_processor(processor)
             self.meter_provider = build_meter_provider(resource, self.registry)
             self.gauges = NodeGauges(self.meter_provider.get_meter(service.NAME))
             if exporting.otlp_wanted("metrics"):
@@ -131,8 +140,8 @@ class Telemetry:
             await asyncio.sleep(0.02)
 
     def instrument_database(self, database: Database) -> None:
-        """SQL spans and pool use for the node's engines; replica lag in the metrics."""
-        if self.tracer_provider is None or self.meter_provider is None:
+        """Pool use (and SQL spans when spans are made) for the node's engines; replica lag."""
+        if self.meter_provider is None:
             return
         engines = [database.writer, *(replica.engine for replica in database.replicas.replicas)]
         if database.reader.pool is not database.writer.pool:
@@ -145,8 +154,9 @@ class Telemetry:
             unit="{connection}",
             description="Connections of each pool, by state (used or idle).",
         )
+        tracer_provider = self.tracer_provider or NoOpTracerProvider()
         for engine in engines:
-            tracing.trace_sql(engine, self.tracer_provider, connections)
+            tracing.trace_sql(engine, tracer_provider, connections)
         # Counted by the database layer (service/db/pool.py); read at collection.
         watch = database.pool_watch
         meter.create_observable_counter(

@@ -2,7 +2,8 @@
 in one small ASGI middleware.
 
 Per request, outside every other middleware (so it sees the edge's 413s and
-500s too): a server span named by the matched route's template, the stable
+500s too): the caller's trace context, a server span named by the matched
+route's template when the node makes spans (service.telemetry.core), the stable
 conventions' `http.server.request.duration` histogram and
 `http.server.active_requests`, labelled with the template, never the raw
 path, and one access line. Probes and scrapes are left alone.
@@ -288,19 +289,26 @@ class AccessLog:
 
 
 class HttpTelemetry:
-    """The ASGI middleware: a span, the metrics and the access line for every
-    request but probes (each part optional: telemetry and the access log have
-    their own switches)."""
+    """The ASGI middleware: trace context, a span, the metrics and the access
+    line for every request but probes (each part optional: telemetry and the
+    access log have their own switches).
+
+    With `traced`, a request runs in its caller's trace context (an incoming
+    traceparent), so its log lines, access line and bus messages carry the
+    caller's trace id even when the node makes no span of its own.
+    """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
+        traced: bool,
         tracer_provider: trace.TracerProvider | None,
         metrics: HttpMetrics | SdkMetrics | None,
         access: AccessLog | None,
     ) -> None:
         self.app = app
+        self.traced = traced
         self.tracer = tracer_provider.get_tracer(__name__) if tracer_provider else None
         self.metrics = metrics
         self.access = access
@@ -317,13 +325,18 @@ class HttpTelemetry:
         metrics = None if quiet else self.metrics
         method = scope["method"] if scope["method"] in KNOWN_METHODS else "_OTHER"
         scheme = scope.get("scheme", "http")
-        span = token = None
-        if self.tracer is not None and not quiet:
+        span = token = None  # the node's span, or its caller's when the node makes none
+        if self.traced and not quiet:
             parent = _incoming(scope["headers"])
-            span = self.tracer.start_span(
-                "HTTP" if method == "_OTHER" else method, parent, kind=SpanKind.SERVER
-            )
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
+            if self.tracer is not None:
+                span = self.tracer.start_span(
+                    "HTTP" if method == "_OTHER" else method, parent, kind=SpanKind.SERVER
+                )
+                parent = trace.set_span_in_context(span, parent)
+            elif parent is not None:
+                span = trace.get_current_span(parent)
+            if parent is not None:
+                token = otel_context.attach(parent)
         status = 0
 
         async def send_status(message: Message) -> None:
@@ -352,9 +365,8 @@ class HttpTelemetry:
             key = (method, status, route, scope.get("http_version", ""), scheme, error)
             if metrics is not None:
                 metrics.finished(method, scheme, key, seconds)
-            if span is not None:
-                if span.is_recording():
-                    _describe(span, scope, key)
+            if span is not None and span.is_recording():
+                _describe(span, scope, key)
                 span.end()
             if self.access is not None and (not quiet or status >= 500):
                 self.access.write(scope, status, route, seconds, span)

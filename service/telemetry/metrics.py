@@ -1,7 +1,7 @@
 """Metrics: the app's meter provider, and the gauges over the node's state.
 
-Request metrics come from the stock ASGI middleware and pool use from the
-SQLAlchemy instrumentation; what no instrumentation knows (the lifecycle
+Request metrics come from the node's middleware (service.telemetry.http) and
+pool use from the SQLAlchemy instrumentation; what no instrumentation knows (the lifecycle
 state, replica lag) is an observable gauge, read only when Prometheus scrapes
 or the OTLP reader collects.
 """

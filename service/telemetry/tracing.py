@@ -9,6 +9,7 @@ from opentelemetry.metrics import UpDownCounter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+from opentelemetry.trace import TracerProvider as AnyTracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import service
@@ -51,9 +52,10 @@ def build_tracer_provider(resource: Resource) -> TracerProvider:
 
 
 def trace_sql(
-    engine: AsyncEngine, tracer_provider: TracerProvider, connections: UpDownCounter
+    engine: AsyncEngine, tracer_provider: AnyTracerProvider, connections: UpDownCounter
 ) -> None:
-    """SQL spans (children of the request's span) and pool use for `engine`.
+    """SQL spans (children of the request's span) and pool use for `engine`;
+    pool use alone with a no-op `tracer_provider`.
 
     EngineTracer is the SQLAlchemy instrumentation's per-engine part; its
     instrumentor's `instrument()` would patch create_engine process-wide, and

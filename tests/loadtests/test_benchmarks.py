@@ -114,7 +114,8 @@ def test_efficiency_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
 
 
 TELEMETRY_CONFIGS = [
-    "off", "default", "no-access-log", "fastapi-native", "stock-access-log", "asgi-middleware",
+    "off", "default", "no-access-log", "spans", "fastapi-native", "stock-access-log",
+    "asgi-middleware",
     "otlp", "otlp-down",
 ]  # fmt: skip
 
@@ -201,9 +202,10 @@ def test_a_telemetry_run_is_valid_when_odd_and_even_rounds_agree() -> None:
 async def test_the_stock_nodes_are_measured_by_their_stock_part_alone(
     sqlite_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The benchmark's stock rows are what their names say: spans and HTTP
-    metrics by FastAPI's own support or by opentelemetry-instrumentation-asgi,
-    cattle's middleware out of the way (each request counted once)."""
+    """The benchmark's rows are what their names say: `spans` makes spans where
+    the default node makes none; spans and HTTP metrics by FastAPI's own
+    support or by opentelemetry-instrumentation-asgi, cattle's middleware out
+    of the way (each request counted once)."""
     monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", "http")  # what build_app sets
     database = tmp_path / "node.db"
     shutil.copyfile(sqlite_template, database)
@@ -228,6 +230,12 @@ async def test_the_stock_nodes_are_measured_by_their_stock_part_alone(
     # The stock access log's node writes no access line of its own (uvicorn writes it).
     assert stock_node.build_app(settings, "access").state.telemetry.access_log is None
     assert create_app(settings).state.telemetry.access_log is not None
+    # No trace export configured: the node makes no spans; `spans` (and so the
+    # stock rows, built the same way) does.
+    assert create_app(settings).state.telemetry.tracer_provider is None
+    spans_app = stock_node.build_app(settings, "spans")
+    assert spans_app.state.telemetry.tracer_provider is not None
+    spans = await scrape(spans_app)
     asgi = await scrape(stock_node.build_app(settings, "asgi"))
     fastapi = await scrape(fastapi_app)
     default = await scrape(create_app(settings))
@@ -237,7 +245,7 @@ async def test_the_stock_nodes_are_measured_by_their_stock_part_alone(
     assert any(name in asgi for name in sizes)
     assert not any(name in fastapi or name in default for name in sizes)
     # Each request is counted once: one series for the three GETs answered 200.
-    for text in (asgi, fastapi, default):
+    for text in (asgi, fastapi, default, spans):
         counts = [
             line for line in text.splitlines()
             if re.match(r"http_server_(request_)?duration_(seconds|milliseconds)_count\{", line)

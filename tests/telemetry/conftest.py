@@ -75,16 +75,15 @@ class RunningNode:
 
 @contextlib.asynccontextmanager
 async def running_node(
-    settings: Settings, prepare: Callable[[FastAPI], Any] | None = None
+    settings: Settings, prepare: Callable[[FastAPI], Any] | None = None, *, spans: bool = True
 ) -> AsyncIterator[RunningNode]:
-    """A node app (no domain, the item route) with an in-memory span exporter,
-    its lifespan run, and a client. `prepare(app)` adds routes of a test's own."""
-    app = create_app(settings, domains_served=())
-    add_item_route(app)
+    """A node app (no domain, the item route) with an in-memory span exporter
+    (`spans=False`: none, as a node with no trace export configured), its
+    lifespan run, and a client. `prepare(app)` adds routes of a test's own."""
     exporter = InMemorySpanExporter()
-    telemetry: Telemetry = app.state.telemetry
-    if telemetry.tracer_provider is not None:
-        telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    processors = [SimpleSpanProcessor(exporter)] if spans else []
+    app = create_app(settings, domains_served=(), span_processors=processors)
+    add_item_route(app)
     if prepare is not None:
         prepare(app)
     async with serve_asgi(app) as (http, state):

@@ -18,7 +18,7 @@ from deploy.lab.node import Node
 from service.config import Settings
 from service.telemetry.http import AccessLog
 from service.telemetry.logs import TraceContext, json_formatter
-from tests.telemetry.conftest import TRACE_ID, running_node, traceparent
+from tests.telemetry.conftest import PARENT_SPAN_ID, TRACE_ID, running_node, traceparent
 
 
 @pytest.fixture
@@ -83,6 +83,33 @@ async def test_log_lines_are_json_and_carry_the_trace_id_of_their_request(
     assert "ValueError: something\nmulti-line" in str(failure["exception"])
     # Lines logged outside any request carry no trace context.
     assert all("trace_id" not in line for line in lines if line not in mine)
+
+
+async def test_without_spans_a_request_keeps_its_callers_trace_id_and_gets_none_of_its_own(
+    sqlite_settings: Settings, captured: io.StringIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No OTLP trace export and no span processor: the node makes no spans.
+    async with running_node(sqlite_settings, add_logging_route, spans=False) as node:
+        assert node.telemetry.tracer_provider is None
+        capsys.readouterr()
+        headers = {"traceparent": traceparent()}
+        assert (await node.http.get("/test/log", headers=headers)).status_code == 200
+        assert (await node.http.get("/test/log")).status_code == 200
+        await asyncio.sleep(AccessLog.FLUSH_S * 3)
+        written = capsys.readouterr().out
+    # The caller's trace: its trace id and its span's id, in the handler's lines ...
+    handled = [line for line in lines_of(captured.getvalue())
+               if line["message"] == "handling a request"]  # fmt: skip
+    assert [(line.get("trace_id"), line.get("span_id")) for line in handled] == [
+        (TRACE_ID, PARENT_SPAN_ID),
+        (None, None),  # no caller's trace, no span: no trace id
+    ]
+    # ... and in the access line.
+    access = [line for line in lines_of(written) if line["logger"] == "service.access"]
+    assert [(line.get("trace_id"), line.get("span_id")) for line in access] == [
+        (TRACE_ID, PARENT_SPAN_ID),
+        (None, None),
+    ]
 
 
 async def test_the_access_line_is_one_json_object_per_request_probes_only_when_failing(

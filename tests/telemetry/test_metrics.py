@@ -78,7 +78,9 @@ def add_scrape_from_inside(app: FastAPI) -> None:
 
 
 async def test_node_state_gauges(settings: Settings) -> None:
-    async with running_node(settings, add_scrape_from_inside) as node:
+    # spans=False: a node with no trace export makes no spans; pool use is still counted.
+    async with running_node(settings, add_scrape_from_inside, spans=False) as node:
+        assert node.telemetry.tracer_provider is None
         await node.http.get("/test/items/1")
         # On PostgreSQL the node may still be starting (its first checks): wait for ready.
         for _ in range(50):
