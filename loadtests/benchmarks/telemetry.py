@@ -102,7 +102,7 @@ def configs(collector_url: str, black_hole_url: str) -> list[Config]:
             {"CATTLE_TELEMETRY_ENABLED": "false", "CATTLE_ACCESS_LOG": "false"},
             "telemetry and access log off",
         ),
-        Config("default", {}, "defaults: server spans (10% recorded), metrics, JSON access log"),
+        Config("default", {}, "defaults: no spans (no trace export set), metrics, JSON access log"),
         Config("no-access-log", {"CATTLE_ACCESS_LOG": "false"}, "defaults, access log off"),
         Config(
             SPANS,

@@ -1,32 +1,22 @@
-"""Per-request telemetry: the server span, the HTTP metrics and the access line,
-in one small ASGI middleware.
+"""Per-request telemetry in one small ASGI middleware: the caller's trace
+context, a server span when the node makes spans (service.telemetry.core),
+the stable conventions' `http.server.request.duration` and
+`http.server.active_requests` labelled with the route template (never the raw
+path), and one access line. Outermost, so it sees the edge's 413s and 500s
+too; probes and scrapes are left alone.
 
-Per request, outside every other middleware (so it sees the edge's 413s and
-500s too): the caller's trace context, a server span named by the matched
-route's template when the node makes spans (service.telemetry.core), the stable
-conventions' `http.server.request.duration` histogram and
-`http.server.active_requests`, labelled with the template, never the raw
-path, and one access line. Probes and scrapes are left alone.
+Cattle's own, not FastAPI's `telemetry=`, opentelemetry-instrumentation-asgi
+or uvicorn's access log through python-json-logger: measured beside this code
+in one run, each kept at least 3 points less of the node's throughput
+(docs/observability.md, "Cost"). The differences:
 
-Why cattle's own and not FastAPI's `telemetry=` (which cattle used before),
-opentelemetry-instrumentation-asgi, or uvicorn's access log through
-python-json-logger: each was measured beside this code in one run, and each
-kept at least 3 points less of the node's throughput (docs/observability.md,
-"Cost"; docs/results/telemetry-overhead.md and otel-cost.md). FastAPI's own
-more than doubled a cached read's CPU, most of it building attributes for
-spans the sampler then drops and passing each measurement through the SDK's
-metric pipeline. Here:
-
-- the span comes from the SDK's tracer as before (so sampling, propagation,
-  SQL child spans and the trace ids in log lines are the SDK's), but only
-  its name and kind are given up front; the attributes are set only on a span
-  the sampler records;
+- a span is given only its name and kind up front; its attributes are set
+  only when the sampler records it;
 - durations and in-flight counts are counted in the node (`HttpMetrics`) and
-  handed to /metrics at scrape time, unless OTLP metrics export is on: then
-  they go through the SDK's instruments, which is what OTLP reads;
-- the access line (`AccessLog`) is one JSON object, written in batches after
-  the response has gone, not a record through the logging module and
-  python-json-logger (which every other log line takes).
+  rendered at scrape time, unless OTLP metrics export is on (then through the
+  SDK's instruments, which OTLP reads);
+- the access line (`AccessLog`) is one JSON object written in batches after
+  the response, not a record through the logging module.
 """
 
 from __future__ import annotations
