@@ -91,13 +91,17 @@ fmt: $(VENV_STAMP) ## format and fix what ruff can
 
 # The in-process tests (no PostgreSQL, no subprocess nodes, no clusters, no
 # image build, no fork drill: tests/conftest.py marks them) share no port,
-# file or process, and run two at a time; the rest start real processes and
-# time what they do, and run one at a time.
+# file or process, and run two at a time. The rest start real processes and
+# run two files at a time (--dist loadfile: a file's tests in order, on one
+# worker, its fixtures shared). Nothing of theirs is shared either: ports are
+# free ports, each lab's namespaces, cgroups and nftables tables carry its
+# own id, each worker starts its own PostgreSQL.
 FAST_TESTS := -n 2 -m inprocess
+SYSTEM_TESTS := -n 2 --dist loadfile -m "not inprocess"
 
 test: sysdeps $(VENV_STAMP) lint ## everything: lint, unit, API, system, lab and experiment smoke tests
 	$(PY) -m pytest -q $(FAST_TESTS)
-	$(PY) -m pytest -m "not inprocess"
+	$(PY) -m pytest $(SYSTEM_TESTS)
 
 test-fast: $(VENV_STAMP) lint ## lint + unit + API tests on SQLite (the inner loop, under a minute)
 	$(PY) -m pytest -q $(FAST_TESTS)
