@@ -10,6 +10,9 @@ no token at all.
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
 import pytest
 from sqlalchemy import text
 
@@ -46,3 +49,40 @@ async def test_a_write_without_token_reads_none(settings: Settings) -> None:
         assert consistency_token(session) is not None
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("own_connection", [False, True], ids=["pooled", "held"])
+async def test_a_write_reads_its_token_in_one_round_trip_outside_a_transaction(
+    settings: Settings, own_connection: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the commit the token is one query on the driver: through the engine
+    it was a BEGIN, the query and a ROLLBACK, on every write."""
+    if "postgresql" not in settings.effective_database_url:
+        pytest.skip("PostgreSQL's token is a WAL position; SQLite's commits with the write")
+    sent: list[str] = []  # the driver's own calls, as the server receives them
+
+    def counted(method: Any) -> Any:
+        async def call(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+            sent.append(" ".join(str(query).split()).rstrip(";").upper())
+            return await method(self, query, *args, **kwargs)
+
+        return call
+
+    db = Database(settings)
+    try:
+        connection = await db.connect() if own_connection else None
+        try:
+            async with db.write(connection=connection) as session:
+                await session.execute(text("SELECT 1"))
+            sent.clear()  # the write's own statements are not the point
+            for name in ("execute", "fetchval", "fetchrow", "fetch"):
+                original = getattr(asyncpg.connection.Connection, name)
+                monkeypatch.setattr(asyncpg.connection.Connection, name, counted(original))
+            token = await db.current_token(connection=connection)
+        finally:
+            if connection is not None:
+                await connection.close()
+    finally:
+        await db.dispose()
+    assert token is not None
+    assert sent == ["SELECT PG_CURRENT_WAL_INSERT_LSN()::TEXT"]
