@@ -552,13 +552,18 @@ _REPLAY_LSN = "SELECT pg_last_wal_replay_lsn()::text"
 _INSERT_LSN = "SELECT pg_current_wal_insert_lsn()::text"
 
 
-async def _insert_position(connection: AsyncConnection) -> str:
-    """The primary's insert position in one round trip, on the driver itself:
-    through the engine the query would be wrapped in a BEGIN and a ROLLBACK,
-    three round trips after every write, for a function that reads no table."""
+async def fetch_value(connection: AsyncConnection, query: str, *args: Any) -> Any:
+    """One PostgreSQL query on the driver of `connection`, outside any
+    transaction: one round trip, where the engine would wrap it in a BEGIN
+    and a COMMIT or ROLLBACK (three). For functions that read no table: the
+    WAL position after a write, an advisory unlock. The caller invalidates
+    the connection if it fails: the engine does not see this call."""
     raw = await connection.get_raw_connection()
-    position = await raw.driver_connection.fetchval(_INSERT_LSN)  # type: ignore[union-attr]
-    return str(position)
+    return await raw.driver_connection.fetchval(query, *args)  # type: ignore[union-attr]
+
+
+async def _insert_position(connection: AsyncConnection) -> str:
+    return str(await fetch_value(connection, _INSERT_LSN))
 
 
 def _position_query(replica: Replica | None) -> str:

@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service import advisory_lock_id
-from service.db.engines import Database
+from service.db.engines import Database, fetch_value
 from service.db.errors import is_unavailable
 from service.db.types import utcnow
 from service.idempotency.models import IdempotencyRecord
@@ -88,6 +88,7 @@ class Holder(Enum):
 # pg_advisory_lock(int4, int4) namespace for key locks, derived from service.NAME.
 _LOCK_NAMESPACE = advisory_lock_id("idempotency-keys", bits=32)
 _LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
+_UNLOCK = "SELECT pg_advisory_unlock($1, hashtext($2))"  # on the driver: no transaction
 
 
 @dataclass
@@ -191,8 +192,7 @@ async def _finish(db: Database, lock: KeyLock, args: dict[str, Any]) -> None:
             if conn.in_transaction():
                 await conn.rollback()
             if lock.holder is Holder.NONE_ALIVE and LOCKING:
-                await conn.execute(text("SELECT pg_advisory_unlock(:ns, hashtext(:key))"), args)
-                await conn.commit()
+                await fetch_value(conn, _UNLOCK, args["ns"], args["key"])
     except (Exception, TimeoutError):
         # Session locks outlive rollback: a connection that may still hold
         # one must never go back to the pool.

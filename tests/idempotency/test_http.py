@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import APIRouter, Response
@@ -304,3 +305,36 @@ async def test_the_same_race_with_the_key_lock_disabled_does_the_work_more_than_
     async with node(settings.model_copy(update={"idempotency_wait_s": 0.05}), work) as client:
         responses = await _race(client)
     assert len(work.runs) > 1, [r.status_code for r in responses]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_keyed_write_is_three_transactions_and_two_statements_on_the_driver(
+    settings, work, monkeypatch
+):
+    """What a keyed write sends besides its statements: the lock, the claim and
+    the work are a transaction each; the token and the unlock read no table
+    and go on the driver alone, one round trip each (through the engine each
+    was a transaction of its own: two round trips more apiece)."""
+    sent: list[tuple[str, str]] = []
+
+    def counted(name: str) -> Any:
+        original = getattr(asyncpg.connection.Connection, name)
+
+        async def call(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+            sent.append((name, " ".join(str(query).split()).rstrip(";").split("(")[0].upper()))
+            return await original(self, query, *args, **kwargs)
+
+        return call
+
+    async with node(settings, work) as client:
+        assert (await post(client, key="warm")).status_code == 201  # connections, statements
+        for name in ("execute", "fetchval"):
+            monkeypatch.setattr(asyncpg.connection.Connection, name, counted(name))
+        response = await post(client, key="counted")
+    assert response.status_code == 201 and response.headers["consistency-token"]
+    assert [query for method, query in sent if method == "execute"] == ["BEGIN", "COMMIT"] * 3
+    assert [query for method, query in sent if method == "fetchval"] == [
+        "SELECT PG_CURRENT_WAL_INSERT_LSN",
+        "SELECT PG_ADVISORY_UNLOCK",
+    ]
