@@ -290,22 +290,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"{_share(judged['ratio_even_rounds'])} in the even ones: "
         + ("the same verdict." if judged["valid"] else "not the same verdict on the target."),
     ]
-    spans = s.get(SPANS)
-    if spans is not None:
-        lines += [
-            "",
-            f"Making a server span per request for a processor that exports nothing (`{SPANS}`, "
-            f"as every node did before spans were made only for an exporter) keeps "
-            f"{spans['ratio_median']:.1%} of the throughput of telemetry off.",
-        ]
-    otlp = s.get(OTLP)
-    if otlp is not None:
-        lines += [
-            "",
-            f"Exporting to a live collector (`{OTLP}`, what a production fleet runs) keeps "
-            f"{otlp['ratio_median']:.1%} of the throughput of telemetry off (overhead "
-            f"{otlp['overhead_median']:.1%}).",
-        ]
+    for name, what in (
+        (
+            SPANS,
+            "Making a server span per request for a processor that exports nothing "
+            "(`{}`, as every node did before spans were made only for an exporter)",
+        ),
+        (OTLP, "Exporting to a live collector (`{}`, what a production fleet runs)"),
+    ):
+        if (row := s.get(name)) is not None:
+            lines += [
+                "",
+                f"{what.format(name)} keeps {row['ratio_median']:.1%} of the throughput of "
+                f"telemetry off (overhead {row['overhead_median']:.1%}).",
+            ]
     lines += [
         "",
         "Per-round throughput (req/s); within a round the configurations ran in a rotated order, "

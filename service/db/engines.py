@@ -293,7 +293,7 @@ class Database:
                 if connection is None:
                     # Any connection to the primary will do: the WAL position is global.
                     connection = owned = await self.writer.connect()
-                position = await _insert_position(connection)
+                position = await fetch_value(connection, _INSERT_LSN)
         except (Exception, TimeoutError):
             # The write is committed; failing it now would invite a duplicate.
             log.warning("no consistency token: WAL position unavailable", exc_info=True)
@@ -560,10 +560,6 @@ async def fetch_value(connection: AsyncConnection, query: str, *args: Any) -> An
     the connection if it fails: the engine does not see this call."""
     raw = await connection.get_raw_connection()
     return await raw.driver_connection.fetchval(query, *args)  # type: ignore[union-attr]
-
-
-async def _insert_position(connection: AsyncConnection) -> str:
-    return str(await fetch_value(connection, _INSERT_LSN))
 
 
 def _position_query(replica: Replica | None) -> str:
