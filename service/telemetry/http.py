@@ -168,18 +168,23 @@ class SdkMetrics:
 
     def finished(self, method: str, scheme: str, key: DurationKey, seconds: float) -> None:
         self.active.add(-1, {"http.request.method": method, "url.scheme": scheme})
-        _, status, route, version, _, error = key
-        attributes: dict[str, Any] = {
-            "http.request.method": method,
-            "http.response.status_code": status,
-            "network.protocol.version": version,
-            "url.scheme": scheme,
-        }
-        if route:
-            attributes["http.route"] = route
-        if error:
-            attributes["error.type"] = error
-        self.duration.record(seconds, attributes)
+        self.duration.record(seconds, _attributes(key))
+
+
+def _attributes(key: DurationKey) -> dict[str, Any]:
+    """A finished request's attributes, shared by its span and its SDK duration record."""
+    method, status, route, version, scheme, error = key
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "http.response.status_code": status,
+        "network.protocol.version": version,
+        "url.scheme": scheme,
+    }
+    if route:
+        attributes["http.route"] = route
+    if error:
+        attributes["error.type"] = error
+    return attributes
 
 
 class AccessLog:
@@ -373,18 +378,11 @@ def _incoming(headers: list[tuple[bytes, bytes]]) -> otel_context.Context | None
 
 def _describe(span: trace.Span, scope: Scope, key: DurationKey) -> None:
     """A recorded span's name and attributes (a dropped one needs none)."""
-    method, status, route, version, scheme, error = key
+    _, status, route, _, _, error = key
     if route:
         span.update_name(f"{span.name} {route}")  # type: ignore[attr-defined]
-    attributes: dict[str, Any] = {
-        "http.request.method": method,
-        "http.response.status_code": status,
-        "url.path": scope["path"],
-        "url.scheme": scheme,
-        "network.protocol.version": version,
-    }
-    if route:
-        attributes["http.route"] = route
+    attributes = _attributes(key)
+    attributes["url.path"] = scope["path"]
     if scope.get("query_string"):
         pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         attributes["url.query"] = urlencode(
@@ -393,8 +391,6 @@ def _describe(span: trace.Span, scope: Scope, key: DurationKey) -> None:
     server = scope.get("server")
     if server:
         attributes["server.address"], attributes["server.port"] = server[0], server[1]
-    if error:
-        attributes["error.type"] = error
     span.set_attributes(attributes)
     if status >= 500 or error:
         span.set_status(StatusCode.ERROR)
