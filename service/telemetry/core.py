@@ -83,7 +83,7 @@ class Telemetry:
                 self.http_metrics = SdkMetrics(meter, DURATION_BUCKETS_S)
             else:
                 counted = HttpMetrics(DURATION_BUCKETS_S)
-                self.registry.register(counted.collector())
+                self.registry.register(counted)
                 self.http_metrics = counted
         self._watches: list[exporting.ExportWatch] = []
 

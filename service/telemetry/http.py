@@ -87,7 +87,7 @@ _Access = tuple[float, str, str, str, str, int, str, float, tuple[int, int] | No
 _quote = encode_basestring_ascii
 
 
-class HttpMetrics:
+class HttpMetrics(Collector):
     """Request durations and in-flight counts, counted in the node.
 
     A finished request is a dictionary lookup and a bisect; /metrics turns
@@ -116,22 +116,13 @@ class HttpMetrics:
         counts[bisect.bisect_left(self.bounds, seconds)] += 1
         counts[-1] += seconds
 
-    def collector(self) -> Collector:
-        return _Exposition(self)
-
-
-class _Exposition(Collector):
-    def __init__(self, metrics: HttpMetrics) -> None:
-        self.metrics = metrics
-
     def collect(self) -> Iterator[Metric]:
-        bounds = [f"{bound}" for bound in self.metrics.bounds] + ["+Inf"]
+        """The counts as Prometheus families (a registry calls it at each scrape)."""
+        bounds = [f"{bound}" for bound in self.bounds] + ["+Inf"]
         histogram = HistogramMetricFamily(
             "http_server_request_duration_seconds", DURATION_HELP, labels=_DURATION_LABELS
         )
-        for (method, status, route, version, scheme, error), counts in list(
-            self.metrics.durations.items()
-        ):
+        for (method, status, route, version, scheme, error), counts in list(self.durations.items()):
             cumulative, buckets = 0.0, []
             for bound, count in zip(bounds, counts[:-1], strict=True):
                 cumulative += count
@@ -144,7 +135,7 @@ class _Exposition(Collector):
             ACTIVE_HELP,
             labels=("http_request_method", "url_scheme"),
         )
-        for (method, scheme), count in list(self.metrics.active.items()):
+        for (method, scheme), count in list(self.active.items()):
             active.add_metric([method, scheme], count)
         yield active
 

@@ -54,7 +54,7 @@ def _both(*, still_open: int) -> Iterator[tuple[HttpMetrics, CollectorRegistry, 
     """The node's count and the SDK's instruments, fed the same requests, each in a registry."""
     counted_registry = CollectorRegistry(auto_describe=False)
     counted = HttpMetrics(DURATION_BUCKETS_S)
-    counted_registry.register(counted.collector())
+    counted_registry.register(counted)
     _feed(counted, still_open=still_open)
     sdk_registry = CollectorRegistry(auto_describe=False)
     provider = build_meter_provider(build_resource("n1"), sdk_registry)
