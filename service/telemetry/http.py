@@ -131,9 +131,7 @@ class HttpMetrics(Collector):
             histogram.add_metric(labels, buckets, counts[-1])
         yield histogram
         active = GaugeMetricFamily(
-            "http_server_active_requests",
-            ACTIVE_HELP,
-            labels=("http_request_method", "url_scheme"),
+            "http_server_active_requests", ACTIVE_HELP, labels=("http_request_method", "url_scheme")
         )
         for (method, scheme), count in list(self.active.items()):
             active.add_metric([method, scheme], count)
@@ -213,26 +211,18 @@ class AccessLog:
     ) -> None:
         """Note the request; its line is formatted and written at the next flush."""
         client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else ""
         path = scope["path"]
         if query := scope.get("query_string"):
             path = f"{path}?{query.decode('latin-1')}"
+        version = scope.get("http_version", "")
         ids = None
         if span is not None:
             context = span.get_span_context()
             if context.is_valid:
                 ids = (context.trace_id, context.span_id)
         self.waiting.append(
-            (
-                time(),
-                f"{client[0]}:{client[1]}" if client else "",
-                scope["method"],
-                path,
-                scope.get("http_version", ""),
-                status,
-                route,
-                seconds,
-                ids,
-            )
+            (time(), peer, scope["method"], path, version, status, route, seconds, ids)
         )
         if len(self.waiting) >= self.FLUSH_LINES:
             self.flush()
