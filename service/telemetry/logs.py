@@ -53,12 +53,8 @@ def log_config(settings: Settings) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {
-            "json": {"()": f"{__name__}.json_formatter", "node_id": settings.node_id},
-        },
-        "filters": {
-            "trace": {"()": f"{__name__}.TraceContext"},
-        },
+        "formatters": {"json": {"()": f"{__name__}.json_formatter", "node_id": settings.node_id}},
+        "filters": {"trace": {"()": f"{__name__}.TraceContext"}},
         "handlers": {
             "stdout": {
                 "class": "logging.StreamHandler",
