@@ -1,11 +1,9 @@
 """Observability: OpenTelemetry traces and metrics, /metrics, and JSON logs.
 
-Stock parts, configured: the SDK's providers and OTLP exporters read the
-standard OTEL_* variables (core, tracing), the SQLAlchemy instrumentation
-(tracing), python-json-logger (logs, but for the access line). What is cattle's own: the per-request
-span and HTTP metrics middleware, kept for its cost (http), providers per
-app, export watched and reported for /healthz (exporting), gauges for the
-node's state (metrics), GET /metrics (router).
+Stock, configured: the SDK and its OTLP exporters (core, tracing), the SQLAlchemy
+instrumentation (tracing), python-json-logger (logs). cattle's own: the per-request
+middleware, for its cost (http), the export watch (exporting), the node's gauges (metrics),
+GET /metrics (router). Which is which, and why: docs/observability.md.
 """
 
 from __future__ import annotations

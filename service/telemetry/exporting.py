@@ -1,8 +1,7 @@
 """OTLP export off the request path, and the truth about whether it works.
 
-Exporters run in the SDK's background threads (batch span processor, periodic
-metric reader), so an unreachable collector costs the request path nothing; it
-only shows up here, as a status /healthz reports as a warning.
+Exporters run on the SDK's background threads, so an unreachable collector costs a request
+nothing; it shows up only here, as a status /healthz reports as a warning.
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ R = TypeVar("R")
 E = TypeVar("E", SpanExporter, MetricExporter)
 Signal = Literal["traces", "metrics"]
 
-# The OTLP exporters report why an export failed only in log records (the
-# export call returns a bare FAILURE); the watch exporting on a thread
-# registers itself here so the filter below can hand it that reason.
+# An OTLP export returns a bare FAILURE and logs why; the watch exporting on this
+# thread registers itself here so the filter below can hand it the reason.
 _exporting = threading.local()
 
 
@@ -37,11 +35,8 @@ def _capture_export_errors(record: logging.LogRecord) -> bool:
 
 
 def otlp_wanted(signal: Signal) -> bool:
-    """Whether the standard OTEL_* variables ask for OTLP export of `signal`.
-
-    An endpoint must be set (no collector is assumed on a fleet node), and
-    OTEL_<SIGNAL>_EXPORTER, when given, must name otlp (`none` switches off).
-    """
+    """Whether the OTEL_* variables ask for OTLP export of `signal`: an endpoint is set (no
+    collector is assumed) and OTEL_<SIGNAL>_EXPORTER, when given, names otlp."""
     chosen = os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp")
     if "otlp" not in {part.strip().lower() for part in chosen.split(",")}:
         return False
@@ -67,12 +62,9 @@ class SignalStatus:
 
 @dataclass(frozen=True)
 class ExportStatus:
-    """What /healthz shows: `failing` is a warning, never a reason to stop serving.
-
-    "off" when no OTLP export is configured (only /metrics is served), "ok"
-    when every configured export last succeeded (or has not run yet),
-    "failing" when the last attempt of any signal failed; last_error says why.
-    """
+    """What /healthz shows: "off" (no OTLP export configured), "ok" (every export last
+    succeeded or has not run yet) or "failing" (a signal's last export failed, last_error
+    says why): a warning, never a reason to stop serving."""
 
     status: Literal["ok", "failing", "off"]
     last_error: str | None

@@ -1,10 +1,7 @@
 """Logs: one JSON object per line on stdout, with node id, service and trace context.
 
-python-json-logger formats every line, cattle's loggers' and uvicorn's alike
-(service.server hands uvicorn this config). The access line is written in the
-same format by service.telemetry.http, not through the logging module. A line
-logged while a request is handled carries that request's trace_id and
-span_id, which is how logs join traces.
+python-json-logger formats cattle's lines and uvicorn's (service.server hands it this config);
+the access line is written in the same format by service.telemetry.http.
 """
 
 from __future__ import annotations
@@ -33,11 +30,8 @@ def json_formatter(node_id: str) -> JsonFormatter:
 
 
 class TraceContext(logging.Filter):
-    """Adds trace_id and span_id of the current span, if there is one.
-
-    A handler's filter runs in the caller's context, so the current span is
-    the one of the request being handled.
-    """
+    """Adds trace_id and span_id of the current span, if there is one: a handler's filter
+    runs in the caller's context, so it is the span of the request being handled."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         span_context = trace.get_current_span().get_span_context()

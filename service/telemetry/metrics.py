@@ -1,9 +1,7 @@
 """Metrics: the app's meter provider, and the gauges over the node's state.
 
-Request metrics come from the node's middleware (service.telemetry.http) and
-pool use from the SQLAlchemy instrumentation; what no instrumentation knows (the lifecycle
-state, replica lag) is an observable gauge, read only when Prometheus scrapes
-or the OTLP reader collects.
+What no instrumentation knows (lifecycle state, replica lag) is an observable gauge, read only
+when Prometheus scrapes or the OTLP reader collects (requests: service.telemetry.http).
 """
 
 from __future__ import annotations
@@ -50,11 +48,8 @@ def build_meter_provider(resource: Resource, registry: CollectorRegistry) -> Met
 
 
 class NodeGauges:
-    """Observable gauges whose sources other parts of the node plug in.
-
-    A source is asked only at collection time; until it is plugged in, its
-    gauge reports nothing.
-    """
+    """Observable gauges whose sources other parts of the node plug in; a source is asked
+    only at collection time, and until it is plugged in its gauge reports nothing."""
 
     def __init__(self, meter: Meter) -> None:
         self.states: Sequence[str] = ()

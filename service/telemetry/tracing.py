@@ -14,20 +14,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import service
 
-# Used only when OTEL_TRACES_SAMPLER is unset (set it, and _ARG, to change
-# either). Parent-based, so a trace begun upstream is kept or dropped whole on
-# every node it crosses; 10% of new traces, because span export and collector
-# load grow with every node added. The SDK's own default traces every request.
+# Parent-based, 10% of new traces, when OTEL_TRACES_SAMPLER is unset: export and collector
+# load grow with every node (docs/observability.md, "Sampling").
 DEFAULT_SAMPLER_RATIO = 0.1
 
 
 def build_resource(node_id: str) -> Resource:
-    """service.name/version, and service.instance.id = the node id.
-
-    OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are honoured (the SDK reads
-    them); the instance id is always the node id, so traces, metrics and logs
-    of one node join on the value of its X-Served-By header.
-    """
+    """service.name/version (OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES honoured), and
+    service.instance.id always the node id: a node's traces, metrics and logs join on its
+    X-Served-By header."""
     resource = Resource.create(
         {"service.version": service.__version__, "service.instance.id": node_id}
     )
@@ -54,12 +49,8 @@ def build_tracer_provider(resource: Resource) -> TracerProvider:
 def trace_sql(
     engine: AsyncEngine, tracer_provider: AnyTracerProvider, connections: UpDownCounter
 ) -> None:
-    """SQL spans (children of the request's span) and pool use for `engine`;
-    pool use alone with a no-op `tracer_provider`.
-
-    EngineTracer is the SQLAlchemy instrumentation's per-engine part; its
-    instrumentor's `instrument()` would patch create_engine process-wide, and
-    runs once per process, so a second app would get nothing.
-    """
+    """SQL spans (children of the request's span) and pool use for `engine` (pool use alone
+    with a no-op `tracer_provider`), by the instrumentation's per-engine EngineTracer: its
+    instrumentor patches create_engine once per process, so a second app would get nothing."""
     tracer = tracer_provider.get_tracer("opentelemetry.instrumentation.sqlalchemy")
     EngineTracer(tracer, engine.sync_engine, connections)  # type: ignore[no-untyped-call]
