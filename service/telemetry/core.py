@@ -75,7 +75,7 @@ class Telemetry:
             if exporting.otlp_wanted("metrics"):
                 # OTLP reads the SDK's instruments; /metrics shows them too.
                 meter = self.meter_provider.get_meter("service.telemetry.http")
-                self.http_metrics = SdkMetrics(meter, DURATION_BUCKETS_S)
+                self.http_metrics = SdkMetrics(meter)
             else:
                 counted = HttpMetrics(DURATION_BUCKETS_S)
                 self.registry.register(counted)

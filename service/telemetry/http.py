@@ -122,15 +122,11 @@ class HttpMetrics(Collector):
 
 
 class SdkMetrics:
-    """The same counts through the SDK's instruments, for OTLP export."""
+    """The same counts through the SDK's instruments, for OTLP export (the buckets are the
+    meter provider's view: service.telemetry.metrics.build_meter_provider)."""
 
-    def __init__(self, meter: Meter, buckets_s: Sequence[float]) -> None:
-        self.duration = meter.create_histogram(
-            DURATION_NAME,
-            unit="s",
-            description=DURATION_HELP,
-            explicit_bucket_boundaries_advisory=list(buckets_s),
-        )
+    def __init__(self, meter: Meter) -> None:
+        self.duration = meter.create_histogram(DURATION_NAME, unit="s", description=DURATION_HELP)
         self.active = meter.create_up_down_counter(
             ACTIVE_NAME, unit="{request}", description=ACTIVE_HELP
         )

@@ -58,7 +58,7 @@ def _both(*, still_open: int) -> Iterator[tuple[HttpMetrics, CollectorRegistry, 
     _feed(counted, still_open=still_open)
     sdk_registry = CollectorRegistry(auto_describe=False)
     provider = build_meter_provider(build_resource("n1"), sdk_registry)
-    _feed(SdkMetrics(provider.get_meter("test"), DURATION_BUCKETS_S), still_open=still_open)
+    _feed(SdkMetrics(provider.get_meter("test")), still_open=still_open)
     try:
         yield counted, counted_registry, sdk_registry
     finally:
