@@ -96,8 +96,7 @@ class ExportWatch:
         if result is success:
             status.consecutive_failures, status.last_success_at = 0, time.time()
         else:
-            # The first message names the cause (a connection error), the last
-            # the verdict (gave up after retries).
+            # The first message names the cause, the last the verdict (gave up after retries).
             reason = " / ".join(dict.fromkeys(self.reasons[:1] + self.reasons[-1:]))
             self.failed(f"export to {status.endpoint} failed: {reason or 'no reason given'}")
         return result
@@ -112,8 +111,7 @@ class ExportWatch:
             return self.run(lambda: export(*args, **kwargs), results.SUCCESS, results.FAILURE)
 
         exporter.export = watched  # type: ignore[method-assign]
-        # addFilter is idempotent, so every app may call it; the filter only
-        # acts while a watch is exporting on the current thread.
+        # Idempotent, so every app may add it; it acts only while a watch exports on its thread.
         logging.getLogger(type(exporter).__module__).addFilter(_capture_export_errors)
         return exporter
 
