@@ -41,6 +41,7 @@ docs/results/scaleout.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -49,9 +50,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,9 @@ from loadtests.harness.usl import band, fit_usl, peak_n, usl
 from service.telemetry.http import AccessLog
 
 RESULTS = reports.RESULTS / "scaleout"
+# Side by side, each load runs this much past the last window: the two start
+# seconds apart (each seeds its own notes first), and both must cover it.
+SIDE_BY_SIDE_SLACK_S = 10.0
 # A report's `stopped` while the run goes on (--refresh-plot writes one after every pair).
 IN_PROGRESS = "not yet: the run is in progress"
 
@@ -86,7 +91,15 @@ MeasureBlock = Callable[[int, list[tuple[int, int]], int, Path], list[Point]]
 @dataclass(frozen=True)
 class Plan:
     ns: tuple[int, ...] = (1, 2, 4, 8)
-    cpu: float = 0.1
+    # "side-by-side": a fleet of k and a fleet of one, loaded at the same time
+    # (measure_side_by_side); "alternating": one lab serving N=1 and N=k in
+    # turn, seconds apart (measure_block).
+    design: str = "side-by-side"
+    # Every node on one core (the machine's last), everything else on the
+    # others: the machine's host slows one core at a time (by up to half, for
+    # seconds), and side by side both fleets then see the same core.
+    pin: bool = True
+    cpu: float = 0.05
     # Closed-loop users per serving node: a block starts k times as many, in k
     # equal shares of the same mix, and only n shares send while n nodes
     # serve (the others wait). 20 split exactly 18/1/1 by the read-mostly
@@ -98,13 +111,14 @@ class Plan:
     measure_s: float = 12.0
     backend: str = "postgres"
     mix: str = "read-mostly"
-    # Pairs per block (one lab, one load), blocks round-robin over k; at
-    # least min_pairs per k (even, so both orders count alike), more until
-    # the 95% interval of E(k) is at most ci_width wide, never more than
-    # max_pairs, and no new block once max_minutes have passed.
-    block_pairs: int = 4
-    min_pairs: int = 4
-    max_pairs: int = 12
+    # Pairs per block (side by side: windows of measure_s under one load),
+    # blocks round-robin over k; at least min_pairs per k (alternating: an
+    # even number, so both orders count alike), more until the 95% interval
+    # of E(k) is at most ci_width wide, never more than max_pairs, and no new
+    # block once max_minutes have passed.
+    block_pairs: int = 10
+    min_pairs: int = 10
+    max_pairs: int = 30
     # The stated spread: E(k) known to within +-ci_width/2. A k whose
     # interval is still wider when the pairs stop makes the run not valid
     # (its repeats disagree), and a second run agrees with a first when
@@ -120,7 +134,7 @@ class Plan:
     cache: bool = False
     # Notes created before each block's load, for the readers to read.
     seed_notes: int = 200
-    # A node out of rotation burns its CPU cap (a spinning process in its
+    # Alternating only: a node out of rotation burns its CPU cap (a spinning process in its
     # cgroup), so the machine is as busy while one node serves as while k do:
     # two cores shared by all the lab's processes run each one slower the
     # busier the other core is, which a fleet of separate machines would
@@ -141,6 +155,7 @@ SMOKE = Plan(
     max_pairs=2,
     max_minutes=5.0,
     seed_notes=20,  # seeding 200 takes seconds through a quarter core
+    pin=False,  # the suite's other worker shares the cores (pinning has its own test)
 )
 
 
@@ -269,6 +284,141 @@ def measure_block(
             logs = logs or {node["id"]: node_log_tail(Path(node["log"])) for node in state["nodes"]}
             point["node_logs"] = logs
         points.append(point)
+    return points
+
+
+def node_core() -> int | None:
+    """The core the nodes are pinned to (the last one), None on a one-core machine."""
+    cores = sorted(os.sched_getaffinity(0))
+    return cores[-1] if len(cores) > 1 else None
+
+
+def pin_process(pid: int, cores: set[int]) -> None:
+    """Every thread of `pid` onto `cores` (a process started later keeps its own)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+
+
+@contextlib.contextmanager
+def infrastructure_off_core(core: int | None) -> Iterator[None]:
+    """This process, and what it starts meanwhile (databases, HAProxy, locust,
+    nodes until pinned), kept off `core`; the affinity it had, afterwards."""
+    before = os.sched_getaffinity(0)
+    if core is not None:
+        os.sched_setaffinity(0, before - {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def measure_side_by_side(
+    k: int, orders: list[tuple[int, int]], first: int, plan: Plan, run_dir: Path
+) -> list[Point]:
+    """One block side by side: a lab of k nodes and a lab of one, each under its
+    own load of `users_per_node` users per node, at the same time.
+
+    Each lab has its own HAProxy and database, so the fleet of one is the
+    N=1 of the sequential design, not a node of the k. Windows of measure_s,
+    the same seconds for both loads, make the pairs: whatever slows the
+    machine in a window (a core slowed by the host, a busy database core)
+    slows both fleets in it. `orders` only gives the pairs' count and the
+    order their points are returned in.
+    """
+    node_env = {} if plan.cache else {f"{service.ENV_PREFIX}CACHE": "off"}
+    core = node_core() if plan.pin else None
+    labs = {1: Lab(run_dir / "one"), k: Lab(run_dir / f"fleet-{k}")}
+    results: dict[int, LoadResult] = {}
+    failures: dict[int, BaseException] = {}
+    # Per lab (both name their first node n1): (time, CPU-seconds per node).
+    readings: dict[int, list[tuple[float, dict[str, float]]]] = {n: [] for n in labs}
+    sources: set[str] = set()
+    duration_s = plan.warmup_s + len(orders) * plan.measure_s + SIDE_BY_SIDE_SLACK_S
+    with infrastructure_off_core(core):
+        try:
+            states = {}
+            for n, lab in labs.items():
+                lab.up(
+                    LabOptions(
+                        nodes=n,
+                        backend=plan.backend,
+                        cpu=plan.cpu,
+                        drain_delay_s=0.5,
+                        node_env=node_env,
+                    )
+                )
+                states[n] = lab.load()
+            groups = {
+                (n, node["id"]): Path(node["cgroup"])
+                for n, state in states.items()
+                for node in state["nodes"]
+                if node["cgroup"]
+            }
+            if core is not None:
+                for state in states.values():
+                    for node in state["nodes"]:
+                        pin_process(node["pid"], {core})
+
+            def read_cgroups(n: int) -> Callable[[Sample], None]:
+                def read(sample: Sample) -> None:
+                    used = {}
+                    for (lab_n, node_id), group in groups.items():
+                        reading = cgroupcpu.cpu_seconds(group) if lab_n == n else None
+                        if reading is not None:
+                            used[node_id], source = reading
+                            sources.add(source)
+                    readings[n].append((sample.t, used))
+
+                return read
+
+            def load(n: int) -> None:
+                try:
+                    results[n] = run_load(
+                        states[n]["front"],
+                        states[n]["nodes"],
+                        users=n * plan.users_per_node,
+                        duration_s=duration_s,
+                        mix=plan.mix,
+                        seed_notes=plan.seed_notes,
+                        on_sample=read_cgroups(n),
+                    )
+                except BaseException as exc:  # handed to the main thread
+                    failures[n] = exc
+
+            threads = [threading.Thread(target=load, args=(n,)) for n in labs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for exc in failures.values():
+                raise exc
+            cache = {
+                n: cache_counts([node["url"] for node in state["nodes"]])
+                for n, state in states.items()
+            }
+        finally:
+            for lab in labs.values():
+                lab.down()
+    # The windows: the same seconds of both loads, from the later start's warm-up on.
+    common = max(result.started for result in results.values()) + plan.warmup_s
+    points = []
+    for p, order in enumerate(orders):
+        for n in order:
+            result, state = results[n], states[n]
+            start = common + p * plan.measure_s - result.started
+            names = [node["id"] for node in state["nodes"]]
+            point = _point(n, plan, result, start, names)
+            point.update(_cpu_used(result, start, plan.measure_s, readings[n], sources, names))
+            point.update(cache[n])
+            point["pinned_core"] = core
+            if point["failed"] or set(point["by_node"]) != set(names):
+                point["node_logs"] = {
+                    node["id"]: node_log_tail(Path(node["log"])) for node in state["nodes"]
+                }
+            points.append(point)
     return points
 
 
@@ -766,8 +916,46 @@ def _f(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _design_text(plan: dict[str, Any]) -> str:
+    """How the report's pairs were measured, for its markdown (older reports: alternating)."""
+    if plan.get("design", "alternating") == "side-by-side":
+        pinned = (
+            "Every node of both labs runs on the machine's last core, the databases, "
+            "HAProxy and locust on the other: the host slows one core at a time, and both "
+            "fleets then share it. "
+            if plan.get("pin")
+            else "The nodes are not pinned to a core. "
+        )
+        return (
+            "\n\nThe machine drifts, so every N is compared with N=1 **at the same time**: a "
+            "block starts two labs side by side, a fleet of k nodes and a fleet of one, each "
+            f"with its own HAProxy and database, and loads both ({plan['users_per_node']}·k "
+            f"and {plan['users_per_node']} users) at once. After {plan['warmup_s']:g} s of "
+            f"warm-up it counts {plan.get('block_pairs', 1)} windows of {plan['measure_s']:g} s, "
+            "the same seconds for both loads; each window is a pair. " + pinned
+        )
+    return (
+        " Nodes out of rotation "
+        + (
+            "**burn their CPU cap** (a spinning process in their cgroup), so the machine is as "
+            "busy while one node serves as while k do."
+            if plan.get("burn_idle")
+            else "**idle** (the control: the machine is less busy while one node serves)."
+        )
+        + "\n\nThe machine drifts, so every N is compared with N=1 **within a pair** of "
+        "segments seconds apart in one lab under one load. A block starts a lab of k nodes and "
+        f"{plan['users_per_node']}·k users in k equal shares of the mix (only the shares of "
+        f"the serving nodes send), warms up {plan['warmup_s']:g} s, then serves "
+        f"{plan.get('block_pairs', 1)} pairs of segments: N=1 (one node of the k, the next at "
+        "every pair, the others in HAProxy's MAINT) and N=k, N=1 first in odd pairs and last "
+        f"in even ones. A segment settles {plan.get('settle_s', 0):g} s after the switch, then "
+        f"counts {plan['measure_s']:g} s. "
+    )
+
+
 def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
     plan, fit = report["plan"], report.get("usl") or {}
+    side_by_side = plan.get("design") == "side-by-side"  # pairs in no order
     lines = [
         "# Scale-out: throughput against the number of nodes",
         "",
@@ -777,26 +965,11 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
         f"on the {plan['backend']} backend; locust drives the **{plan['mix']}** mix with "
         f"{plan['users_per_node']} closed-loop users per node of k. The nodes' read "
         f"cache is **{'on' if plan.get('cache', True) else 'off'}**; its hit ratio is over "
-        "the whole run, warm-up included, summed over the nodes (/metrics). Nodes out of "
-        "rotation "
-        + (
-            "**burn their CPU cap** (a spinning process in their cgroup), so the machine is as "
-            "busy while one node serves as while k do."
-            if plan.get("burn_idle")
-            else "**idle** (the control: the machine is less busy while one node serves)."
-        ),
-        "",
-        "The machine drifts, so every N is compared with N=1 **within a pair** of segments "
-        "seconds apart in one lab under one load. A block starts a lab of k nodes and "
-        f"{plan['users_per_node']}·k users in k equal shares of the mix (only the shares of "
-        f"the serving nodes send), warms up {plan['warmup_s']:g} s, then serves "
-        f"{plan.get('block_pairs', 1)} pairs of segments: N=1 (one node of the k, the next at "
-        "every pair, the others in HAProxy's MAINT) and N=k, N=1 first in odd pairs and last "
-        f"in even ones. A segment settles {plan.get('settle_s', 0):g} s after the switch, then "
-        f"counts {plan['measure_s']:g} s. E(N) = X(N) / (N·X(1)) is taken in each pair; "
-        f"blocks repeat (at least {plan['min_pairs']}, at most {plan['max_pairs']} pairs per N, "
-        f"no new block after {plan['max_minutes']:g} min) until the interval is at most "
-        f"{plan['ci_width']} wide. "
+        "the whole run, warm-up included, summed over the nodes (/metrics)."
+        + _design_text(plan)
+        + f"E(N) = X(N) / (N·X(1)) is taken in each pair; blocks repeat (at least "
+        f"{plan['min_pairs']}, at most {plan['max_pairs']} pairs per N, no new block after "
+        f"{plan['max_minutes']:g} min) until the interval is at most {plan['ci_width']} wide. "
         f"Stopped: {report['stopped']}. Interval: {report['interval']}.",
         "",
         f"**Verdict: {'valid' if report['valid'] else 'NOT valid'}.**"
@@ -816,7 +989,7 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
         )
         orders = (
             " / ".join(_f(v, ".3f") for v in r["efficiency_by_order"].values())
-            if r["efficiency_by_order"]
+            if r["efficiency_by_order"] and not side_by_side
             else "–"
         )
         lines.append(
@@ -891,13 +1064,18 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
         f"{NODE_MIN_THROTTLED:.0%} of CFS periods and using at least {NODE_MIN_SHARE:.0%} "
         f"of its cap; the load generator under {LOADGEN_MAX_CORES} core; the machine under "
         f"{MACHINE_MAX_BUSY:.0%} busy; at most {MAX_ERROR_RATE:.0%} failed requests), every N "
-        f"needs at least {plan['min_pairs']} pairs in both orders, and the 95% interval of "
+        f"needs at least {plan['min_pairs']} pairs"
+        + ("" if side_by_side else " in both orders")
+        + ", and the 95% interval of "
         f"every E(N) may be at most {plan['ci_width']:g} wide: wider, the repeats disagree "
         "(the spread column, max - min over median, is shown but not judged: it grows with "
         "the number of pairs).",
         "",
     ]
     return "\n".join(lines)
+
+
+MEASURES = {"side-by-side": measure_side_by_side, "alternating": measure_block}
 
 
 def run(
@@ -923,10 +1101,11 @@ def run(
         if refresh is not None:
             refresh(report_of(list(pairs), IN_PROGRESS))
 
+    designed = MEASURES[plan.design]
     try:
         pairs, stopped = run_pairs(
             plan,
-            measure or (lambda k, orders, first, d: measure_block(k, orders, first, plan, d)),
+            measure or (lambda k, orders, first, d: designed(k, orders, first, plan, d)),
             base,
             on_pair=on_pair,
         )
@@ -956,6 +1135,19 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=RESULTS, help="writes OUT.json, OUT.md and OUT.png"
     )
     parser.add_argument("--cpu", type=float, help="cap per node (fraction of a core)")
+    parser.add_argument(
+        "--design",
+        choices=tuple(MEASURES),
+        help="a fleet of one beside the fleet of k (default), or one lab serving 1 and k in turn",
+    )
+    parser.add_argument(
+        "--pin",
+        choices=("on", "off"),
+        help="every node on the last core, everything else on the others (default on)",
+    )
+    parser.add_argument(
+        "--users-per-node", type=int, help="closed-loop users per serving node (default 20)"
+    )
     parser.add_argument("--min-pairs", type=int, help="pairs per N before the interval may stop it")
     parser.add_argument("--max-pairs", type=int, help="pairs per N at most")
     parser.add_argument("--max-minutes", type=float, help="no new pair after this long")
@@ -992,6 +1184,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = SMOKE if args.smoke else Plan()
     changes = {
         "cpu": args.cpu,
+        "users_per_node": args.users_per_node,
+        "design": args.design,
+        "pin": None if args.pin is None else args.pin == "on",
         "min_pairs": args.min_pairs,
         "max_pairs": args.max_pairs,
         "max_minutes": args.max_minutes,
