@@ -251,7 +251,7 @@ def test_what_the_cache_did_to_the_scale_out_quoted_is_the_committed_results() -
     page = " ".join((REPO / "docs/bus.md").read_text().split())
     on, off = (
         json.loads((REPO / f"docs/results/{name}.json").read_text())
-        for name in ("scaleout-cache", "scaleout")
+        for name in ("scaleout-cache", "scaleout-alternating")
     )
     ratios = [r["cache_hit_ratio_median"] for r in on["rows"]]
     assert f"a hit ratio of {min(ratios):.1%} to {max(ratios):.1%} at every N" in page

@@ -207,8 +207,28 @@ class ListerUser(CattleUser):
                 return
 
 
+class MixedUser(CattleUser):
+    """Every kind of request from each user, drawn by weight at every task: the
+    requests come in these proportions whatever each kind's latency. (With a
+    user per kind, a kind whose requests wait longer sends fewer of them, so
+    the mix, and with it the work per request, moves with the latencies.)"""
+
+    # read-mostly's proportions by request: 90% reads, 5% list tasks, 5% writes
+    # (creates and updates 3:1). Locust takes a dict of task weights; its stubs say list.
+    tasks = {  # type: ignore[assignment]
+        ReaderUser.read: 72,
+        ListerUser.list_pages: 4,
+        WriterUser.create: 3,
+        WriterUser.update: 1,
+    }
+
+    def on_start(self) -> None:
+        self.mine: list[tuple[str, str]] = []  # (id, etag) of notes this user owns
+
+
 MIXES: dict[str, dict[type[CattleUser], int]] = {
     "read-mostly": {ReaderUser: 90, WriterUser: 5, ListerUser: 5},
+    "read-mostly-per-request": {MixedUser: 1},
     "read-only": {ReaderUser: 1},
     "write-heavy": {ReaderUser: 50, WriterUser: 40, ListerUser: 10},
 }

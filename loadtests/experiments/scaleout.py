@@ -64,6 +64,7 @@ from deploy.lab.cluster import Lab, LabOptions
 from loadtests import report as reports
 from loadtests.harness import analysis, cgroupcpu, paired
 from loadtests.harness.loadrun import LoadResult, Sample, run_load
+from loadtests.harness.locust_run import MIX_NAMES
 from loadtests.harness.usl import band, fit_usl, peak_n, usl
 from service.telemetry.http import AccessLog
 
@@ -110,14 +111,17 @@ class Plan:
     settle_s: float = 3.0
     measure_s: float = 12.0
     backend: str = "postgres"
-    mix: str = "read-mostly"
-    # Pairs per block (side by side: windows of measure_s under one load),
+    # Each user draws every request's kind by weight, so the mix stays the
+    # same at every N (loadtests/clients/notes.py, MixedUser).
+    mix: str = "read-mostly-per-request"
+    # Pairs per block (side by side: windows of measure_s under one load;
+    # windows of one block share its labs, so at least two blocks per k),
     # blocks round-robin over k; at least min_pairs per k (alternating: an
     # even number, so both orders count alike), more until the 95% interval
     # of E(k) is at most ci_width wide, never more than max_pairs, and no new
     # block once max_minutes have passed.
     block_pairs: int = 10
-    min_pairs: int = 10
+    min_pairs: int = 20
     max_pairs: int = 30
     # The stated spread: E(k) known to within +-ci_width/2. A k whose
     # interval is still wider when the pairs stop makes the run not valid
@@ -1154,9 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ns", type=_ns, help="node counts, comma-separated, 1 first (default 1,2,4,8)"
     )
-    parser.add_argument(
-        "--mix", choices=("read-mostly", "read-only", "write-heavy"), help="the locust mix"
-    )
+    parser.add_argument("--mix", choices=MIX_NAMES, help="the locust mix")
     parser.add_argument(
         "--cache", choices=("on", "off"), help="the nodes' read cache (default off)"
     )

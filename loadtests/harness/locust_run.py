@@ -26,6 +26,11 @@ def user_counts(weights: dict[Any, int], users: int) -> dict[Any, int]:
     return counts
 
 
+# The mixes of loadtests/clients/notes.py (MIXES), named here so that choosing
+# one does not import locust, which patches the standard library for gevent.
+MIX_NAMES = ("read-mostly", "read-mostly-per-request", "read-only", "write-heavy")
+
+
 class Phases:
     """When each share of the users is active: the users of 1 node, then of k, in turn.
 
@@ -176,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", required=True, help="e.g. the lab's front URL")
     parser.add_argument("--users", type=int, required=True)
     parser.add_argument("--duration-s", type=float, required=True)
-    parser.add_argument(
-        "--mix", default="read-mostly", choices=["read-mostly", "read-only", "write-heavy"]
-    )
+    parser.add_argument("--mix", default="read-mostly", choices=MIX_NAMES)
     parser.add_argument("--seed-notes", type=int, default=200)
     parser.add_argument(
         "--rate-per-user", type=float, help="requests/s per user (default: closed loop)"

@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -19,7 +21,7 @@ from deploy.lab import cgroups
 from loadtests import report as reports
 from loadtests.experiments import nodeloss, scaleout
 from loadtests.harness.progress import Runs
-from tests.support import require
+from tests.support import require, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -46,16 +48,16 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
         f"python -m loadtests.experiments.scaleout --smoke --out {out} --refresh-plot"
     )
     assert saved["stopped"] != scaleout.IN_PROGRESS  # the final report replaced the partial ones
-    # One pair in each order, N=1 and N=2 back to back.
-    assert [pair["order"] for pair in saved["pairs"]] == [[1, 2], [2, 1]]
+    # Two pairs, each a window of both fleets side by side.
+    assert saved["plan"]["design"] == "side-by-side"
+    assert len(saved["pairs"]) == 2
     assert [row["n"] for row in saved["rows"]] == list(scaleout.SMOKE.ns)
     for pair in saved["pairs"]:
         assert pair["efficiency"] == pytest.approx(pair["xk_rps"] / (2 * pair["x1_rps"]))
         for run in pair["runs"]:
             assert run["throughput_rps"] > 0
             assert run["p50_ms"] > 0
-            # N nodes served the segment, and only they: the others were out of
-            # HAProxy's rotation (MAINT, their agent checks off).
+            # The fleet of N served its load, every node of it and nothing else.
             assert len(run["serving"]) == run["n"]
             assert set(run["by_node"]) == set(run["serving"]), (
                 run["by_node"],
@@ -88,6 +90,35 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     assert "| N | pairs (N=1: runs) | E(N) median | interval |" in text
     assert "No USL fit" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_side_by_side_pins_the_nodes_to_one_core_and_the_rest_off_it():
+    core = scaleout.node_core()
+    everything = os.sched_getaffinity(0)
+    if core is None:  # one core: nothing to pin, nothing changes
+        with scaleout.infrastructure_off_core(core):
+            assert os.sched_getaffinity(0) == everything
+        return
+    assert core == max(everything)
+    with scaleout.infrastructure_off_core(core):
+        assert os.sched_getaffinity(0) == everything - {core}
+        # A process started meanwhile (a database, HAProxy, a node) stays off the core...
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import threading, time; "
+             "threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"]
+        )  # fmt: skip
+    try:
+        assert os.sched_getaffinity(0) == everything  # ...and the experiment has its cores back
+        assert os.sched_getaffinity(child.pid) == everything - {core}
+        # A node is then moved onto it, every thread of it.
+        threads = lambda: len(os.listdir(f"/proc/{child.pid}/task"))  # noqa: E731
+        assert wait_until(lambda: threads() == 2, timeout_s=10) is not None
+        scaleout.pin_process(child.pid, {core})
+        for task in os.listdir(f"/proc/{child.pid}/task"):
+            assert os.sched_getaffinity(int(task)) == {core}
+    finally:
+        child.kill()
+        child.wait(timeout=10)
 
 
 def test_cache_counters_are_read_from_prometheus_text():
