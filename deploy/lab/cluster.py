@@ -51,6 +51,8 @@ class LabOptions:
     replicas: int = 0
     front: str = "haproxy"
     cpu: float | None = None
+    # The CFS period the cap is enforced over (deploy/lab/cgroups.py).
+    cpu_period_ms: float = cgroups.PERIOD_US / 1000
     drain_delay_s: float = 2.0
     shutdown_timeout_s: float = 10.0
     retries: bool = True
@@ -222,6 +224,7 @@ class Lab:
                 "replicas": options.replicas,
                 "front": options.front,
                 "cpu": options.cpu,
+                "cpu_period_ms": options.cpu_period_ms,
                 "retries": options.retries,
                 "observe": options.observe,
                 "pinning": options.pinning if options.front in ANYCAST_FRONTS else None,
@@ -475,7 +478,10 @@ class Lab:
         if options.cpu is not None:
             # Uncapped while it starts (imports are heavy on a 0.1-core node);
             # `up` caps every node once all are ready.
-            group = cgroups.CpuGroup.create(f"cattle-{state['lab_id']}-{node_id}")
+            group = cgroups.CpuGroup.create(
+                f"cattle-{state['lab_id']}-{node_id}",
+                period_us=int(options.cpu_period_ms * 1000),
+            )
             node["cgroup"] = str(group.path)
         self._spawn_node(state, node)
         return node
@@ -653,6 +659,7 @@ class Lab:
             backend=saved["backend"],
             front=saved["front"],
             cpu=saved.get("cpu"),
+            cpu_period_ms=float(saved.get("cpu_period_ms", cgroups.PERIOD_US / 1000)),
             drain_delay_s=float(saved.get("drain_delay_s", 2.0)),
             shutdown_timeout_s=float(saved.get("shutdown_timeout_s", 10.0)),
             node_env=dict(saved.get("node_env") or {}),

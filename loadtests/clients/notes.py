@@ -124,14 +124,11 @@ class CattleUser(FastHttpUser):
     connection_timeout = 5.0
     network_timeout = 10.0
 
+    def on_start(self) -> None:
+        self.mine: list[tuple[str, str]] = []  # (id, etag) of notes this user wrote
 
-class ReaderUser(CattleUser):
-    """Reads notes others wrote, sending back their consistency tokens."""
-
-    weight = 90
-
-    @task
-    def read(self) -> None:
+    def read_note(self) -> None:
+        """One note others wrote, sending back its consistency token."""
         picked = POOL.pick()
         if picked is None:
             return
@@ -139,17 +136,8 @@ class ReaderUser(CattleUser):
         headers = {"Consistency-Token": token} if token else {}
         self.client.get(f"/v1/notes/{note_id}", headers=headers, name="read")
 
-
-class WriterUser(CattleUser):
-    """Creates notes with an Idempotency-Key, then edits them with If-Match."""
-
-    weight = 5
-
-    def on_start(self) -> None:
-        self.mine: list[tuple[str, str]] = []  # (id, etag) of notes this user owns
-
-    @task(3)
-    def create(self) -> None:
+    def create_note(self) -> None:
+        """A new note under an Idempotency-Key."""
         key = f"{RECORDER.prefix}{uuid.uuid4().hex}"
         context: dict[str, Any] = {"key": key}
         with self.client.post(
@@ -168,8 +156,8 @@ class WriterUser(CattleUser):
             self.mine.append((note_id, response.headers.get("etag", '"1"')))
             del self.mine[:-50]
 
-    @task(1)
-    def update(self) -> None:
+    def update_note(self) -> None:
+        """An edit of a note this user wrote, with If-Match (none yet: no request)."""
         if not self.mine:
             return
         index = random.randrange(len(self.mine))
@@ -187,6 +175,40 @@ class WriterUser(CattleUser):
             self.mine[index] = (note_id, response.headers.get("etag", etag))
             POOL.add(note_id, response.headers.get("consistency-token"))
 
+    def list_page(self, cursor: str | None) -> str | None:
+        """A page of the listing from `cursor`; the next page's cursor, or None at the end."""
+        path = "/v1/notes?limit=20" + (f"&cursor={cursor}" if cursor else "")
+        with self.client.get(path, name="list", catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"list answered {response.status_code}")
+                return None
+            next_cursor: str | None = response.json().get("next_cursor")
+            return next_cursor
+
+
+class ReaderUser(CattleUser):
+    """Reads notes others wrote, sending back their consistency tokens."""
+
+    weight = 90
+
+    @task
+    def read(self) -> None:
+        self.read_note()
+
+
+class WriterUser(CattleUser):
+    """Creates notes with an Idempotency-Key, then edits them with If-Match."""
+
+    weight = 5
+
+    @task(3)
+    def create(self) -> None:
+        self.create_note()
+
+    @task(1)
+    def update(self) -> None:
+        self.update_note()
+
 
 class ListerUser(CattleUser):
     """Pages through the notes, following the cursor a few pages deep."""
@@ -197,38 +219,49 @@ class ListerUser(CattleUser):
     def list_pages(self) -> None:
         cursor = None
         for _ in range(random.randint(1, 3)):
-            path = "/v1/notes?limit=20" + (f"&cursor={cursor}" if cursor else "")
-            with self.client.get(path, name="list", catch_response=True) as response:
-                if response.status_code != 200:
-                    response.failure(f"list answered {response.status_code}")
-                    return
-                cursor = response.json().get("next_cursor")
+            cursor = self.list_page(cursor)
             if not cursor:
                 return
 
 
 class MixedUser(CattleUser):
-    """Every kind of request from each user, drawn by weight at every task: the
-    requests come in these proportions whatever each kind's latency. (With a
-    user per kind, a kind whose requests wait longer sends fewer of them, so
-    the mix, and with it the work per request, moves with the latencies.)"""
+    """Every kind of request from each user, in a fixed cycle of 20: 18 reads,
+    one page of the listing (the next page each time round), one write (three
+    creates for every update). Any few seconds of requests then hold the mix's
+    proportions, whatever each kind's latency: with a user per kind, a kind
+    whose requests wait longer sends fewer of them, and drawn at random, a few
+    hundred requests hold a few lists more or less; either moves the work per
+    request (a list costs about three reads)."""
 
-    # read-mostly's proportions by request: 90% reads, 5% list tasks, 5% writes
-    # (creates and updates 3:1). Locust takes a dict of task weights; its stubs say list.
-    tasks = {  # type: ignore[assignment]
-        ReaderUser.read: 72,
-        ListerUser.list_pages: 4,
-        WriterUser.create: 3,
-        WriterUser.update: 1,
-    }
+    CYCLE = ("read",) * 18 + ("list", "write")
+    WRITES = ("create", "create", "create", "update")
 
     def on_start(self) -> None:
-        self.mine: list[tuple[str, str]] = []  # (id, etag) of notes this user owns
+        super().on_start()
+        # Users start at different points of the cycle, so they do not write together.
+        self.step = random.randrange(len(self.CYCLE))
+        self.writes = random.randrange(len(self.WRITES))
+        self.cursor: str | None = None
+
+    @task
+    def next_request(self) -> None:
+        kind = self.CYCLE[self.step % len(self.CYCLE)]
+        self.step += 1
+        if kind == "read":
+            self.read_note()
+        elif kind == "list":
+            self.cursor = self.list_page(self.cursor)
+        elif self.WRITES[self.writes % len(self.WRITES)] == "create":
+            self.writes += 1
+            self.create_note()
+        else:
+            self.writes += 1
+            self.update_note()
 
 
 MIXES: dict[str, dict[type[CattleUser], int]] = {
     "read-mostly": {ReaderUser: 90, WriterUser: 5, ListerUser: 5},
-    "read-mostly-per-request": {MixedUser: 1},
+    "read-mostly-cycle": {MixedUser: 1},
     "read-only": {ReaderUser: 1},
     "write-heavy": {ReaderUser: 50, WriterUser: 40, ListerUser: 10},
 }

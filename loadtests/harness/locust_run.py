@@ -28,7 +28,7 @@ def user_counts(weights: dict[Any, int], users: int) -> dict[Any, int]:
 
 # The mixes of loadtests/clients/notes.py (MIXES), named here so that choosing
 # one does not import locust, which patches the standard library for gevent.
-MIX_NAMES = ("read-mostly", "read-mostly-per-request", "read-only", "write-heavy")
+MIX_NAMES = ("read-mostly", "read-mostly-cycle", "read-only", "write-heavy")
 
 
 class Phases:

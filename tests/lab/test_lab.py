@@ -326,6 +326,22 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def test_a_cpu_cap_holds_over_its_groups_own_period_and_refuses_a_quota_under_1_ms():
+    try:
+        cgroups.check_available()
+    except cgroups.CgroupsUnavailable as exc:
+        require(False, str(exc))
+    group = cgroups.CpuGroup.create(f"cattle-test-period-{os.getpid()}", 0.05, period_us=20_000)
+    try:
+        assert (group.path / "cpu.cfs_period_us").read_text().strip() == "20000"
+        assert (group.path / "cpu.cfs_quota_us").read_text().strip() == "1000"
+        (group.path / "cpu.cfs_period_us").write_text("10000")
+        with pytest.raises(ValueError, match="quota of 500 µs, under the kernel's least"):
+            group.cap(0.05)
+    finally:
+        group.remove()
+
+
 async def test_cpu_cap_holds_a_node_near_its_share():
     try:
         cgroups.check_available()
