@@ -62,7 +62,7 @@ import service
 from deploy.lab import cgroups, haproxy
 from deploy.lab.cluster import Lab, LabOptions
 from loadtests import report as reports
-from loadtests.harness import analysis, cgroupcpu, paired
+from loadtests.harness import analysis, cgroupcpu, machine, paired
 from loadtests.harness.loadrun import LoadResult, Sample, run_load
 from loadtests.harness.locust_run import MIX_NAMES
 from loadtests.harness.usl import band, fit_usl, peak_n, usl
@@ -308,15 +308,6 @@ def node_core() -> int | None:
     return cores[-1] if len(cores) > 1 else None
 
 
-def pin_process(pid: int, cores: set[int]) -> None:
-    """Every thread of `pid` onto `cores` (a process started later keeps its own)."""
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(task), cores)
-        except ProcessLookupError:  # a thread that ended meanwhile
-            continue
-
-
 @contextlib.contextmanager
 def infrastructure_off_core(core: int | None) -> Iterator[None]:
     """This process, and what it starts meanwhile (databases, HAProxy, locust,
@@ -376,7 +367,7 @@ def measure_side_by_side(
             if core is not None:
                 for state in states.values():
                     for node in state["nodes"]:
-                        pin_process(node["pid"], {core})
+                        machine.pin_process(node["pid"], {core})
 
             def read_cgroups(n: int) -> Callable[[Sample], None]:
                 def read(sample: Sample) -> None:

@@ -19,6 +19,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin_process(pid: int, cores: set[int]) -> None:
+    """Every thread of `pid` onto `cores`. A thread that ends meanwhile is passed
+    over (`taskset --all-tasks` fails on it: a server's request threads come
+    and go), and a thread started later keeps the process's affinity."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), cores)
+    os.sched_setaffinity(pid, cores)
+
+
 def machine_jiffies() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs from /proc/stat, for deltas."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]

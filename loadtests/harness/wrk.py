@@ -124,11 +124,7 @@ def wait_ready(server: Server, path: str, timeout_s: float = START_TIMEOUT_S) ->
             raise SystemExit(f"{server.name} exited; see {server.log_path}")
         with contextlib.suppress(OSError, http.client.HTTPException):
             if request(server.port, "GET", path, timeout_s=2)[0] == 200:
-                subprocess.run(
-                    ["taskset", "--all-tasks", "--cpu-list", "--pid", str(server.core),
-                     str(server.pid)],
-                    capture_output=True, timeout=10, check=True,
-                )  # fmt: skip
+                machine.pin_process(server.pid, {server.core})
                 return
         time.sleep(0.1)
     raise SystemExit(f"{server.name} did not start in {timeout_s:.0f} s; see {server.log_path}")

@@ -20,6 +20,7 @@ import pytest
 from deploy.lab import cgroups
 from loadtests import report as reports
 from loadtests.experiments import nodeloss, scaleout
+from loadtests.harness import machine
 from loadtests.harness.progress import Runs
 from tests.support import require, wait_until
 
@@ -113,7 +114,7 @@ def test_side_by_side_pins_the_nodes_to_one_core_and_the_rest_off_it():
         # A node is then moved onto it, every thread of it.
         threads = lambda: len(os.listdir(f"/proc/{child.pid}/task"))  # noqa: E731
         assert wait_until(lambda: threads() == 2, timeout_s=10) is not None
-        scaleout.pin_process(child.pid, {core})
+        machine.pin_process(child.pid, {core})
         for task in os.listdir(f"/proc/{child.pid}/task"):
             assert os.sched_getaffinity(int(task)) == {core}
     finally:
