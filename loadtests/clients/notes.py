@@ -231,7 +231,7 @@ class MixedUser(CattleUser):
     proportions, whatever each kind's latency: with a user per kind, a kind
     whose requests wait longer sends fewer of them, and drawn at random, a few
     hundred requests hold a few lists more or less; either moves the work per
-    request (a list costs about three reads)."""
+    request (a list costs more than a read)."""
 
     CYCLE = ("read",) * 18 + ("list", "write")
     WRITES = ("create", "create", "create", "update")

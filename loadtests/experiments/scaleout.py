@@ -41,6 +41,7 @@ docs/results/scaleout.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -50,7 +51,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -200,6 +200,38 @@ def _burner(group: Path, log: Path) -> subprocess.Popen[bytes]:
     return burner
 
 
+def _lab_options(plan: Plan, nodes: int) -> LabOptions:
+    """A lab of `nodes` as every block of the plan starts it."""
+    return LabOptions(
+        nodes=nodes,
+        backend=plan.backend,
+        cpu=plan.cpu,
+        cpu_period_ms=plan.cpu_period_ms,
+        drain_delay_s=0.5,
+        node_env={} if plan.cache else {f"{service.ENV_PREFIX}CACHE": "off"},
+    )
+
+
+def _cgroup_reader(
+    state: dict[str, Any],
+    readings: list[tuple[float, dict[str, float]]],
+    sources: set[str],
+) -> Callable[[Sample], None]:
+    """At every load sample, the CPU-seconds each node of the lab `state` has used."""
+    groups = {node["id"]: Path(node["cgroup"]) for node in state["nodes"] if node["cgroup"]}
+
+    def read(sample: Sample) -> None:
+        used = {}
+        for node_id, group in groups.items():
+            reading = cgroupcpu.cpu_seconds(group)
+            if reading is not None:
+                used[node_id], source = reading
+                sources.add(source)
+        readings.append((sample.t, used))
+
+    return read
+
+
 def measure_block(
     k: int, orders: list[tuple[int, int]], first: int, plan: Plan, run_dir: Path
 ) -> list[Point]:
@@ -210,17 +242,7 @@ def measure_block(
     the machine's drift, and no lab start or locust start sits between them.
     """
     lab = Lab(run_dir)
-    node_env = {} if plan.cache else {f"{service.ENV_PREFIX}CACHE": "off"}
-    lab.up(
-        LabOptions(
-            nodes=k,
-            backend=plan.backend,
-            cpu=plan.cpu,
-            cpu_period_ms=plan.cpu_period_ms,
-            drain_delay_s=0.5,
-            node_env=node_env,
-        )
-    )
+    lab.up(_lab_options(plan, k))
     # (N, the nodes serving it) of every segment, in order, and when it is
     # switched to (seconds into the load; the first is set before the load).
     plan_segments = [(n, serving(k, n, first + p)) for p, order in enumerate(orders) for n in order]
@@ -231,7 +253,6 @@ def measure_block(
     burners: dict[str, subprocess.Popen[bytes]] = {}
     try:
         state = lab.load()
-        groups = {node["id"]: Path(node["cgroup"]) for node in state["nodes"] if node["cgroup"]}
         socket_path = Path(state["haproxy"]["socket"])
         names = [node["id"] for node in state["nodes"]]
 
@@ -253,15 +274,6 @@ def measure_block(
 
             return act
 
-        def read_cgroups(sample: Sample) -> None:
-            used = {}
-            for node_id, group in groups.items():
-                reading = cgroupcpu.cpu_seconds(group)
-                if reading is not None:
-                    used[node_id], source = reading
-                    sources.add(source)
-            readings.append((sample.t, used))
-
         switch(plan_segments[0][1])()
         schedule = [
             (at, f"serve {' '.join(nodes)}", switch(nodes))
@@ -275,7 +287,7 @@ def measure_block(
             mix=plan.mix,
             seed_notes=plan.seed_notes,
             schedule=schedule,
-            on_sample=read_cgroups,
+            on_sample=_cgroup_reader(state, readings, sources),
             # Every serving node has the users of one node: k shares, n active.
             phases=(k, [(at, n) for at, (n, _) in zip(switched_at, plan_segments, strict=True)]),
         )
@@ -334,11 +346,8 @@ def measure_side_by_side(
     slows both fleets in it. `orders` only gives the pairs' count and the
     order their points are returned in.
     """
-    node_env = {} if plan.cache else {f"{service.ENV_PREFIX}CACHE": "off"}
     core = node_core() if plan.pin else None
     labs = {1: Lab(run_dir / "one"), k: Lab(run_dir / f"fleet-{k}")}
-    results: dict[int, LoadResult] = {}
-    failures: dict[int, BaseException] = {}
     # Per lab (both name their first node n1): (time, CPU-seconds per node).
     readings: dict[int, list[tuple[float, dict[str, float]]]] = {n: [] for n in labs}
     sources: set[str] = set()
@@ -347,61 +356,26 @@ def measure_side_by_side(
         try:
             states = {}
             for n, lab in labs.items():
-                lab.up(
-                    LabOptions(
-                        nodes=n,
-                        backend=plan.backend,
-                        cpu=plan.cpu,
-                        cpu_period_ms=plan.cpu_period_ms,
-                        drain_delay_s=0.5,
-                        node_env=node_env,
-                    )
-                )
+                lab.up(_lab_options(plan, n))
                 states[n] = lab.load()
-            groups = {
-                (n, node["id"]): Path(node["cgroup"])
-                for n, state in states.items()
-                for node in state["nodes"]
-                if node["cgroup"]
-            }
-            if core is not None:
-                for state in states.values():
-                    for node in state["nodes"]:
+                if core is not None:
+                    for node in states[n]["nodes"]:
                         machine.pin_process(node["pid"], {core})
-
-            def read_cgroups(n: int) -> Callable[[Sample], None]:
-                def read(sample: Sample) -> None:
-                    used = {}
-                    for (lab_n, node_id), group in groups.items():
-                        reading = cgroupcpu.cpu_seconds(group) if lab_n == n else None
-                        if reading is not None:
-                            used[node_id], source = reading
-                            sources.add(source)
-                    readings[n].append((sample.t, used))
-
-                return read
-
-            def load(n: int) -> None:
-                try:
-                    results[n] = run_load(
-                        states[n]["front"],
-                        states[n]["nodes"],
+            with concurrent.futures.ThreadPoolExecutor(len(labs)) as pool:
+                loads = {
+                    n: pool.submit(
+                        run_load,
+                        state["front"],
+                        state["nodes"],
                         users=n * plan.users_per_node,
                         duration_s=duration_s,
                         mix=plan.mix,
                         seed_notes=plan.seed_notes,
-                        on_sample=read_cgroups(n),
+                        on_sample=_cgroup_reader(state, readings[n], sources),
                     )
-                except BaseException as exc:  # handed to the main thread
-                    failures[n] = exc
-
-            threads = [threading.Thread(target=load, args=(n,)) for n in labs]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            for exc in failures.values():
-                raise exc
+                    for n, state in states.items()
+                }
+                results = {n: future.result() for n, future in loads.items()}
             cache = {
                 n: cache_counts([node["url"] for node in state["nodes"]])
                 for n, state in states.items()

@@ -20,13 +20,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def pin_process(pid: int, cores: set[int]) -> None:
-    """Every thread of `pid` onto `cores`. A thread that ends meanwhile is passed
-    over (`taskset --all-tasks` fails on it: a server's request threads come
-    and go), and a thread started later keeps the process's affinity."""
+    """Every thread of `pid` (its main thread among them) onto `cores`. A thread
+    that ends meanwhile is passed over (`taskset --all-tasks` fails on it: a
+    server's request threads come and go); one started later takes its
+    creator's affinity."""
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError):
             os.sched_setaffinity(int(task), cores)
-    os.sched_setaffinity(pid, cores)
 
 
 def machine_jiffies() -> tuple[float, float]:

@@ -93,6 +93,23 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+@pytest.mark.usefixtures("_lab_parts")
+def test_scaleout_smoke_runs_the_alternating_design_too(tmp_path):
+    out = tmp_path / "alternating"
+    assert scaleout.main(["--smoke", "--design", "alternating", "--out", str(out)]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["plan"]["design"] == "alternating"
+    # One pair in each order, N=1 and N=2 back to back in one lab.
+    assert [pair["order"] for pair in saved["pairs"]] == [[1, 2], [2, 1]]
+    for pair in saved["pairs"]:
+        for run in pair["runs"]:
+            # Only the serving nodes served (the other in MAINT), and their cgroups were read.
+            assert len(run["serving"]) == run["n"]
+            assert set(run["by_node"]) == set(run["serving"]), run.get("node_logs")
+            assert run["node_cpu_s"] > 0
+            assert run["requests_per_cpu_s"] > 0
+
+
 def test_side_by_side_pins_the_nodes_to_one_core_and_the_rest_off_it():
     core = scaleout.node_core()
     everything = os.sched_getaffinity(0)
