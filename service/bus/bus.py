@@ -18,11 +18,10 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import zmq
-import zmq.asyncio
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.trace import Link, SpanKind, TracerProvider
@@ -36,17 +35,13 @@ from service.config import Settings, env_var
 from service.tasks import cancel_within
 
 log = logging.getLogger("service.bus")
-_T = TypeVar("_T")
 
-# How often the membership tick runs: the resolution of SUSPECT/DEAD and of
-# the stall measurement. A tenth of a second keeps "within 4 s" honest at a
-# cost of ten wake-ups a second.
-_TICK_S = 0.1
+# The membership tick runs every quarter of a heartbeat interval, at most every
+# _TICK_MAX_S: the resolution of SUSPECT/DEAD and of the stall measurement.
+# Every tick wakes the node's process, work or not (docs/bus.md: idle CPU).
+_TICK_MAX_S = 0.25
 # Messages handled per wake-up before the receiver yields to the loop.
 _RECV_BATCH = 1000
-# The receiver also drains on this timeout, whatever the socket's edge-triggered
-# FD said: a missed wake-up costs at most this much delay, never a stuck queue.
-_RECV_POLL_MS = 250
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 1000
 _TRACE = TraceContextTextMapPropagator()
@@ -58,26 +53,6 @@ _LINK_EVENTS = {
     zmq.EVENT_DISCONNECTED: "down",
     zmq.EVENT_CLOSED: "down",
 }
-
-
-async def _arrivals(
-    waiter: zmq.asyncio.Socket, receive: Callable[[], _T]
-) -> AsyncIterator[list[_T]]:
-    """What a socket received, a batch per wake-up: `receive()` (non-blocking)
-    until it raises zmq.Again or _RECV_BATCH came; after a full batch the loop
-    gets a turn before the next."""
-    while True:
-        await waiter.poll(timeout=_RECV_POLL_MS)
-        arrived: list[_T] = []
-        while len(arrived) < _RECV_BATCH:
-            try:
-                arrived.append(receive())
-            except zmq.Again:
-                break
-        if arrived:
-            yield arrived
-        if len(arrived) == _RECV_BATCH:
-            await asyncio.sleep(0)
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -97,6 +72,7 @@ class InvalidationSink(Protocol):
 
 
 StatsProvider = Callable[[], Mapping[str, Any]]
+_Handler = Callable[[Sequence[zmq.Frame]], None]
 
 
 class BusRefused(RuntimeError):
@@ -142,10 +118,13 @@ class Bus:
         self._last_inv = 0  # the seq of the newest `inv` sent (0: none yet)
         self._pending: list[tuple[list[str], int | None, float, str | None]] = []
         self._flush_scheduled = False
-        self._context: zmq.asyncio.Context | None = None
+        self._greeting = False
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._pub: zmq.Socket[bytes] | None = None
-        self._sub: zmq.asyncio.Socket | None = None
-        self._monitor: zmq.asyncio.Socket | None = None
+        self._sub: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._readers: list[tuple[zmq.Socket[bytes], _Handler]] = []
+        self._fds: list[int] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("service.bus")
@@ -194,7 +173,7 @@ class Bus:
                 f"serve with `python -m {service.__name__} serve` (one process), or set "
                 f"{env_var('bus')}=off"
             )
-        self._context = zmq.asyncio.Context()
+        self._context = zmq.Context()
         # The context's default too, for any socket made without it (pyzmq#837).
         self._context.linger = self._linger_ms
         try:
@@ -211,11 +190,19 @@ class Bus:
         dns = [spec for spec in self._specs if spec.scheme == "dns"]
         if dns:
             await self._resolve_all(dns)  # connected before the first heartbeat goes out
+        assert self._sub is not None
+        assert self._monitor is not None
+        assert self._pub is not None
+        self._readers = [
+            (self._sub, self._handle),
+            (self._monitor, self._link_event),
+            (self._pub, self._subscription),
+        ]
+        loop = asyncio.get_running_loop()
+        for sock, handle in self._readers:
+            self._fds.append(sock.FD)
+            loop.add_reader(sock.FD, self._drain, sock, handle)
         self._tasks = [
-            asyncio.create_task(self._receive(), name="bus-receive"),
-            asyncio.create_task(self._watch_links(), name="bus-links"),
-            asyncio.create_task(self._beat(), name="bus-heartbeat"),
-            asyncio.create_task(self._greet_subscribers(), name="bus-subscribers"),
             asyncio.create_task(self._tick(), name="bus-membership"),
         ]
         if dns:
@@ -263,10 +250,7 @@ class Bus:
                 )
             ) from exc
         self.endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        # Sent through a plain (non-asyncio) shadow: PUB never blocks, and a
-        # synchronous send costs no Future per message.
-        self._pub = zmq.Socket.shadow(pub.underlying)
-        self._pub_owner = pub
+        self._pub = pub
 
     def _open_sub(self) -> None:
         assert self._context is not None
@@ -280,7 +264,6 @@ class Bus:
             sub.setsockopt(zmq.SUBSCRIBE, topic)
         self._monitor = sub.get_monitor_socket()
         self._sub = sub
-        self._sub_sync: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
 
     async def close(self, timeout_s: float) -> bool:
         """Say goodbye, close every socket and the context, all within `timeout_s`.
@@ -293,6 +276,10 @@ class Bus:
         deadline = time.monotonic() + timeout_s
         for task in self._tasks:
             await cancel_within(task, max(0.05, deadline - time.monotonic()))
+        loop = asyncio.get_running_loop()
+        for fd in self._fds:
+            loop.remove_reader(fd)
+        self._readers, self._fds = [], []
         if self._pub is not None:
             self._flush()
             self._send(messages.BYE, {"reason": "stopping"})
@@ -309,7 +296,7 @@ class Bus:
         if self._pub is not None:
             # A subscriber that never reads may hold messages queued for it:
             # they get bus_linger_s to leave, then they are dropped.
-            self._pub_owner.close(linger=self._linger_ms)
+            self._pub.close(linger=self._linger_ms)
         # term() returns once every socket's linger is over; it runs on a
         # daemon thread so that even a libzmq that overran its linger could
         # not hold the process.
@@ -392,37 +379,44 @@ class Bus:
             log.warning("bus: a heartbeat provider failed", exc_info=True)
         self._send(messages.HB, body)
 
-    async def _beat(self) -> None:
-        interval_s = self.settings.bus_heartbeat_interval_s
-        while True:
-            # Jitter, so a fleet started together does not beat in step.
-            await asyncio.sleep(interval_s * random.uniform(0.9, 1.1))
-            self._send_heartbeat()
-            self.loop_lag_s = 0.0
+    def _subscription(self, frames: Sequence[zmq.Frame]) -> None:
+        """A subscriber (re)joined: it gets a heartbeat at once (one for all its topics)."""
+        if frames[0].bytes[:1] == b"\x01" and not self._greeting:  # \x00: unsubscribe
+            self._greeting = True
+            asyncio.get_running_loop().call_soon(self._greet)
 
-    async def _greet_subscribers(self) -> None:
-        """A heartbeat as soon as a subscriber (re)joins; one per wake-up."""
-        assert self._pub is not None
-        pub = self._pub
-        async for frames in _arrivals(self._pub_owner, lambda: pub.recv(flags=zmq.NOBLOCK)):
-            if any(frame[:1] == b"\x01" for frame in frames):  # \x01 subscribe, \x00 unsubscribe
-                self._send_heartbeat()
+    def _greet(self) -> None:
+        self._greeting = False
+        if not self._closed:
+            self._send_heartbeat()
 
     # -- receiving ---------------------------------------------------------------------
 
-    async def _receive(self) -> None:
-        assert self._sub is not None
-        sub = self._sub_sync
+    # Each socket is read from a reader callback on its ZMQ_FD, registered once:
+    # no Future, poller or timeout per wake-up, and no wake-up but for a message
+    # (a task awaiting the asyncio socket's poll() also woke on its timeout).
+    # docs/bus.md compares the bus's CPU with the former receiver's.
+    # The FD only says "look now", and a send or connect on the same socket can
+    # take that signal; so every tick drains too (at most a tick late, never stuck).
 
-        def receive() -> list[zmq.Frame]:
-            return sub.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    def _drain(self, sock: zmq.Socket[bytes], handle: _Handler) -> None:
+        if self._closed or sock.closed:
+            return
+        for _ in range(_RECV_BATCH):
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:  # one bad message must not stop the bus
+                log.exception("bus: handling a message failed")
+        # A full batch: the rest after the loop's other callbacks had a turn.
+        asyncio.get_running_loop().call_soon(self._drain, sock, handle)
 
-        async for arrived in _arrivals(self._sub, receive):
-            for frames in arrived:
-                try:
-                    self._handle(frames)
-                except Exception:  # one bad message must not stop the bus
-                    log.exception("bus: handling a message failed")
+    def _drain_all(self) -> None:
+        for sock, handle in self._readers:
+            self._drain(sock, handle)
 
     def _handle(self, frames: Sequence[zmq.Frame]) -> None:
         message = messages.decode([f.bytes for f in frames])
@@ -544,33 +538,42 @@ class Bus:
         self.links.pop(endpoint, None)
         log.info("bus: disconnected from %s", endpoint)
 
-    async def _watch_links(self) -> None:
-        assert self._monitor is not None
-        while True:
-            frames = await self._monitor.recv_multipart()
-            event = parse_monitor_message(frames)
-            state = _LINK_EVENTS.get(zmq.Event(event["event"]))
-            raw = event.get("endpoint", b"")
-            endpoint = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if state is not None and endpoint in self._connected:
-                if (self.links.get(endpoint) == "up") != (state == "up"):
-                    log.info("bus: link %s %s", endpoint, state)  # not every retry
-                self.links[endpoint] = state
+    def _link_event(self, frames: Sequence[zmq.Frame]) -> None:
+        event = parse_monitor_message([f.bytes for f in frames])
+        state = _LINK_EVENTS.get(zmq.Event(event["event"]))
+        raw = event.get("endpoint", b"")
+        endpoint = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if state is not None and endpoint in self._connected:
+            if (self.links.get(endpoint) == "up") != (state == "up"):
+                log.info("bus: link %s %s", endpoint, state)  # not every retry
+            self.links[endpoint] = state
 
     def link_of(self, peer: Peer) -> str | None:
         source = self._source.get(peer.node)
         return None if source is None else self.links.get(source)
 
     async def _tick(self) -> None:
+        """Membership, stalls, the safety drain, and the heartbeat when it is due:
+        one timer, so the bus wakes its node no more than it must."""
         loop = asyncio.get_running_loop()
+        tick_s = min(_TICK_MAX_S, self.settings.bus_heartbeat_interval_s / 4)
+        beat_s = self.settings.bus_heartbeat_interval_s
+        next_beat = loop.time() + beat_s * random.uniform(0.9, 1.1)
         while True:
             before = loop.time()
-            await asyncio.sleep(_TICK_S)
-            late_s = max(0.0, loop.time() - before - _TICK_S)
+            await asyncio.sleep(tick_s)
+            now = loop.time()
+            late_s = max(0.0, now - before - tick_s)
             self.membership.stalled(late_s)
             self.loop_lag_s = max(self.loop_lag_s, late_s)
             self.membership.tick()
             self._let_go()
+            self._drain_all()
+            if now >= next_beat:
+                # Jitter, so a fleet started together does not beat in step.
+                next_beat = now + beat_s * random.uniform(0.9, 1.1)
+                self._send_heartbeat()
+                self.loop_lag_s = 0.0
 
     async def _resolve_all(self, specs: Sequence[discovery.PeerSpec]) -> None:
         timeout_s = self.settings.bus_dns_timeout_s

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from service.bus import Bus
 from service.config import Settings
@@ -27,6 +28,13 @@ FAST = {
     "bus_dead_after_s": 1.5,
     "bus_dns_interval_s": 0.2,
 }
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """The bus tests run on the node's loop (uvicorn runs uvloop). The loop
+    decides, after a stall, whether a woken timer runs before a readable
+    socket is read: with asyncio's loop the socket comes first."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def bus_settings(node_id: str, **overrides: Any) -> Settings:

@@ -168,7 +168,7 @@ async def _restart(
     first_epoch = a.epoch
     if goodbye:
         await a.close(2.0)
-        assert await until(lambda: b.membership.peers["a"].state is PeerState.left, 3.0)
+        assert await until(lambda: b.membership.peers["a"].state is PeerState.left, 3.0) is not None
     else:
         # Killed: the socket goes without a goodbye.
         assert a._pub is not None

@@ -7,6 +7,7 @@ Each runs the broken variant too, so the test shows what it guards against.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 
@@ -29,6 +30,31 @@ QUICK_PEER = {"CATTLE_BUS_HEARTBEAT_INTERVAL_S": "0.1"}
 OBSERVER = {"bus_heartbeat_interval_s": 0.1, "bus_suspect_after_s": 0.35, "bus_dead_after_s": 3.0}
 
 
+async def _stall_in_a_reader(seconds: float) -> None:
+    """Hold the loop for `seconds` inside an I/O callback, as a heavy
+    `data_received` would. uvloop then runs due timers, the bus's tick
+    among them, before it reads the sockets that became readable meanwhile:
+    the tick looks before the heartbeats that came during the stall are read.
+    (A stall in a task step may be followed by the reads first, or not.)"""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    held: asyncio.Future[None] = loop.create_future()
+
+    def stall() -> None:
+        loop.remove_reader(ours.fileno())
+        ours.recv(1)
+        time.sleep(seconds)
+        held.set_result(None)
+
+    try:
+        loop.add_reader(ours.fileno(), stall)
+        theirs.send(b"x")
+        await held
+    finally:
+        ours.close()
+        theirs.close()
+
+
 async def _suspicions_during_stalls(
     start_bus: StartBus, peer_process: Callable[..., PeerProcess]
 ) -> list[str]:
@@ -44,7 +70,7 @@ async def _suspicions_during_stalls(
 
     observer.membership.transitions.append(record)
     for _ in range(4):
-        time.sleep(STALL_S)  # the observer's own loop is held
+        await _stall_in_a_reader(STALL_S)  # the observer's own loop is held
         await asyncio.sleep(0.8)
     return suspected
 
