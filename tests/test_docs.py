@@ -236,6 +236,23 @@ def test_the_bus_figures_quoted_are_the_committed_results() -> None:
         assert row in page, row
 
 
+def test_the_bus_receivers_compared_are_the_committed_results() -> None:
+    page = (REPO / "docs/bus.md").read_text()
+    for label, name in (
+        ("a task awaiting poll()", "bus-poll-receiver"),
+        ("reader callbacks, one timer", "bus"),
+    ):
+        result = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        cpu, latency = result["cpu_share_per_node"], result["latency_ms"]
+        row = (
+            f"| {label} | [{name}.md](results/{name}.md) | {latency['p50']:.2f} / "
+            f"{latency['p99']:.2f} ms | {100 * min(cpu['idle']):.1f}%-{100 * max(cpu['idle']):.1f}% "
+            f"| {100 * min(cpu['writes']):.1f}%-{100 * max(cpu['writes']):.1f}% |"
+        )
+        assert row in page, row
+        assert f"commit {result['commit']}" in page or result["commit"] in page
+
+
 def test_the_cache_hit_ratios_quoted_are_the_committed_results() -> None:
     page = (REPO / "docs/bus.md").read_text()
     for cache, name in (("on", "cache-hit-ratio"), ("off", "cache-hit-ratio-off")):
