@@ -1134,7 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
         help="every node on the last core, everything else on the others (default on)",
     )
     parser.add_argument(
-        "--users-per-node", type=int, help="closed-loop users per serving node (default 20)"
+        "--users-per-node", type=int, help="closed-loop users per serving node (default 10)"
     )
     parser.add_argument("--min-pairs", type=int, help="pairs per N before the interval may stop it")
     parser.add_argument("--max-pairs", type=int, help="pairs per N at most")
