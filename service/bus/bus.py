@@ -199,9 +199,9 @@ class Bus:
             (self._pub, self._subscription),
         ]
         loop = asyncio.get_running_loop()
-        for sock, handle in self._readers:
+        for sock, _handle in self._readers:
             self._fds.append(sock.FD)
-            loop.add_reader(sock.FD, self._drain, sock, handle)
+            loop.add_reader(sock.FD, self._drain_all)
         self._tasks = [
             asyncio.create_task(self._tick(), name="bus-membership"),
         ]
@@ -392,31 +392,35 @@ class Bus:
 
     # -- receiving ---------------------------------------------------------------------
 
-    # Each socket is read from a reader callback on its ZMQ_FD, registered once:
-    # no Future, poller or timeout per wake-up, and no wake-up but for a message
+    # The sockets are read from one reader callback on their ZMQ_FDs, registered
+    # once: no Future, poller or timeout per wake-up, and no wake-up but for a message
     # (a task awaiting the asyncio socket's poll() also woke on its timeout).
     # docs/bus.md compares the bus's CPU with the former receiver's.
     # The FD only says "look now", and a send or connect on the same socket can
     # take that signal; so every tick drains too (at most a tick late, never stuck).
 
-    def _drain(self, sock: zmq.Socket[bytes], handle: _Handler) -> None:
+    def _drain(self, sock: zmq.Socket[bytes], handle: _Handler) -> bool:
+        """Handle what `sock` holds, up to _RECV_BATCH messages; True if it may hold more."""
         if self._closed or sock.closed:
-            return
+            return False
         for _ in range(_RECV_BATCH):
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return False
             try:
                 handle(frames)
             except Exception:  # one bad message must not stop the bus
                 log.exception("bus: handling a message failed")
-        # A full batch: the rest after the loop's other callbacks had a turn.
-        asyncio.get_running_loop().call_soon(self._drain, sock, handle)
+        return True
 
     def _drain_all(self) -> None:
+        """Every socket, whichever FD woke the loop (an empty one costs a recv)."""
+        more = False
         for sock, handle in self._readers:
-            self._drain(sock, handle)
+            more = self._drain(sock, handle) or more
+        if more:  # a full batch: the rest after the loop's other callbacks had a turn
+            asyncio.get_running_loop().call_soon(self._drain_all)
 
     def _handle(self, frames: Sequence[zmq.Frame]) -> None:
         message = messages.decode([f.bytes for f in frames])

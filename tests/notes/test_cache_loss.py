@@ -178,7 +178,7 @@ def drop_one_invalidation_on_the_wire(bus) -> list[int]:  # type: ignore[no-unty
             return
         handle(frames)
 
-    bus._handle = lossy
+    bus._readers = [(sock, lossy if reader == handle else reader) for sock, reader in bus._readers]
     return dropped
 
 
