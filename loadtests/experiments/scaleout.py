@@ -120,6 +120,10 @@ class Plan:
     # Each user sends every kind of request in a fixed cycle, so any window
     # holds the same mix at every N (loadtests/clients/notes.py, MixedUser).
     mix: str = "read-mostly-cycle"
+    # Side by side: how many fleets of one run beside the fleet of k; X(1) is
+    # their mean (one node process can stay a few percent faster or slower
+    # per CPU-second than another for as long as it runs).
+    references: int = 1
     # Pairs per block (side by side: windows of measure_s under one load;
     # windows of one block share its labs, so at least two blocks per k),
     # blocks round-robin over k; at least min_pairs per k (alternating: an
@@ -336,71 +340,133 @@ def infrastructure_off_core(core: int | None) -> Iterator[None]:
 def measure_side_by_side(
     k: int, orders: list[tuple[int, int]], first: int, plan: Plan, run_dir: Path
 ) -> list[Point]:
-    """One block side by side: a lab of k nodes and a lab of one, each under its
-    own load of `users_per_node` users per node, at the same time.
+    """One block side by side: a lab of k nodes and `plan.references` labs of
+    one, each under its own load of `users_per_node` users per node, at the
+    same time.
 
-    Each lab has its own HAProxy and database, so the fleet of one is the
-    N=1 of the sequential design, not a node of the k. Windows of measure_s,
-    the same seconds for both loads, make the pairs: whatever slows the
-    machine in a window (a core slowed by the host, a busy database core)
-    slows both fleets in it. `orders` only gives the pairs' count and the
-    order their points are returned in.
+    Each lab has its own HAProxy and database, so a fleet of one is the N=1
+    of the sequential design, not a node of the k. Windows of measure_s, the
+    same seconds for every load, make the pairs: whatever slows the machine
+    in a window (a core slowed by the host, a busy database core) slows every
+    fleet in it. X(1) of a window is the mean of the fleets of one: one node
+    process serves a steady few percent more or less per CPU-second than
+    another started alike, for as long as it runs, and a single one would put
+    that into every E(k) of its block. `orders` only gives the pairs' count
+    and the order their points are returned in.
     """
     core = node_core() if plan.pin else None
-    labs = {1: Lab(run_dir / "one"), k: Lab(run_dir / f"fleet-{k}")}
-    # Per lab (both name their first node n1): (time, CPU-seconds per node).
-    readings: dict[int, list[tuple[float, dict[str, float]]]] = {n: [] for n in labs}
+    sizes = {"fleet": k} | {f"one-{i}": 1 for i in range(1, plan.references + 1)}
+    labs = {label: Lab(run_dir / (f"fleet-{k}" if label == "fleet" else label)) for label in sizes}
+    # Per lab (each names its first node n1): (time, CPU-seconds per node).
+    readings: dict[str, list[tuple[float, dict[str, float]]]] = {label: [] for label in labs}
     sources: set[str] = set()
     duration_s = plan.warmup_s + len(orders) * plan.measure_s + SIDE_BY_SIDE_SLACK_S
     with infrastructure_off_core(core):
         try:
             states = {}
-            for n, lab in labs.items():
-                lab.up(_lab_options(plan, n))
-                states[n] = lab.load()
+            for label, lab in labs.items():
+                lab.up(_lab_options(plan, sizes[label]))
+                states[label] = lab.load()
                 if core is not None:
-                    for node in states[n]["nodes"]:
+                    for node in states[label]["nodes"]:
                         machine.pin_process(node["pid"], {core})
             with concurrent.futures.ThreadPoolExecutor(len(labs)) as pool:
                 loads = {
-                    n: pool.submit(
+                    label: pool.submit(
                         run_load,
                         state["front"],
                         state["nodes"],
-                        users=n * plan.users_per_node,
+                        users=sizes[label] * plan.users_per_node,
                         duration_s=duration_s,
                         mix=plan.mix,
                         seed_notes=plan.seed_notes,
-                        on_sample=_cgroup_reader(state, readings[n], sources),
+                        on_sample=_cgroup_reader(state, readings[label], sources),
                     )
-                    for n, state in states.items()
+                    for label, state in states.items()
                 }
-                results = {n: future.result() for n, future in loads.items()}
+                results = {label: future.result() for label, future in loads.items()}
             cache = {
-                n: cache_counts([node["url"] for node in state["nodes"]])
-                for n, state in states.items()
+                label: cache_counts([node["url"] for node in state["nodes"]])
+                for label, state in states.items()
             }
         finally:
             for lab in labs.values():
                 lab.down()
-    # The windows: the same seconds of both loads, from the later start's warm-up on.
+    # The windows: the same seconds of every load, from the latest start's warm-up on.
     common = max(result.started for result in results.values()) + plan.warmup_s
-    points = []
+    points: list[Point] = []
     for p, order in enumerate(orders):
-        for n in order:
-            result, state = results[n], states[n]
+        window = {}
+        for label, result in results.items():
+            state = states[label]
             start = common + p * plan.measure_s - result.started
             names = [node["id"] for node in state["nodes"]]
-            point = _point(n, plan, result, start, names)
-            point.update(_cpu_used(result, start, plan.measure_s, readings[n], sources, names))
-            point.update(cache[n])
+            point = _point(sizes[label], plan, result, start, names)
+            point.update(_cpu_used(result, start, plan.measure_s, readings[label], sources, names))
+            point.update(cache[label])
             point["pinned_core"] = core
             if point["failed"] or set(point["by_node"]) != set(names):
                 point["node_logs"] = {
                     node["id"]: node_log_tail(Path(node["log"])) for node in state["nodes"]
                 }
-            points.append(point)
+            window[label] = point
+        ones = [point for label, point in window.items() if label != "fleet"]
+        by_n = {k: window["fleet"], 1: merge_references(ones)}
+        points.extend(by_n[n] for n in order)
     return points
+
+
+def merge_references(points: list[Point]) -> Point:
+    """The N=1 point of a window from its fleets of one (one: as it is).
+
+    Throughput is their mean (X(1) is one node's); counts and CPU are summed,
+    requests per CPU-second taken over the sums; latencies are the median
+    of theirs. Nodes are named one-1/n1, one-2/n1...; each fleet's own
+    throughput is kept (reference_rps).
+    """
+    if len(points) == 1:
+        return points[0]
+    labels = [f"one-{i}" for i in range(1, len(points) + 1)]
+    named = list(zip(labels, points, strict=True))
+    merged: Point = {"n": 1}
+    merged["serving"] = [f"{lab}/{node}" for lab, p in named for node in p["serving"]]
+    for key in ("by_node", "nodes", "node_logs"):
+        parts = {f"{lab}/{n}": v for lab, p in named for n, v in p.get(key, {}).items()}
+        if parts or key != "node_logs":
+            merged[key] = parts
+    kinds: dict[str, int] = {}
+    for p in points:
+        for kind, count in p["by_kind"].items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    merged["by_kind"] = kinds
+    for key in ("requests", "failed", "loadgen_cpu_cores", "cache_hits", "cache_misses"):
+        counts = [p.get(key) for p in points]
+        merged[key] = None if any(v is None for v in counts) else sum(counts)
+    merged["throughput_rps"] = statistics.fmean(p["throughput_rps"] for p in points)
+    merged["reference_rps"] = [p["throughput_rps"] for p in points]
+    for key in ("p50_ms", "p95_ms", "p99_ms"):
+        latencies: list[float] = [p[key] for p in points if p.get(key) is not None]
+        merged[key] = statistics.median(latencies) if latencies else None
+    busy = [p["machine_busy"] for p in points if p.get("machine_busy") is not None]
+    merged["machine_busy"] = max(busy) if busy else None
+    used = [(p["node_cpu_s"], p["requests_per_cpu_s"]) for p in points]
+    if all(cpu is not None and rate is not None for cpu, rate in used):
+        cpu_s = sum(cpu for cpu, _ in used)
+        served = sum(cpu * rate for cpu, rate in used)
+        merged["node_cpu_s"] = cpu_s
+        merged["requests_per_cpu_s"] = served / cpu_s if cpu_s else None
+    else:
+        merged["node_cpu_s"] = merged["requests_per_cpu_s"] = None
+    spans = [p["cpu_span_s"] for p in points if p.get("cpu_span_s") is not None]
+    merged["cpu_span_s"] = statistics.fmean(spans) if spans else None
+    merged["cpu_source"] = points[0].get("cpu_source")
+    hits, misses = merged["cache_hits"], merged["cache_misses"]
+    reads = (hits or 0) + (misses or 0)
+    merged["cache_hit_ratio"] = hits / reads if hits is not None and reads else None
+    merged["pinned_core"] = points[0].get("pinned_core")
+    merged["problems"] = [f"{lab}: {problem}" for lab, p in named for problem in p["problems"]]
+    merged["valid"] = all(p["valid"] for p in points)
+    return merged
 
 
 # What every access line holds, as the node encodes it (service.telemetry.http.AccessLog).
@@ -910,13 +976,19 @@ def _design_text(plan: dict[str, Any]) -> str:
             if plan.get("pin")
             else "The nodes are not pinned to a core. "
         )
+        references = plan.get("references", 1)
+        ones = (
+            "a fleet of one"
+            if references == 1
+            else f"{references} fleets of one (X(1) is their mean)"
+        )
         return (
             "\n\nThe machine drifts, so every N is compared with N=1 **at the same time**: a "
-            "block starts two labs side by side, a fleet of k nodes and a fleet of one, each "
-            f"with its own HAProxy and database, and loads both ({plan['users_per_node']}·k "
+            f"block starts labs side by side, a fleet of k nodes and {ones}, each "
+            f"with its own HAProxy and database, and loads them ({plan['users_per_node']}·k "
             f"and {plan['users_per_node']} users) at once. After {plan['warmup_s']:g} s of "
             f"warm-up it counts {plan.get('block_pairs', 1)} windows of {plan['measure_s']:g} s, "
-            "the same seconds for both loads; each window is a pair. " + pinned
+            "the same seconds for every load; each window is a pair. " + pinned
         )
     return (
         " Nodes out of rotation "
@@ -1134,6 +1206,11 @@ def main(argv: list[str] | None = None) -> int:
         help="every node on the last core, everything else on the others (default on)",
     )
     parser.add_argument(
+        "--references",
+        type=int,
+        help="side by side: fleets of one beside the fleet of k, X(1) their mean (default 1)",
+    )
+    parser.add_argument(
         "--users-per-node", type=int, help="closed-loop users per serving node (default 10)"
     )
     parser.add_argument("--min-pairs", type=int, help="pairs per N before the interval may stop it")
@@ -1172,6 +1249,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": args.cpu,
         "cpu_period_ms": args.cpu_period_ms,
         "users_per_node": args.users_per_node,
+        "references": args.references,
         "design": args.design,
         "pin": None if args.pin is None else args.pin == "on",
         "min_pairs": args.min_pairs,
@@ -1185,6 +1263,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(**(asdict(plan) | {k: v for k, v in changes.items() if v is not None}))
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:
         parser.error("--min-pairs must be at least 2 and --max-pairs at least --min-pairs")
+    if plan.references < 1 or (plan.references > 1 and plan.design != "side-by-side"):
+        parser.error("--references must be at least 1, and more than 1 only side by side")
     first = None
     if args.agree_with is not None and not args.render:
         try:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -42,24 +43,29 @@ def _lab_parts() -> None:
 @pytest.mark.usefixtures("_lab_parts")
 def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     out = tmp_path / "scaleout"
-    assert scaleout.main(["--smoke", "--out", str(out), "--refresh-plot"]) == 0
+    argv = ["--smoke", "--references", "2", "--out", str(out), "--refresh-plot"]
+    assert scaleout.main(argv) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     assert reports.problems(saved) == []
-    assert saved["command"] == (
-        f"python -m loadtests.experiments.scaleout --smoke --out {out} --refresh-plot"
-    )
+    assert saved["command"] == f"python -m loadtests.experiments.scaleout {' '.join(argv)}"
     assert saved["stopped"] != scaleout.IN_PROGRESS  # the final report replaced the partial ones
-    # Two pairs, each a window of both fleets side by side.
+    # Two pairs, each a window of the fleet of 2 and two fleets of one side by side.
     assert saved["plan"]["design"] == "side-by-side"
+    assert saved["plan"]["references"] == 2
     assert len(saved["pairs"]) == 2
     assert [row["n"] for row in saved["rows"]] == list(scaleout.SMOKE.ns)
     for pair in saved["pairs"]:
         assert pair["efficiency"] == pytest.approx(pair["xk_rps"] / (2 * pair["x1_rps"]))
+        one, fleet = pair["runs"]
+        # X(1) is the mean of the two fleets of one, each with its own node n1.
+        assert len(one["reference_rps"]) == 2
+        assert one["throughput_rps"] == pytest.approx(statistics.fmean(one["reference_rps"]))
+        assert one["serving"] == ["one-1/n1", "one-2/n1"]
+        assert fleet["serving"] == ["n1", "n2"]
         for run in pair["runs"]:
             assert run["throughput_rps"] > 0
             assert run["p50_ms"] > 0
-            # The fleet of N served its load, every node of it and nothing else.
-            assert len(run["serving"]) == run["n"]
+            # Each fleet served its load, every node of it and nothing else.
             assert set(run["by_node"]) == set(run["serving"]), (
                 run["by_node"],
                 run.get("node_logs"),
@@ -91,6 +97,51 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     assert "| N | pairs (N=1: runs) | E(N) median | interval |" in text
     assert "No USL fit" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def _reference(rps: float, cpu_s: float, served: int, problems: list[str]) -> dict[str, object]:
+    return {
+        "n": 1,
+        "serving": ["n1"],
+        "requests": served,
+        "failed": len(problems),
+        "throughput_rps": rps,
+        "p50_ms": rps,  # any distinct value per point
+        "p95_ms": 2 * rps,
+        "p99_ms": 3 * rps,
+        "by_node": {"n1": served},
+        "by_kind": {"read": served - 1, "list": 1},
+        "loadgen_cpu_cores": 0.01,
+        "machine_busy": rps / 1000,
+        "nodes": {"n1": {"cpu_cores": 0.05, "throttled_share": 1.0}},
+        "valid": not problems,
+        "problems": problems,
+        "node_cpu_s": cpu_s,
+        "cpu_span_s": 10.0,
+        "requests_per_cpu_s": served / cpu_s,
+        "cpu_source": "cgroup",
+        "cache_hits": 0.0,
+        "cache_misses": 0.0,
+        "cache_hit_ratio": None,
+        "pinned_core": 1,
+    }
+
+
+def test_fleets_of_one_make_one_reference_whose_x1_is_their_mean():
+    first, second = _reference(60, 0.5, 600, []), _reference(40, 0.5, 400, ["n1 not saturated"])
+    assert scaleout.merge_references([first]) is first
+    merged = scaleout.merge_references([first, second])
+    assert merged["throughput_rps"] == 50  # one node's X(1): their mean, not their sum
+    assert merged["reference_rps"] == [60, 40]
+    assert merged["requests"] == 1000
+    assert merged["requests_per_cpu_s"] == 1000  # 1000 served over 1.0 CPU-second
+    assert merged["by_kind"] == {"read": 998, "list": 2}
+    assert merged["serving"] == ["one-1/n1", "one-2/n1"] == list(merged["by_node"])
+    assert merged["p50_ms"] == 50
+    assert merged["machine_busy"] == 0.06
+    # One fleet of one not saturated makes the reference not valid, and says which.
+    assert not merged["valid"]
+    assert merged["problems"] == ["one-2: n1 not saturated"]
 
 
 @pytest.mark.usefixtures("_lab_parts")
