@@ -215,12 +215,17 @@ class Bus:
         return -1 if self.settings.bus_linger_s < 0 else round(self.settings.bus_linger_s * 1000)
 
     def _heartbeat_options(self, sock: zmq.Socket[Any]) -> None:
-        # ZMTP PINGs: a peer that stops answering (SIGSTOP, a dropped route)
-        # has its connection closed, its queue freed, and a reconnect begun.
-        interval_ms = max(100, round(self.settings.bus_heartbeat_interval_s * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, round(self.settings.bus_suspect_after_s * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, round(self.settings.bus_suspect_after_s * 1000))
+        # ZMTP PINGs: a peer that stops answering (SIGSTOP, a dropped route,
+        # unread data ahead of the PING) has its connection closed, its queue
+        # freed, and a reconnect begun, two to three suspect bounds after it
+        # stopped. A PING every suspect bound, not every heartbeat: each PING
+        # and PONG wakes both nodes, for every peer, and liveness comes from
+        # the bus's own heartbeats. The timeouts span two PINGs: at one, a
+        # PING and the peer's next one could race the timer.
+        every_ms = max(100, round(self.settings.bus_suspect_after_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, every_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2 * every_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 2 * every_ms)
 
     def _open_pub(self) -> None:
         assert self._context is not None

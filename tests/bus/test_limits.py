@@ -7,6 +7,7 @@ Each runs the broken variant too, so the test shows what it guards against.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import pytest
 import zmq
 
-from service.bus import PeerState, membership
+from service.bus import Bus, PeerState, membership
 from service.bus.membership import Peer
 from tests.bus.conftest import PeerProcess, StartBus, until
 
@@ -159,3 +160,34 @@ def test_zmtp_heartbeats_alone_free_a_reader_that_never_reads(
     grown, report = _flood_a_reader_that_never_reads(publisher)
     assert grown <= HWM * (KEY_BYTES + 200) + SLACK_BYTES, f"grew {grown / 2**20:.1f} MiB"
     assert report["closed"] is True, report
+
+
+# A frozen publisher sends no FIN: its subscriber's own ZMTP PINGs go
+# unanswered, and the link goes down two to three suspect bounds (0.6 s
+# here) after the freeze.
+async def _link_down_after_a_freeze(
+    start_bus: StartBus, peer_process: Callable[..., PeerProcess]
+) -> float | None:
+    peer = peer_process("p")
+    observer = await start_bus("me", bus_peers=[peer.endpoint])
+    assert await until(lambda: observer.links.get(peer.endpoint) == "up", 5.0) is not None
+    peer.signal(signal.SIGSTOP)
+    try:
+        return await until(lambda: observer.links.get(peer.endpoint) == "down", 3.0)
+    finally:
+        peer.signal(signal.SIGCONT)
+
+
+async def test_a_frozen_publishers_link_goes_down_within_three_suspect_bounds(
+    start_bus: StartBus, peer_process: Callable[..., PeerProcess]
+) -> None:
+    down_after_s = await _link_down_after_a_freeze(start_bus, peer_process)
+    assert down_after_s is not None
+    assert down_after_s < 3 * 0.6 + 0.5  # and scheduling slack
+
+
+async def test_control_a_subscriber_that_sends_no_pings_keeps_a_frozen_link_up(
+    start_bus: StartBus, peer_process: Callable[..., PeerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Bus, "_heartbeat_options", lambda self, sock: None)
+    assert await _link_down_after_a_freeze(start_bus, peer_process) is None
