@@ -157,7 +157,8 @@ def test_the_copy_carries_the_new_name_and_port_only(drill: Drill) -> None:
 @pytest.mark.timeout(900)
 def test_the_fork_passes_its_own_fast_suite(drill: Drill) -> None:
     done = make(drill.fork, "test-fast")
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    # pytest's failures and summary are on stdout; the nodes' OTLP retries fill stderr.
+    assert done.returncode == 0, done.stdout[-4000:] + "\n--- stderr ---\n" + done.stderr[-1000:]
     assert re.search(r"\d+ passed", done.stdout)
 
 
