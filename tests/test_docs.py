@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,18 @@ def test_the_anycast_figures_quoted_are_the_committed_results() -> None:
     ]
     for phrase in quoted:
         assert phrase in page, phrase
+
+
+def test_the_block_means_quoted_for_several_fleets_of_one_are_the_committed_run() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    run = json.loads((REPO / "docs/results/scaleout-references.json").read_text())
+    assert run["plan"]["references"] == 4
+    blocks: dict[int, dict[int, list[float]]] = {}
+    for pair in run["pairs"]:
+        block = pair["index"] // run["plan"]["block_pairs"]
+        blocks.setdefault(pair["k"], {}).setdefault(block, []).append(pair["efficiency"])
+    for k, by_block in blocks.items():
+        means = " and ".join(f"{statistics.fmean(v):.3f}" for _, v in sorted(by_block.items()))
+        assert f"{means} at k={k}" in page
+    e8 = next(row["efficiency_median"] for row in run["rows"] if row["n"] == 8)
+    assert f"(E(8) median {e8:.3f})" in page
