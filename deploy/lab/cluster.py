@@ -40,6 +40,19 @@ FRONTS = ("haproxy", "anycast", "anycast+haproxy", "none")
 ANYCAST_FRONTS = ("anycast", "anycast+haproxy")
 
 
+def _unclaimed_port(state: dict[str, Any]) -> int:
+    """A free port that this lab has not handed out already. free_port() only
+    checks that nothing is bound to it now, and the bus ports are chosen before
+    any node binds them: in CI a node's HTTP port was a peer's bus port."""
+    claimed: list[int] = state.setdefault("claimed_ports", [])
+    for _ in range(50):
+        port = free_port()
+        if port not in claimed:
+            claimed.append(port)
+            return port
+    raise LabError("no free port left that this lab has not handed out already")
+
+
 class LabError(RuntimeError):
     """Something the operator must act on; the message says what."""
 
@@ -258,7 +271,7 @@ class Lab:
                 bus_ports = dict.fromkeys(node_ids, anycast.BUS_PORT)
             else:
                 planned = [f"n{i}" for i in range(1, max_nodes + 1)]
-                bus_ports = {node_id: free_port() for node_id in planned}
+                bus_ports = {node_id: _unclaimed_port(state) for node_id in planned}
                 state["bus_ports"] = bus_ports
             step(f"starting {len(node_ids)} nodes")
             for node_id in node_ids:
@@ -444,7 +457,7 @@ class Lab:
             address = {n: plan["nodes"][n]["address"] for n in bus_ports}
             bind_host = "0.0.0.0"  # inside the node's own namespace only
         else:
-            port, agent_port = free_port(), free_port()
+            port, agent_port = _unclaimed_port(state), _unclaimed_port(state)
             address = dict.fromkeys(bus_ports, "127.0.0.1")
             bind_host = "127.0.0.1"
         peers = [f"tcp://{address[o]}:{p}" for o, p in bus_ports.items() if o != node_id]
@@ -541,7 +554,7 @@ class Lab:
             return None
 
     def _start_haproxy(self, state: dict[str, Any], options: LabOptions) -> dict[str, Any]:
-        front_port, stats_port, metrics_port = free_port(), free_port(), free_port()
+        front_port, stats_port, metrics_port = (_unclaimed_port(state) for _ in range(3))
         servers = [
             haproxy.Server(n["id"], n["host"], n["port"], n["agent_port"]) for n in state["nodes"]
         ]
@@ -583,7 +596,7 @@ class Lab:
         self._write_prometheus_targets(state)
         prom.write_config(self.run_dir)
         try:
-            server = prom.start(self.run_dir, port=free_port())
+            server = prom.start(self.run_dir, port=_unclaimed_port(state))
         except prom.PrometheusError as exc:
             raise LabError(str(exc)) from None
         return {"pid": server.pid, "port": server.port, "config": str(server.config),

@@ -366,3 +366,15 @@ async def test_cpu_cap_holds_a_node_near_its_share():
         await load
         assert 0.03 <= used <= 0.0625, f"node used {used:.3f} of a core under a 0.05 cap"
         assert throttled > 0, "the node was never throttled: it was not saturated"
+
+
+def test_a_lab_never_hands_out_one_port_twice(monkeypatch):
+    """free_port() checks only that nothing is bound now; bus ports are bound
+    late, so a second pick could be the same port (it was, in CI)."""
+    from deploy.lab import cluster
+
+    picks = iter([20001, 20001, 20002, 20001, 20003])
+    monkeypatch.setattr(cluster, "free_port", lambda: next(picks))
+    state: dict[str, object] = {}
+    assert [cluster._unclaimed_port(state) for _ in range(3)] == [20001, 20002, 20003]
+    assert state["claimed_ports"] == [20001, 20002, 20003]
