@@ -224,8 +224,10 @@ def test_the_telemetry_parts_quoted_are_the_committed_results() -> None:
 
 def test_the_bus_figures_quoted_are_the_committed_results() -> None:
     page = (REPO / "docs/bus.md").read_text()
+    writes: list[float] = []
     for nodes, name in ((2, "bus-n2"), (4, "bus-n4"), (8, "bus")):
         result = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        writes += result["cpu_share_per_node"]["writes"]
         assert result["nodes"] == nodes
         cpu, latency = result["cpu_share_per_node"], result["latency_ms"]
         row = (
@@ -235,6 +237,10 @@ def test_the_bus_figures_quoted_are_the_committed_results() -> None:
             f"{result['deliveries']} / {result['deliveries_expected']} |"
         )
         assert row in page, row
+    flat = " ".join(page.split())
+    assert (
+        f"costs each process {100 * min(writes):.0f}% to {100 * max(writes):.0f}% of a core" in flat
+    )
 
 
 def test_the_bus_receivers_compared_are_the_committed_results() -> None:
@@ -288,6 +294,7 @@ def test_what_the_cache_did_to_the_scale_out_quoted_is_the_committed_results() -
 
 def test_the_stopped_peer_figures_quoted_are_the_committed_results() -> None:
     page = (REPO / "docs/bus.md").read_text()
+    rises: list[float] = []
     for name in ("bus-stall", "bus-stall-no-hwm"):
         result = json.loads((REPO / f"docs/results/{name}.json").read_text())
         growth = result["rss_growth_stopped_bytes"] / 2**20
@@ -297,6 +304,9 @@ def test_the_stopped_peer_figures_quoted_are_the_committed_results() -> None:
         )
         assert row in page, row
         assert round(result["sent_per_s"]) == 1000
+        rises.append(result["p99_ms_stopped_max"] / result["p99_ms_before"] - 1)
+    flat = " ".join(page.split())
+    assert f"p99 rose {rises[0]:.0%} and {rises[1]:.0%} while the peer was stopped" in flat
 
 
 def test_the_anycast_figures_quoted_are_the_committed_results() -> None:
