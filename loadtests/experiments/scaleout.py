@@ -53,6 +53,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -355,8 +356,9 @@ def measure_side_by_side(
     and the order their points are returned in.
     """
     core = node_core() if plan.pin else None
-    sizes = {"fleet": k} | {f"one-{i}": 1 for i in range(1, plan.references + 1)}
-    labs = {label: Lab(run_dir / (f"fleet-{k}" if label == "fleet" else label)) for label in sizes}
+    fleet = f"fleet-{k}"
+    sizes = {fleet: k} | {f"one-{i}": 1 for i in range(1, plan.references + 1)}
+    labs = {label: Lab(run_dir / label) for label in sizes}
     # Per lab (each names its first node n1): (time, CPU-seconds per node).
     readings: dict[str, list[tuple[float, dict[str, float]]]] = {label: [] for label in labs}
     sources: set[str] = set()
@@ -410,35 +412,31 @@ def measure_side_by_side(
                     node["id"]: node_log_tail(Path(node["log"])) for node in state["nodes"]
                 }
             window[label] = point
-        ones = [point for label, point in window.items() if label != "fleet"]
-        by_n = {k: window["fleet"], 1: merge_references(ones)}
+        ones = {label: point for label, point in window.items() if label != fleet}
+        by_n = {k: window[fleet], 1: merge_references(ones)}
         points.extend(by_n[n] for n in order)
     return points
 
 
-def merge_references(points: list[Point]) -> Point:
-    """The N=1 point of a window from its fleets of one (one: as it is).
+def merge_references(parts: dict[str, Point]) -> Point:
+    """The N=1 point of a window from its fleets of one, by lab (one: as it is).
 
     Throughput is their mean (X(1) is one node's); counts and CPU are summed,
     requests per CPU-second taken over the sums; latencies are the median
-    of theirs. Nodes are named one-1/n1, one-2/n1...; each fleet's own
-    throughput is kept (reference_rps).
+    of theirs. Nodes are named lab/node (one-1/n1, one-2/n1...); each fleet's
+    own throughput is kept (reference_rps).
     """
+    points = list(parts.values())
     if len(points) == 1:
         return points[0]
-    labels = [f"one-{i}" for i in range(1, len(points) + 1)]
-    named = list(zip(labels, points, strict=True))
     merged: Point = {"n": 1}
-    merged["serving"] = [f"{lab}/{node}" for lab, p in named for node in p["serving"]]
-    for key in ("by_node", "nodes", "node_logs"):
-        parts = {f"{lab}/{n}": v for lab, p in named for n, v in p.get(key, {}).items()}
-        if parts or key != "node_logs":
-            merged[key] = parts
-    kinds: dict[str, int] = {}
-    for p in points:
-        for kind, count in p["by_kind"].items():
-            kinds[kind] = kinds.get(kind, 0) + count
-    merged["by_kind"] = kinds
+    merged["serving"] = [f"{lab}/{node}" for lab, p in parts.items() for node in p["serving"]]
+    for key in ("by_node", "nodes"):
+        merged[key] = {f"{lab}/{n}": v for lab, p in parts.items() for n, v in p[key].items()}
+    logs = {f"{lab}/{n}": v for lab, p in parts.items() for n, v in p.get("node_logs", {}).items()}
+    if logs:
+        merged["node_logs"] = logs
+    merged["by_kind"] = dict(sum((Counter(p["by_kind"]) for p in points), Counter()))
     for key in ("requests", "failed", "loadgen_cpu_cores", "cache_hits", "cache_misses"):
         counts = [p.get(key) for p in points]
         merged[key] = None if any(v is None for v in counts) else sum(counts)
@@ -464,7 +462,7 @@ def merge_references(points: list[Point]) -> Point:
     reads = (hits or 0) + (misses or 0)
     merged["cache_hit_ratio"] = hits / reads if hits is not None and reads else None
     merged["pinned_core"] = points[0].get("pinned_core")
-    merged["problems"] = [f"{lab}: {problem}" for lab, p in named for problem in p["problems"]]
+    merged["problems"] = [f"{lab}: {m}" for lab, p in parts.items() for m in p["problems"]]
     merged["valid"] = all(p["valid"] for p in points)
     return merged
 

@@ -129,8 +129,8 @@ def _reference(rps: float, cpu_s: float, served: int, problems: list[str]) -> di
 
 def test_fleets_of_one_make_one_reference_whose_x1_is_their_mean():
     first, second = _reference(60, 0.5, 600, []), _reference(40, 0.5, 400, ["n1 not saturated"])
-    assert scaleout.merge_references([first]) is first
-    merged = scaleout.merge_references([first, second])
+    assert scaleout.merge_references({"one-1": first}) is first
+    merged = scaleout.merge_references({"one-1": first, "one-2": second})
     assert merged["throughput_rps"] == 50  # one node's X(1): their mean, not their sum
     assert merged["reference_rps"] == [60, 40]
     assert merged["requests"] == 1000
