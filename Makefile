@@ -92,12 +92,14 @@ fmt: $(VENV_STAMP) ## format and fix what ruff can
 # The in-process tests (no PostgreSQL, no subprocess nodes, no clusters, no
 # image build, no fork drill: tests/conftest.py marks them) share no port,
 # file or process, and run two at a time. The rest start real processes and
-# run two files at a time (--dist loadfile: a file's tests in order, on one
-# worker, its fixtures shared). Nothing of theirs is shared either: ports are
-# free ports, each lab's namespaces, cgroups and nftables tables carry its
-# own id, each worker starts its own PostgreSQL.
+# run three files at a time on the two cores (--dist loadfile: a file's tests
+# in order, on one worker, its fixtures shared): they wait on processes they
+# start much of the time, so a third worker fills the cores they leave
+# idle. Nothing of theirs is shared either: ports are free ports, each lab's
+# namespaces, cgroups and nftables tables carry its own id, each worker
+# starts its own PostgreSQL.
 FAST_TESTS := -n 2 -m inprocess
-SYSTEM_TESTS := -n 2 --dist loadfile -m "not inprocess"
+SYSTEM_TESTS := -n 3 --dist loadfile -m "not inprocess"
 
 test: sysdeps $(VENV_STAMP) lint ## everything: lint, unit, API, system, lab and experiment smoke tests
 	$(PY) -m pytest -q $(FAST_TESTS)

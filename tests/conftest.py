@@ -149,7 +149,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 # Tests that start processes of their own, a cluster or an image build, or
 # need PostgreSQL, by where they live; every other test runs inside pytest's
 # process alone and is marked `inprocess`: `make test-fast` runs those, two
-# at a time, and `make test` runs them so before the rest, two files at a time.
+# at a time, and `make test` runs them so before the rest, three files at a time.
 _OUT_OF_PROCESS = (
     "tests/system/",
     "tests/lab/",
