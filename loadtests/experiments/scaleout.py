@@ -5,24 +5,26 @@ one machine behaves like N small ones; locust drives the lab through HAProxy
 to saturation and counts steady-state throughput after a warm-up.
 
 The machine drifts, at times by tens of percent within a minute, so N
-values are never compared across minutes, nor across labs: a block starts
-one lab of k nodes and one load (the same users throughout), then serves it
-in segments of seconds, N=1 and N=k in turn. Between segments only HAProxy's
-rotation changes (at N=1 one node of the k serves, the next one at every
-pair, the others in MAINT). Two segments back to back make a pair, the
-order alternating from pair to pair, and the efficiency
-E(k) = X(k) / (k X(1)) is taken within each pair. Blocks repeat, round-robin
-over k, until E(k)'s interval is narrow (Plan.ci_width) or a bound on pairs
-or time is reached; the report gives per k the median of the pair ratios and a
-95% Student-t interval of their mean. Throughput per CPU-second the serving
-nodes used (read from their cgroups) is reported beside it: it leaves out
-how much CPU a node got, not how fast the machine ran that CPU (a capped
-node here always gets its share; its requests per CPU-second move with the
-machine as its throughput does).
+values are never compared across minutes: a block starts a lab of k nodes
+and, beside it, Plan.references labs of one node, loads them all at once,
+and counts windows of seconds, the same seconds for every lab (the default
+design; `--design alternating` serves N=1 and N=k in turn from one lab).
+Each window is a pair, and the efficiency E(k) = X(k) / (k X(1)) is taken
+within it, X(1) the mean of the fleets of one. A block's windows share its
+labs and their node processes, which stay a few percent faster or slower
+than others started alike for as long as they run, so the blocks are the
+repeats: blocks repeat, round-robin over k, until the interval of E(k) over
+the blocks' means is narrow (Plan.ci_width) or a bound on pairs or time is
+reached; the report gives per k the median of the pair ratios, each block's
+mean, and the 95% Student-t interval over the blocks. Throughput per
+CPU-second the serving nodes used (read from their cgroups) is reported
+beside it: it leaves out how much CPU a node got, not how fast the machine
+ran that CPU (a capped node here always gets its share; its requests per
+CPU-second move with the machine as its throughput does).
 
 A run is valid only if every run's nodes were the bottleneck (every node
 throttled by its cap in most periods and using its share, the load
-generator with headroom, the machine not saturated) *and* its pairs agree:
+generator with headroom, the machine not saturated) *and* its blocks agree:
 a k whose interval is still wider than Plan.ci_width when the pairs stop
 makes the run not valid, whatever the per-node checks say. A second run
 given the first's report (--agree-with) states per k whether the two
@@ -55,7 +57,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,23 +125,25 @@ class Plan:
     mix: str = "read-mostly-cycle"
     # Side by side: how many fleets of one run beside the fleet of k; X(1) is
     # their mean (one node process can stay a few percent faster or slower
-    # per CPU-second than another for as long as it runs).
-    references: int = 1
-    # Pairs per block (side by side: windows of measure_s under one load;
-    # windows of one block share its labs, so at least two blocks per k),
-    # blocks round-robin over k; at least min_pairs per k (alternating: an
-    # even number, so both orders count alike), more until the 95% interval
-    # of E(k) is at most ci_width wide, never more than max_pairs, and no new
-    # block once max_minutes have passed.
-    block_pairs: int = 10
-    min_pairs: int = 20
-    max_pairs: int = 30
+    # per CPU-second than another for as long as it runs, and with one fleet
+    # of one that went into every E(k) of its block).
+    references: int = 4
+    # Pairs per block (side by side: windows of measure_s under one load).
+    # A block's windows share its labs and their node processes, so the
+    # blocks are the repeats (block_means) and the interval is over them:
+    # short blocks, and many. Blocks round-robin over k; at least min_pairs
+    # per k (alternating: an even number, so both orders count alike), more
+    # until the 95% interval of E(k) over its blocks is at most ci_width wide,
+    # never more than max_pairs, and no new block once max_minutes have passed.
+    block_pairs: int = 4
+    min_pairs: int = 16
+    max_pairs: int = 40
     # The stated spread: E(k) known to within +-ci_width/2. A k whose
     # interval is still wider when the pairs stop makes the run not valid
     # (its repeats disagree), and a second run agrees with a first when
     # every E(k) median is within ci_width/2 of the first's (--agree-with).
     ci_width: float = 0.10
-    max_minutes: float = 40.0
+    max_minutes: float = 60.0
     # The USL is fitted on these N only; the largest N of `ns` checks it.
     fit_ns: tuple[int, ...] = (1, 2, 4)
     # The nodes' read cache (service/cache/). Off by default: E(N) is about
@@ -170,6 +174,7 @@ SMOKE = Plan(
     max_pairs=2,
     max_minutes=5.0,
     seed_notes=20,  # seeding 200 takes seconds through a quarter core
+    references=2,
     pin=False,  # the suite's other worker shares the cores (pinning has its own test)
 )
 
@@ -593,12 +598,27 @@ def _point(n: int, plan: Plan, result: LoadResult, start: float, serving: list[s
 
 
 def _settled(pairs: list[dict[str, Any]], plan: Plan) -> bool:
-    """Enough pairs for k: at least min_pairs, an even count, and a narrow interval."""
-    ratios = [p["efficiency"] for p in pairs]
-    if len(ratios) < plan.min_pairs or len(ratios) % 2:
+    """Enough pairs for k: at least min_pairs, an even count, and a narrow interval
+    over its blocks."""
+    if len(pairs) < plan.min_pairs or len(pairs) % 2:
         return False
-    interval = paired.t_interval(ratios)
+    interval = paired.t_interval(block_means(pairs, plan))
     return interval is not None and interval[1] - interval[0] <= plan.ci_width
+
+
+def block_means(pairs: list[dict[str, Any]], plan: Plan) -> list[float]:
+    """The mean E of each block of `pairs` (of one k), in the order they ran.
+
+    A block's pairs share its labs and its load: they are not independent
+    repeats, its labs are. One node process can stay faster or slower per
+    CPU-second than another for as long as it runs, so a block's windows
+    agree with each other more closely than blocks do, and only the blocks
+    say how far a run's E(k) could move.
+    """
+    blocks: dict[int, list[float]] = {}
+    for pair in pairs:
+        blocks.setdefault(pair["index"] // plan.block_pairs, []).append(pair["efficiency"])
+    return [statistics.fmean(ratios) for _, ratios in sorted(blocks.items())]
 
 
 def progress(pairs: list[dict[str, Any]], plan: Plan, k: int, first: int, elapsed_s: float) -> str:
@@ -725,6 +745,11 @@ def summarize(pairs: list[dict[str, Any]], plan: Plan, stopped: str) -> dict[str
                 f"N={k}: {row['pairs']} pair(s), in {orders} order(s) "
                 f"(at least {plan.min_pairs}, in both orders)"
             )
+        if row["pairs"] and row["interval_width"] is None:
+            problems.append(
+                f"N={k}: {len(row['block_means'])} block (an interval over blocks needs "
+                "at least two)"
+            )
         if row["interval_width"] is not None and not row["narrow"]:
             problems.append(
                 f"N={k}: the 95% interval of E({k}) is {row['interval_width']:.3f} wide (at "
@@ -733,7 +758,8 @@ def summarize(pairs: list[dict[str, Any]], plan: Plan, stopped: str) -> dict[str
     return {
         "plan": asdict(plan),
         "stopped": stopped,
-        "interval": "95% Student-t interval of the mean of the pair ratios",
+        "interval": "95% Student-t interval of the mean of the blocks' mean E "
+        "(a block's pairs share its labs: the blocks are the repeats)",
         "x1_rps": x1,
         "x1_rps_stderr": x1_stderr,
         "x1_spread": paired.spread(x1_runs),
@@ -749,7 +775,8 @@ def _row(
     n: int, runs: list[Point], pairs: list[dict[str, Any]], plan: Plan | None = None
 ) -> dict[str, Any]:
     ratios = [p["efficiency"] for p in pairs] if n != 1 else [1.0] * len(runs)
-    interval = paired.t_interval(ratios) if n != 1 else None
+    blocks = block_means(pairs, plan) if n != 1 and plan is not None else []
+    interval = paired.t_interval(blocks) if n != 1 else None
     per_cpu = [p["per_cpu_ratio"] for p in pairs if p["per_cpu_ratio"] is not None]
     return {
         "n": n,
@@ -759,6 +786,7 @@ def _row(
         "efficiency_runs": ratios,
         "efficiency_median": _median(ratios),
         "efficiency_mean": _mean(ratios),
+        "block_means": blocks,
         "efficiency_interval": list(interval) if interval else None,
         "interval_width": interval[1] - interval[0] if interval else None,
         "narrow": bool(interval and plan and interval[1] - interval[0] <= plan.ci_width),
@@ -1057,6 +1085,16 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
             f"{_f(r['p99_ms'], '.1f')} | {_f(r['loadgen_cpu_cores'], '.2f')} | "
             f"{_f(r['machine_busy'], '.0%')} |"
         )
+    by_block = [r for r in report["rows"] if r.get("block_means")]
+    if by_block:
+        lines += [
+            "",
+            "Mean E of each block, in the order they ran (the interval is over these): "
+            + "; ".join(
+                f"N={r['n']}: " + ", ".join(f"{e:.3f}" for e in r["block_means"]) for r in by_block
+            )
+            + ".",
+        ]
     compared = report.get("agreement")
     if compared:
         lines += [
@@ -1122,7 +1160,8 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
         f"needs at least {plan['min_pairs']} pairs"
         + ("" if side_by_side else " in both orders")
         + ", and the 95% interval of "
-        f"every E(N) may be at most {plan['ci_width']:g} wide: wider, the repeats disagree "
+        f"every E(N) over its blocks (at least two) may be at most {plan['ci_width']:g} wide: "
+        "wider, the repeats disagree "
         "(the spread column, max - min over median, is shown but not judged: it grows with "
         "the number of pairs).",
         "",
@@ -1206,7 +1245,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--references",
         type=int,
-        help="side by side: fleets of one beside the fleet of k, X(1) their mean (default 1)",
+        help="side by side: fleets of one beside the fleet of k, X(1) their mean (default 4)",
+    )
+    parser.add_argument(
+        "--block-pairs",
+        type=int,
+        help="pairs per block, one block one set of labs; the interval is over blocks (default 4)",
     )
     parser.add_argument(
         "--users-per-node", type=int, help="closed-loop users per serving node (default 10)"
@@ -1250,6 +1294,7 @@ def main(argv: list[str] | None = None) -> int:
         "references": args.references,
         "design": args.design,
         "pin": None if args.pin is None else args.pin == "on",
+        "block_pairs": args.block_pairs,
         "min_pairs": args.min_pairs,
         "max_pairs": args.max_pairs,
         "max_minutes": args.max_minutes,
@@ -1259,6 +1304,10 @@ def main(argv: list[str] | None = None) -> int:
         "burn_idle": None if args.burn_idle is None else args.burn_idle == "on",
     }
     plan = Plan(**(asdict(plan) | {k: v for k, v in changes.items() if v is not None}))
+    if plan.design != "side-by-side" and args.references is None:
+        plan = replace(plan, references=1)  # one lab serves N=1 and N=k in turn
+    if plan.block_pairs < 1:
+        parser.error("--block-pairs must be at least 1")
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:
         parser.error("--min-pairs must be at least 2 and --max-pairs at least --min-pairs")
     if plan.references < 1 or (plan.references > 1 and plan.design != "side-by-side"):

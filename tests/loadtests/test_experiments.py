@@ -21,7 +21,7 @@ import pytest
 from deploy.lab import cgroups
 from loadtests import report as reports
 from loadtests.experiments import nodeloss, scaleout
-from loadtests.harness import machine
+from loadtests.harness import machine, paired
 from loadtests.harness.progress import Runs
 from tests.support import require, wait_until
 
@@ -87,10 +87,12 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     assert len(n1["throughput_runs"]) == 2
     assert n2["pairs"] == 2
     assert n2["efficiency_median"] > 0
-    low, high = n2["efficiency_interval"]
-    assert low <= n2["efficiency_mean"] <= high
+    # One block: no interval over blocks, and the report says why.
+    assert n2["block_means"] == [pytest.approx(n2["efficiency_mean"])]
+    assert n2["efficiency_interval"] is None
+    assert "N=2: 1 block (an interval over blocks needs at least two)" in saved["problems"]
     assert n2["spread"] is not None
-    assert isinstance(saved["valid"], bool)
+    assert not saved["valid"]
     # N=1, 2 cannot fit three parameters' worth of USL: the report says so.
     assert "error" in saved["usl"]
     text = out.with_suffix(".md").read_text()
@@ -267,18 +269,41 @@ def test_scaleout_pairs_alternate_and_cancel_the_drift(tmp_path):
 
 
 def test_scaleout_stops_at_the_pair_bound_when_the_interval_stays_wide(tmp_path):
-    plan = scaleout.Plan(ns=(1, 2), min_pairs=2, max_pairs=4, ci_width=0.001)
-    wobble = lambda n, i: 1.2 if (n == 2 and i % 4 == 1) else 1.0  # noqa: E731
+    plan = scaleout.Plan(ns=(1, 2), block_pairs=2, min_pairs=2, max_pairs=4, ci_width=0.1)
+    # The first block's fleet of two is 20% faster than the second's: the
+    # blocks disagree by about 10%, wider than the stated spread.
+    wobble = lambda n, i: 1.2 if (n == 2 and i < 4) else 1.0  # noqa: E731
     pairs, stopped = scaleout.run_pairs(plan, _fake_runs(lambda n: 50.0 * n, wobble), tmp_path)
     assert stopped == "pair bound (4 per k)"
     assert len(pairs) == 4
     report = scaleout.summarize(pairs, plan, stopped)
     assert not report["rows"][1]["narrow"]
-    # The pairs disagree by about 20%, wider than the stated spread: not valid,
-    # although every run passed its own checks.
+    # Not valid, although every run passed its own checks.
     assert all(run["valid"] for pair in pairs for run in pair["runs"])
     assert not report["valid"]
     assert any("the repeats disagree" in problem for problem in report["problems"])
+
+
+def test_windows_that_agree_inside_blocks_that_disagree_make_the_run_not_valid(tmp_path):
+    # Three blocks of ten windows; the second block's fleet of two is 8% slower
+    # in every one of its windows (its labs, not the moment).
+    plan = scaleout.Plan(ns=(1, 2), block_pairs=10, min_pairs=30, max_pairs=30)
+    slow_block = lambda n, i: 0.92 if (n == 2 and 20 <= i < 40) else 1.0  # noqa: E731
+    pairs, _ = scaleout.run_pairs(plan, _fake_runs(lambda n: 50.0 * n, slow_block), tmp_path)
+    report = scaleout.summarize(pairs, plan, "pair bound")
+    row = report["rows"][1]
+    assert row["block_means"] == pytest.approx([1.0, 0.92, 1.0], abs=0.01)
+    # Over the 30 windows the interval would be narrow ...
+    low, high = paired.t_interval([p["efficiency"] for p in pairs])
+    assert high - low < plan.ci_width / 2
+    # ... over the three blocks it is not, and the run is not valid.
+    assert row["interval_width"] > plan.ci_width
+    assert not report["valid"]
+    assert any("the repeats disagree" in problem for problem in report["problems"])
+    text = scaleout.markdown(reports.stamped("python -m loadtests.experiments.scaleout", report))
+    assert (
+        "Mean E of each block, in the order they ran (the interval is over these): N=2: 1.0" in text
+    )
 
 
 def test_scaleout_reports_progress_and_a_drawable_report_after_every_pair(tmp_path, capsys):
@@ -324,7 +349,7 @@ def test_scaleout_stops_at_the_time_bound(tmp_path, design, said):
 
 
 def _report_of(x, tmp_path, noise=None):
-    plan = scaleout.Plan(ns=(1, 2, 4), min_pairs=4, max_pairs=4)
+    plan = scaleout.Plan(ns=(1, 2, 4), block_pairs=2, min_pairs=4, max_pairs=4)
     pairs, stopped = scaleout.run_pairs(plan, _fake_runs(x, noise), tmp_path)
     return scaleout.summarize(pairs, plan, stopped)
 
