@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 from pathlib import Path
 
 import pytest
+
+from loadtests.experiments import scaleout
 
 REPO = Path(__file__).resolve().parents[1]
 INCLUDE = re.compile(
@@ -340,12 +341,31 @@ def test_the_block_means_quoted_for_several_fleets_of_one_are_the_committed_run(
     page = " ".join((REPO / "docs/results/README.md").read_text().split())
     run = json.loads((REPO / "docs/results/scaleout-references.json").read_text())
     assert run["plan"]["references"] == 4
-    blocks: dict[int, dict[int, list[float]]] = {}
-    for pair in run["pairs"]:
-        block = pair["index"] // run["plan"]["block_pairs"]
-        blocks.setdefault(pair["k"], {}).setdefault(block, []).append(pair["efficiency"])
-    for k, by_block in blocks.items():
-        means = " and ".join(f"{statistics.fmean(v):.3f}" for _, v in sorted(by_block.items()))
+    plan = scaleout.Plan(block_pairs=run["plan"]["block_pairs"])
+    for k in sorted({pair["k"] for pair in run["pairs"]}):
+        pairs = [pair for pair in run["pairs"] if pair["k"] == k]
+        means = " and ".join(f"{mean:.3f}" for mean in scaleout.block_means(pairs, plan))
         assert f"{means} at k={k}" in page
     e8 = next(row["efficiency_median"] for row in run["rows"] if row["n"] == 8)
     assert f"(E(8) median {e8:.3f})" in page
+
+
+def test_the_interval_over_blocks_quoted_is_the_committed_run() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    run = json.loads((REPO / "docs/results/scaleout-blocks.json").read_text())
+    rows = {row["n"]: row for row in run["rows"]}
+    e8, e4, e2 = rows[8], rows[4], rows[2]
+    quoted = [
+        f"E(8) median {e8['efficiency_median']:.3f}, interval "
+        f"{e8['efficiency_interval'][0]:.3f} – {e8['efficiency_interval'][1]:.3f} over "
+        f"{len(e8['block_means'])} blocks",
+        f"E(4) {e4['efficiency_median']:.3f} ({e4['efficiency_interval'][0]:.3f} – "
+        f"{e4['efficiency_interval'][1]:.3f}, {len(e4['block_means'])} blocks)",
+        f"E(2) {e2['efficiency_median']:.3f}, and its {len(e2['block_means'])} blocks ranged "
+        f"from {min(e2['block_means']):.3f} to {max(e2['block_means']):.3f}, an interval "
+        f"{e2['interval_width']:.3f} wide",
+        f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%}",
+    ]
+    assert not run["valid"] and "**not valid**" in page
+    for phrase in quoted:
+        assert phrase in page, phrase
