@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.experiments import scaleout
+from loadtests.harness import paired
 
 REPO = Path(__file__).resolve().parents[1]
 INCLUDE = re.compile(
@@ -369,3 +370,16 @@ def test_the_interval_over_blocks_quoted_is_the_committed_run() -> None:
     assert not run["valid"] and "**not valid**" in page
     for phrase in quoted:
         assert phrase in page, phrase
+
+
+def test_no_earlier_scaleout_run_is_valid_over_its_blocks() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    assert "no earlier run is valid (every interval over blocks is wider than 0.10)" in page
+    for name in ("scaleout", "scaleout-rerun", "scaleout-references"):
+        run = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        plan = scaleout.Plan(block_pairs=run["plan"]["block_pairs"])
+        for k in (2, 4, 8):
+            means = scaleout.block_means([p for p in run["pairs"] if p["k"] == k], plan)
+            assert len(means) in (2, 3), (name, k, means)
+            low, high = paired.t_interval(means) or (0.0, 0.0)
+            assert high - low > 0.10, (name, k, means)
