@@ -97,19 +97,29 @@ def test_a_drain_shows_draining_then_gone_with_no_failed_request(demo: Demo) -> 
 
     # The drill returned once n2 exited; the view may still be a refresh behind.
     assert wait_until(n2_gone, timeout_s=10, interval_s=0.2) is not None, demo.screens[-1]
+
+    rows: list[str] = []
+
+    def drain_logged() -> bool:
+        # The drain's row of the event log, in a fresh capture: one may land
+        # while the view redraws, its events table still blank.
+        rows.extend(
+            line for line in demo.screen().splitlines() if "│ drain n2" in line.replace("  ", " ")
+        )
+        return bool(rows) and "gone +" in rows[-1]
+
+    assert wait_until(drain_logged, timeout_s=5, interval_s=0.2) is not None, demo.screens[-1]
     screen = demo.screens[-1]
     # The event log timed it by what the view showed: draining, then gone.
-    drain_row = next(
-        (line for line in screen.splitlines() if "│ drain n2" in line.replace("  ", " ")), screen
-    )
-    assert "draining +" in drain_row and "gone +" in drain_row, drain_row
-    assert drain_row.index("draining +") < drain_row.index("gone +")
+    row = rows[-1]
+    assert "draining +" in row and "gone +" in row, row
+    assert row.index("draining +") < row.index("gone +")
     # Not one request of the steady load failed, as the view and the load agree.
     assert "failed requests 0" in screen, screen
     assert demo.load()["failures"] == 0, demo.load()
     DRILL["seen_after_s"] = {
         name: float(s)
-        for name, s in re.findall(r"(draining|out of rotation|gone) \+([\d.]+)s", drain_row)
+        for name, s in re.findall(r"(draining|out of rotation|gone) \+([\d.]+)s", row)
     }
     DRILL["view"] = screen
 
