@@ -45,10 +45,14 @@ _RECV_BATCH = 1000
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 1000
 _TRACE = TraceContextTextMapPropagator()
+# A link is `up` only once the ZMTP handshake succeeds. A TCP connect is not
+# enough: a frozen peer's kernel still accepts one, so a link lost to a freeze
+# would read `up` again a reconnect interval later. A link stays `connecting`
+# until its first handshake and `down` after a loss until the next one.
 _LINK_EVENTS = {
-    zmq.EVENT_CONNECTED: "up",
     zmq.EVENT_HANDSHAKE_SUCCEEDED: "up",
-    zmq.EVENT_CONNECT_DELAYED: "connecting",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "down",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "down",
     zmq.EVENT_CONNECT_RETRIED: "down",
     zmq.EVENT_DISCONNECTED: "down",
     zmq.EVENT_CLOSED: "down",

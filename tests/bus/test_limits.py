@@ -164,30 +164,42 @@ def test_zmtp_heartbeats_alone_free_a_reader_that_never_reads(
 
 # A frozen publisher sends no FIN: its subscriber's own ZMTP PINGs go
 # unanswered, and the link goes down two to three suspect bounds (0.6 s
-# here) after the freeze.
+# here) after the freeze. The reconnect that follows a reconnect interval
+# later reaches the frozen peer's kernel, which accepts it; with no handshake
+# the link must stay down.
 async def _link_down_after_a_freeze(
-    start_bus: StartBus, peer_process: Callable[..., PeerProcess]
-) -> float | None:
+    start_bus: StartBus, peer_process: Callable[..., PeerProcess], *, stay_down_s: float = 0.0
+) -> tuple[float | None, bool]:
+    """(seconds until the link was down, or None; whether it then stayed down `stay_down_s`)."""
     peer = peer_process("p")
     observer = await start_bus("me", bus_peers=[peer.endpoint])
     assert await until(lambda: observer.links.get(peer.endpoint) == "up", 5.0) is not None
     peer.signal(signal.SIGSTOP)
     try:
-        return await until(lambda: observer.links.get(peer.endpoint) == "down", 3.0)
+        down_after_s = await until(lambda: observer.links.get(peer.endpoint) == "down", 3.0)
+        if down_after_s is None:
+            return None, False
+        up_again = await until(lambda: observer.links.get(peer.endpoint) != "down", stay_down_s)
+        return down_after_s, up_again is None
     finally:
         peer.signal(signal.SIGCONT)
 
 
-async def test_a_frozen_publishers_link_goes_down_within_three_suspect_bounds(
+async def test_a_frozen_publishers_link_goes_down_within_three_suspect_bounds_and_stays_down(
     start_bus: StartBus, peer_process: Callable[..., PeerProcess]
 ) -> None:
-    down_after_s = await _link_down_after_a_freeze(start_bus, peer_process)
+    down_after_s, stayed_down = await _link_down_after_a_freeze(
+        start_bus,
+        peer_process,
+        stay_down_s=1.0,  # ten reconnect intervals
+    )
     assert down_after_s is not None
     assert down_after_s < 3 * 0.6 + 0.5  # and scheduling slack
+    assert stayed_down, "the link read up again while the peer was still frozen"
 
 
 async def test_control_a_subscriber_that_sends_no_pings_keeps_a_frozen_link_up(
     start_bus: StartBus, peer_process: Callable[..., PeerProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(Bus, "_heartbeat_options", lambda self, sock: None)
-    assert await _link_down_after_a_freeze(start_bus, peer_process) is None
+    assert await _link_down_after_a_freeze(start_bus, peer_process) == (None, False)
