@@ -5,12 +5,13 @@ one machine behaves like N small ones; locust drives the lab through HAProxy
 to saturation and counts steady-state throughput after a warm-up.
 
 The machine drifts, at times by tens of percent within a minute, so N
-values are never compared across minutes: a block starts a lab of k nodes
-and, beside it, Plan.references labs of one node, loads them all at once,
-and counts windows of seconds, the same seconds for every lab (the default
-design; `--design alternating` serves N=1 and N=k in turn from one lab).
-Each window is a pair, and the efficiency E(k) = X(k) / (k X(1)) is taken
-within it, X(1) the mean of the fleets of one. A block's windows share its
+values are never compared across minutes: a block starts labs of k nodes
+(as many as make Plan.fleet_nodes nodes) and, beside them, Plan.references
+labs of one node, loads them all at once, and counts windows of seconds,
+the same seconds for every lab (the default design; `--design alternating`
+serves N=1 and N=k in turn from one lab). Each window is a pair, and the
+efficiency E(k) = X(k) / (k X(1)) is taken within it, X(k) the mean of the
+fleets of k and X(1) the mean of the fleets of one. A block's windows share its
 labs and their node processes, which stay a few percent faster or slower
 than others started alike for as long as they run, so the blocks are the
 repeats: blocks repeat, round-robin over k, until the interval of E(k) over
@@ -128,6 +129,12 @@ class Plan:
     # per CPU-second than another for as long as it runs, and with one fleet
     # of one that went into every E(k) of its block).
     references: int = 4
+    # Side by side: the fleets of k repeat until they hold this many nodes
+    # (fleet_nodes // k fleets, at least one), X(k) their mean. So every
+    # block runs as many node processes on the k side at every k, and as
+    # many in all: E(2) averages over 8 processes, as E(8) does, and the
+    # machine is as busy at N=2 as at N=8. 0: one fleet of k.
+    fleet_nodes: int = 8
     # Pairs per block (side by side: windows of measure_s under one load).
     # A block's windows share its labs and their node processes, so the
     # blocks are the repeats (block_means) and the interval is over them:
@@ -175,8 +182,14 @@ SMOKE = Plan(
     max_minutes=5.0,
     seed_notes=20,  # seeding 200 takes seconds through a quarter core
     references=2,
+    fleet_nodes=4,  # two fleets of 2: the code path of the repeated fleets
     pin=False,  # the suite's other worker shares the cores (pinning has its own test)
 )
+
+
+def fleets(plan: Plan, k: int) -> int:
+    """How many fleets of k a side-by-side block runs (X(k) is their mean)."""
+    return max(1, plan.fleet_nodes // k) if k > 1 else 1
 
 
 def _mean(values: list[float]) -> float | None:
@@ -346,9 +359,9 @@ def infrastructure_off_core(core: int | None) -> Iterator[None]:
 def measure_side_by_side(
     k: int, orders: list[tuple[int, int]], first: int, plan: Plan, run_dir: Path
 ) -> list[Point]:
-    """One block side by side: a lab of k nodes and `plan.references` labs of
-    one, each under its own load of `users_per_node` users per node, at the
-    same time.
+    """One block side by side: `fleets(plan, k)` labs of k nodes and
+    `plan.references` labs of one, each under its own load of
+    `users_per_node` users per node, at the same time.
 
     Each lab has its own HAProxy and database, so a fleet of one is the N=1
     of the sequential design, not a node of the k. Windows of measure_s, the
@@ -357,12 +370,14 @@ def measure_side_by_side(
     fleet in it. X(1) of a window is the mean of the fleets of one: one node
     process serves a steady few percent more or less per CPU-second than
     another started alike, for as long as it runs, and a single one would put
-    that into every E(k) of its block. `orders` only gives the pairs' count
-    and the order their points are returned in.
+    that into every E(k) of its block. X(k) is likewise the mean of the
+    fleets of k. `orders` only gives the pairs' count and the order their
+    points are returned in.
     """
     core = node_core() if plan.pin else None
-    fleet = f"fleet-{k}"
-    sizes = {fleet: k} | {f"one-{i}": 1 for i in range(1, plan.references + 1)}
+    count = fleets(plan, k)
+    ks = [f"fleet-{k}"] if count == 1 else [f"fleet-{k}-{j}" for j in range(1, count + 1)]
+    sizes = dict.fromkeys(ks, k) | {f"one-{i}": 1 for i in range(1, plan.references + 1)}
     labs = {label: Lab(run_dir / label) for label in sizes}
     # Per lab (each names its first node n1): (time, CPU-seconds per node).
     readings: dict[str, list[tuple[float, dict[str, float]]]] = {label: [] for label in labs}
@@ -417,24 +432,27 @@ def measure_side_by_side(
                     node["id"]: node_log_tail(Path(node["log"])) for node in state["nodes"]
                 }
             window[label] = point
-        ones = {label: point for label, point in window.items() if label != fleet}
-        by_n = {k: window[fleet], 1: merge_references(ones)}
+        ones = {label: point for label, point in window.items() if label not in ks}
+        by_n = {
+            k: merge_fleets({label: window[label] for label in ks}),
+            1: merge_fleets(ones),
+        }
         points.extend(by_n[n] for n in order)
     return points
 
 
-def merge_references(parts: dict[str, Point]) -> Point:
-    """The N=1 point of a window from its fleets of one, by lab (one: as it is).
+def merge_fleets(parts: dict[str, Point]) -> Point:
+    """One N's point of a window from its fleets of that size, by lab (one: as it is).
 
-    Throughput is their mean (X(1) is one node's); counts and CPU are summed,
-    requests per CPU-second taken over the sums; latencies are the median
-    of theirs. Nodes are named lab/node (one-1/n1, one-2/n1...); each fleet's
-    own throughput is kept (reference_rps).
+    Throughput is their mean (X(N) is one fleet's); counts and CPU are
+    summed, requests per CPU-second taken over the sums; latencies are the
+    median of theirs. Nodes are named lab/node (one-1/n1, one-2/n1...);
+    each fleet's own throughput is kept (fleet_rps).
     """
     points = list(parts.values())
     if len(points) == 1:
         return points[0]
-    merged: Point = {"n": 1}
+    merged: Point = {"n": points[0]["n"]}
     merged["serving"] = [f"{lab}/{node}" for lab, p in parts.items() for node in p["serving"]]
     for key in ("by_node", "nodes"):
         merged[key] = {f"{lab}/{n}": v for lab, p in parts.items() for n, v in p[key].items()}
@@ -446,7 +464,7 @@ def merge_references(parts: dict[str, Point]) -> Point:
         counts = [p.get(key) for p in points]
         merged[key] = None if any(v is None for v in counts) else sum(counts)
     merged["throughput_rps"] = statistics.fmean(p["throughput_rps"] for p in points)
-    merged["reference_rps"] = [p["throughput_rps"] for p in points]
+    merged["fleet_rps"] = [p["throughput_rps"] for p in points]
     for key in ("p50_ms", "p95_ms", "p99_ms"):
         latencies: list[float] = [p[key] for p in points if p.get(key) is not None]
         merged[key] = statistics.median(latencies) if latencies else None
@@ -1008,9 +1026,16 @@ def _design_text(plan: dict[str, Any]) -> str:
             if references == 1
             else f"{references} fleets of one (X(1) is their mean)"
         )
+        fleet_nodes = plan.get("fleet_nodes", 0)
+        ks = (
+            "a fleet of k nodes"
+            if not fleet_nodes
+            else f"{fleet_nodes}/k fleets of k nodes (at least one; X(k) is their mean, so "
+            f"every block runs {fleet_nodes} or more nodes on the k side)"
+        )
         return (
             "\n\nThe machine drifts, so every N is compared with N=1 **at the same time**: a "
-            f"block starts labs side by side, a fleet of k nodes and {ones}, each "
+            f"block starts labs side by side, {ks} and {ones}, each "
             f"with its own HAProxy and database, and loads them ({plan['users_per_node']}·k "
             f"and {plan['users_per_node']} users) at once. After {plan['warmup_s']:g} s of "
             f"warm-up it counts {plan.get('block_pairs', 1)} windows of {plan['measure_s']:g} s, "
@@ -1248,6 +1273,12 @@ def main(argv: list[str] | None = None) -> int:
         help="side by side: fleets of one beside the fleet of k, X(1) their mean (default 4)",
     )
     parser.add_argument(
+        "--fleet-nodes",
+        type=int,
+        help="side by side: fleets of k repeated to hold this many nodes, X(k) their mean "
+        "(default 8; 0: one fleet of k)",
+    )
+    parser.add_argument(
         "--block-pairs",
         type=int,
         help="pairs per block, one block one set of labs; the interval is over blocks (default 4)",
@@ -1292,6 +1323,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_period_ms": args.cpu_period_ms,
         "users_per_node": args.users_per_node,
         "references": args.references,
+        "fleet_nodes": args.fleet_nodes,
         "design": args.design,
         "pin": None if args.pin is None else args.pin == "on",
         "block_pairs": args.block_pairs,
@@ -1306,12 +1338,16 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(**(asdict(plan) | {k: v for k, v in changes.items() if v is not None}))
     if plan.design != "side-by-side" and args.references is None:
         plan = replace(plan, references=1)  # one lab serves N=1 and N=k in turn
+    if plan.design != "side-by-side" and args.fleet_nodes is None:
+        plan = replace(plan, fleet_nodes=0)
     if plan.block_pairs < 1:
         parser.error("--block-pairs must be at least 1")
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:
         parser.error("--min-pairs must be at least 2 and --max-pairs at least --min-pairs")
     if plan.references < 1 or (plan.references > 1 and plan.design != "side-by-side"):
         parser.error("--references must be at least 1, and more than 1 only side by side")
+    if plan.fleet_nodes < 0 or (plan.fleet_nodes and plan.design != "side-by-side"):
+        parser.error("--fleet-nodes must be at least 0, and more than 0 only side by side")
     first = None
     if args.agree_with is not None and not args.render:
         try:

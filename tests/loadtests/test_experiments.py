@@ -49,19 +49,22 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     assert reports.problems(saved) == []
     assert saved["command"] == f"python -m loadtests.experiments.scaleout {' '.join(argv)}"
     assert saved["stopped"] != scaleout.IN_PROGRESS  # the final report replaced the partial ones
-    # Two pairs, each a window of the fleet of 2 and two fleets of one side by side.
+    # Two pairs, each a window of two fleets of 2 and two fleets of one side by side.
     assert saved["plan"]["design"] == "side-by-side"
     assert saved["plan"]["references"] == 2
+    assert saved["plan"]["fleet_nodes"] == 4
     assert len(saved["pairs"]) == 2
     assert [row["n"] for row in saved["rows"]] == list(scaleout.SMOKE.ns)
     for pair in saved["pairs"]:
         assert pair["efficiency"] == pytest.approx(pair["xk_rps"] / (2 * pair["x1_rps"]))
         one, fleet = pair["runs"]
-        # X(1) is the mean of the two fleets of one, each with its own node n1.
-        assert len(one["reference_rps"]) == 2
-        assert one["throughput_rps"] == pytest.approx(statistics.fmean(one["reference_rps"]))
+        # X(1) is the mean of the two fleets of one, each with its own node n1,
+        # and X(2) the mean of the two fleets of 2.
+        for run in pair["runs"]:
+            assert len(run["fleet_rps"]) == 2
+            assert run["throughput_rps"] == pytest.approx(statistics.fmean(run["fleet_rps"]))
         assert one["serving"] == ["one-1/n1", "one-2/n1"]
-        assert fleet["serving"] == ["n1", "n2"]
+        assert fleet["serving"] == [f"fleet-2-{j}/n{i}" for j in (1, 2) for i in (1, 2)]
         for run in pair["runs"]:
             assert run["throughput_rps"] > 0
             assert run["p50_ms"] > 0
@@ -131,10 +134,10 @@ def _reference(rps: float, cpu_s: float, served: int, problems: list[str]) -> di
 
 def test_fleets_of_one_make_one_reference_whose_x1_is_their_mean():
     first, second = _reference(60, 0.5, 600, []), _reference(40, 0.5, 400, ["n1 not saturated"])
-    assert scaleout.merge_references({"one-1": first}) is first
-    merged = scaleout.merge_references({"one-1": first, "one-2": second})
+    assert scaleout.merge_fleets({"one-1": first}) is first
+    merged = scaleout.merge_fleets({"one-1": first, "one-2": second})
     assert merged["throughput_rps"] == 50  # one node's X(1): their mean, not their sum
-    assert merged["reference_rps"] == [60, 40]
+    assert merged["fleet_rps"] == [60, 40]
     assert merged["requests"] == 1000
     assert merged["requests_per_cpu_s"] == 1000  # 1000 served over 1.0 CPU-second
     assert merged["by_kind"] == {"read": 998, "list": 2}
@@ -144,6 +147,28 @@ def test_fleets_of_one_make_one_reference_whose_x1_is_their_mean():
     # One fleet of one not saturated makes the reference not valid, and says which.
     assert not merged["valid"]
     assert merged["problems"] == ["one-2: n1 not saturated"]
+
+
+def test_fleets_of_k_repeat_to_hold_the_same_nodes_at_every_k():
+    plan = scaleout.Plan()
+    assert plan.fleet_nodes == 8
+    assert {k: scaleout.fleets(plan, k) for k in (1, 2, 4, 8, 16)} == {
+        1: 1,
+        2: 4,
+        4: 2,
+        8: 1,
+        16: 1,
+    }
+    assert scaleout.fleets(scaleout.Plan(fleet_nodes=0), 2) == 1  # one fleet of k, as before
+    # X(k) is one fleet's throughput: the mean of the fleets of k, not their sum.
+    first, second = _reference(90, 1.0, 900, []), _reference(70, 1.0, 700, [])
+    for point in (first, second):
+        point.update(n=2, serving=["n1", "n2"], by_node={"n1": 450, "n2": 450})
+    merged = scaleout.merge_fleets({"fleet-2-1": first, "fleet-2-2": second})
+    assert merged["n"] == 2
+    assert merged["throughput_rps"] == 80
+    assert merged["fleet_rps"] == [90, 70]
+    assert merged["serving"] == ["fleet-2-1/n1", "fleet-2-1/n2", "fleet-2-2/n1", "fleet-2-2/n2"]
 
 
 @pytest.mark.usefixtures("_lab_parts")
