@@ -130,11 +130,12 @@ class Plan:
     # of one that went into every E(k) of its block).
     references: int = 4
     # Side by side: the fleets of k repeat until they hold this many nodes
-    # (fleet_nodes // k fleets, at least one), X(k) their mean. So every
-    # block runs as many node processes on the k side at every k, and as
-    # many in all: E(2) averages over 8 processes, as E(8) does, and the
-    # machine is as busy at N=2 as at N=8. 0: one fleet of k.
-    fleet_nodes: int = 8
+    # (fleet_nodes // k fleets, at least one), X(k) their mean; None: as
+    # many as the largest N. So every block runs as many node processes on
+    # the k side at every k, and as many in all: E(2) averages over 8
+    # processes, as E(8) does, and the machine is as busy at N=2 as at N=8.
+    # 0: one fleet of k.
+    fleet_nodes: int | None = None
     # Pairs per block (side by side: windows of measure_s under one load).
     # A block's windows share its labs and their node processes, so the
     # blocks are the repeats (block_means) and the interval is over them:
@@ -189,7 +190,8 @@ SMOKE = Plan(
 
 def fleets(plan: Plan, k: int) -> int:
     """How many fleets of k a side-by-side block runs (X(k) is their mean)."""
-    return max(1, plan.fleet_nodes // k) if k > 1 else 1
+    nodes = max(plan.ns) if plan.fleet_nodes is None else plan.fleet_nodes
+    return max(1, nodes // k) if k > 1 else 1
 
 
 def _mean(values: list[float]) -> float | None:
@@ -1276,7 +1278,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fleet-nodes",
         type=int,
         help="side by side: fleets of k repeated to hold this many nodes, X(k) their mean "
-        "(default 8; 0: one fleet of k)",
+        "(default: the largest N; 0: one fleet of k)",
     )
     parser.add_argument(
         "--block-pairs",
@@ -1338,15 +1340,16 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(**(asdict(plan) | {k: v for k, v in changes.items() if v is not None}))
     if plan.design != "side-by-side" and args.references is None:
         plan = replace(plan, references=1)  # one lab serves N=1 and N=k in turn
-    if plan.design != "side-by-side" and args.fleet_nodes is None:
-        plan = replace(plan, fleet_nodes=0)
+    if plan.fleet_nodes is None:
+        plan = replace(plan, fleet_nodes=max(plan.ns) if plan.design == "side-by-side" else 0)
     if plan.block_pairs < 1:
         parser.error("--block-pairs must be at least 1")
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:
         parser.error("--min-pairs must be at least 2 and --max-pairs at least --min-pairs")
     if plan.references < 1 or (plan.references > 1 and plan.design != "side-by-side"):
         parser.error("--references must be at least 1, and more than 1 only side by side")
-    if plan.fleet_nodes < 0 or (plan.fleet_nodes and plan.design != "side-by-side"):
+    fleet_nodes = plan.fleet_nodes or 0
+    if fleet_nodes < 0 or (fleet_nodes and plan.design != "side-by-side"):
         parser.error("--fleet-nodes must be at least 0, and more than 0 only side by side")
     first = None
     if args.agree_with is not None and not args.render:

@@ -150,15 +150,10 @@ def test_fleets_of_one_make_one_reference_whose_x1_is_their_mean():
 
 
 def test_fleets_of_k_repeat_to_hold_the_same_nodes_at_every_k():
-    plan = scaleout.Plan()
-    assert plan.fleet_nodes == 8
-    assert {k: scaleout.fleets(plan, k) for k in (1, 2, 4, 8, 16)} == {
-        1: 1,
-        2: 4,
-        4: 2,
-        8: 1,
-        16: 1,
-    }
+    plan = scaleout.Plan()  # as many nodes as the largest N, 8
+    assert {k: scaleout.fleets(plan, k) for k in (1, 2, 4, 8)} == {1: 1, 2: 4, 4: 2, 8: 1}
+    assert scaleout.fleets(scaleout.Plan(ns=(1, 2, 4)), 2) == 2
+    assert scaleout.fleets(scaleout.Plan(fleet_nodes=8), 16) == 1
     assert scaleout.fleets(scaleout.Plan(fleet_nodes=0), 2) == 1  # one fleet of k, as before
     # X(k) is one fleet's throughput: the mean of the fleets of k, not their sum.
     first, second = _reference(90, 1.0, 900, []), _reference(70, 1.0, 700, [])
