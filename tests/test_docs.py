@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtests import capacity
 from loadtests.experiments import scaleout
 from loadtests.harness import paired
 
@@ -370,6 +371,41 @@ def test_the_interval_over_blocks_quoted_is_the_committed_run() -> None:
     assert not run["valid"] and "**not valid**" in page
     for phrase in quoted:
         assert phrase in page, phrase
+
+
+def test_the_repeated_fleets_quoted_are_the_committed_run_the_capacity_tool_reads() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    path = REPO / "docs/results/scaleout-fleets.json"
+    run = json.loads(path.read_text())
+    assert run["valid"] and run["plan"]["fleet_nodes"] == 8 and run["plan"]["references"] == 4
+    assert path == capacity.FIT
+    rows = {row["n"]: row for row in run["rows"]}
+
+    def quoted(n: int) -> str:
+        row = rows[n]
+        low, high = row["efficiency_interval"]
+        return (
+            f"{row['efficiency_median']:.3f} ({low:.3f} – {high:.3f}, "
+            f"{len(row['block_means'])} blocks)"
+        )
+
+    phrases = [
+        f"E(2) {quoted(2)}",
+        f"E(4) {quoted(4)}",
+        f"**E(8) {quoted(8)}**",
+        f"The blocks of N=2 ranged from {min(rows[2]['block_means']):.3f} to "
+        f"{max(rows[2]['block_means']):.3f}",
+        f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%};",
+        "(medians "
+        + ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))
+        + f" and {rows[8]['requests_per_cpu_s_median']:.0f} at N = 1, 2, 4, 8)",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
+    # Every block ran 12 nodes: 8 on the k side, 4 fleets of one.
+    for pair in run["pairs"]:
+        one, fleet = pair["runs"]
+        assert len(one["serving"]) == 4 and len(fleet["serving"]) == 8, pair["index"]
 
 
 def test_no_earlier_scaleout_run_is_valid_over_its_blocks() -> None:

@@ -1016,9 +1016,9 @@ def _design_text(plan: dict[str, Any]) -> str:
     """How the report's pairs were measured, for its markdown (older reports: alternating)."""
     if plan.get("design", "alternating") == "side-by-side":
         pinned = (
-            "Every node of both labs runs on the machine's last core, the databases, "
-            "HAProxy and locust on the other: the host slows one core at a time, and both "
-            "fleets then share it. "
+            "Every node of every lab runs on the machine's last core, the databases, "
+            "HAProxy and locust on the other: the host slows one core at a time, and every "
+            "fleet then shares it. "
             if plan.get("pin")
             else "The nodes are not pinned to a core. "
         )
@@ -1038,8 +1038,8 @@ def _design_text(plan: dict[str, Any]) -> str:
         return (
             "\n\nThe machine drifts, so every N is compared with N=1 **at the same time**: a "
             f"block starts labs side by side, {ks} and {ones}, each "
-            f"with its own HAProxy and database, and loads them ({plan['users_per_node']}·k "
-            f"and {plan['users_per_node']} users) at once. After {plan['warmup_s']:g} s of "
+            f"with its own HAProxy and database, and loads them ({plan['users_per_node']} users "
+            f"per node) at once. After {plan['warmup_s']:g} s of "
             f"warm-up it counts {plan.get('block_pairs', 1)} windows of {plan['measure_s']:g} s, "
             "the same seconds for every load; each window is a pair. " + pinned
         )

@@ -100,6 +100,7 @@ def test_scaleout_smoke_writes_a_complete_report(tmp_path):
     assert "error" in saved["usl"]
     text = out.with_suffix(".md").read_text()
     assert "| N | pairs (N=1: runs) | E(N) median | interval |" in text
+    assert "4/k fleets of k nodes" in text and "After 1 s of warm-up" in text
     assert "No USL fit" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
 
