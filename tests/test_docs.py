@@ -408,6 +408,39 @@ def test_the_repeated_fleets_quoted_are_the_committed_run_the_capacity_tool_read
         assert len(one["serving"]) == 4 and len(fleet["serving"]) == 8, pair["index"]
 
 
+def test_the_rerun_of_the_repeated_fleets_quoted_is_valid_and_agrees() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    first = json.loads((REPO / "docs/results/scaleout-fleets.json").read_text())
+    run = json.loads((REPO / "docs/results/scaleout-fleets-rerun.json").read_text())
+    assert run["valid"] and run["agreement"]["agree"]
+    assert run["agreement"]["with"] == "docs/results/scaleout-fleets.json"
+    assert run["plan"] == first["plan"]  # the same defaults
+    rows = {row["n"]: row for row in run["rows"]}
+    firsts = {row["n"]: row for row in first["rows"]}
+    e8 = rows[8]
+    low, high = e8["efficiency_interval"]
+    phrases = [
+        f"E(2) {rows[2]['efficiency_median']:.3f}, E(4) {rows[4]['efficiency_median']:.3f}, "
+        f"**E(8) {e8['efficiency_median']:.3f} ({low:.3f} – {high:.3f}, "
+        f"{len(e8['block_means'])} blocks)**, against {firsts[2]['efficiency_median']:.3f}, "
+        f"{firsts[4]['efficiency_median']:.3f} and {firsts[8]['efficiency_median']:.3f}",
+        f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%}",
+        "were "
+        + ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))
+        + f" and {rows[8]['requests_per_cpu_s_median']:.0f} at N = 1, 2, 4, 8",
+        "8 nodes serve "
+        + " to ".join(f"{8 * r['efficiency_median']:.1f}" for r in (firsts[8], e8))
+        + " times what one does",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
+    for n in (2, 4, 8):
+        assert abs(rows[n]["efficiency_median"] - firsts[n]["efficiency_median"]) <= 0.05
+    # Lower per CPU-second at N=8 than alone, in both runs.
+    for r in (rows, firsts):
+        assert r[8]["requests_per_cpu_s_median"] < r[1]["requests_per_cpu_s_median"]
+
+
 def test_no_earlier_scaleout_run_is_valid_over_its_blocks() -> None:
     page = " ".join((REPO / "docs/results/README.md").read_text().split())
     assert "no earlier run is valid (every interval over blocks is wider than 0.10)" in page
