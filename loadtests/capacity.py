@@ -2,10 +2,11 @@
 
 Reads the Universal Scalability Law fit the scale-out experiment writes
 (docs/results/scaleout-fleets.json, the first run valid over its blocks:
-fitted on N = 1, 2, 4, checked against a measured N = 8) and answers with the fit's uncertainty: the node count its
-central curve needs, the range over its 95% band (the standard errors of
-X(1), sigma and kappa, drawn jointly), and the N past which the fit says
-adding nodes lowers throughput (N* = sqrt((1 - sigma) / kappa)).
+fitted on N = 1, 2, 4, checked against a measured N = 8) and answers with
+the fit's uncertainty: the node count its central curve needs, the range
+over its 95% band (the standard errors of X(1), sigma and kappa, drawn
+jointly), and the N past which the fit says adding nodes lowers throughput
+(N* = sqrt((1 - sigma) / kappa)).
 
     python -m loadtests.capacity --target-rps 500
     python -m loadtests.capacity --target-rps 500 --fit other-run.json
