@@ -1340,8 +1340,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(**(asdict(plan) | {k: v for k, v in changes.items() if v is not None}))
     if plan.design != "side-by-side" and args.references is None:
         plan = replace(plan, references=1)  # one lab serves N=1 and N=k in turn
-    if plan.fleet_nodes is None:
-        plan = replace(plan, fleet_nodes=max(plan.ns) if plan.design == "side-by-side" else 0)
+    if plan.design != "side-by-side" and args.fleet_nodes is None:
+        plan = replace(plan, fleet_nodes=0)  # one lab of k serves N=1 and N=k in turn
+    elif plan.fleet_nodes is None:
+        plan = replace(plan, fleet_nodes=max(plan.ns))
     if plan.block_pairs < 1:
         parser.error("--block-pairs must be at least 1")
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:
