@@ -377,6 +377,8 @@ def test_the_repeated_fleets_quoted_are_the_committed_run_the_capacity_tool_read
     page = " ".join((REPO / "docs/results/README.md").read_text().split())
     path = REPO / "docs/results/scaleout-fleets.json"
     run = json.loads(path.read_text())
+    one_fleet = json.loads((REPO / "docs/results/scaleout-blocks.json").read_text())
+    before = next(row["block_means"] for row in one_fleet["rows"] if row["n"] == 2)
     assert run["valid"] and run["plan"]["fleet_nodes"] == 8 and run["plan"]["references"] == 4
     assert path == capacity.FIT
     rows = {row["n"]: row for row in run["rows"]}
@@ -394,7 +396,8 @@ def test_the_repeated_fleets_quoted_are_the_committed_run_the_capacity_tool_read
         f"E(4) {quoted(4)}",
         f"**E(8) {quoted(8)}**",
         f"The blocks of N=2 ranged from {min(rows[2]['block_means']):.3f} to "
-        f"{max(rows[2]['block_means']):.3f}",
+        f"{max(rows[2]['block_means']):.3f} (from {min(before):.3f} to {max(before):.3f} "
+        "with one fleet of 2)",
         f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%};",
         "(medians "
         + ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))

@@ -188,10 +188,14 @@ SMOKE = Plan(
 )
 
 
+def fleet_nodes(plan: Plan) -> int:
+    """The nodes the fleets of k fill: Plan.fleet_nodes, or the largest N."""
+    return max(plan.ns) if plan.fleet_nodes is None else plan.fleet_nodes
+
+
 def fleets(plan: Plan, k: int) -> int:
     """How many fleets of k a side-by-side block runs (X(k) is their mean)."""
-    nodes = max(plan.ns) if plan.fleet_nodes is None else plan.fleet_nodes
-    return max(1, nodes // k) if k > 1 else 1
+    return max(1, fleet_nodes(plan) // k) if k > 1 else 1
 
 
 def _mean(values: list[float]) -> float | None:
@@ -1342,16 +1346,15 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, references=1)  # one lab serves N=1 and N=k in turn
     if plan.design != "side-by-side" and args.fleet_nodes is None:
         plan = replace(plan, fleet_nodes=0)  # one lab of k serves N=1 and N=k in turn
-    elif plan.fleet_nodes is None:
-        plan = replace(plan, fleet_nodes=max(plan.ns))
+    nodes = fleet_nodes(plan)
+    plan = replace(plan, fleet_nodes=nodes)  # the report records what ran
     if plan.block_pairs < 1:
         parser.error("--block-pairs must be at least 1")
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:
         parser.error("--min-pairs must be at least 2 and --max-pairs at least --min-pairs")
     if plan.references < 1 or (plan.references > 1 and plan.design != "side-by-side"):
         parser.error("--references must be at least 1, and more than 1 only side by side")
-    fleet_nodes = plan.fleet_nodes or 0
-    if fleet_nodes < 0 or (fleet_nodes and plan.design != "side-by-side"):
+    if nodes < 0 or (nodes and plan.design != "side-by-side"):
         parser.error("--fleet-nodes must be at least 0, and more than 0 only side by side")
     first = None
     if args.agree_with is not None and not args.render:
