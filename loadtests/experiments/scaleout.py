@@ -159,6 +159,10 @@ class Plan:
     # each run happened to write moves the work per request with it. On is
     # the cache's own scale-out (--cache on).
     cache: bool = False
+    # The node bus (service/bus/), on as a node ships: each node of a fleet of
+    # k hears k-1 peers, a cost a fleet of one does not pay. Off is the
+    # control (--bus off): E(N) without the bus, so the difference is its share.
+    bus: bool = True
     # Notes created before each block's load, for the readers to read.
     seed_notes: int = 200
     # Alternating only: a node out of rotation burns its CPU cap (a spinning process in its
@@ -237,7 +241,8 @@ def _lab_options(plan: Plan, nodes: int) -> LabOptions:
         cpu=plan.cpu,
         cpu_period_ms=plan.cpu_period_ms,
         drain_delay_s=0.5,
-        node_env={} if plan.cache else {f"{service.ENV_PREFIX}CACHE": "off"},
+        node_env=({} if plan.cache else {f"{service.ENV_PREFIX}CACHE": "off"})
+        | ({} if plan.bus else {f"{service.ENV_PREFIX}BUS": "false"}),
     )
 
 
@@ -1079,7 +1084,8 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
         f"on the {plan['backend']} backend; locust drives the **{plan['mix']}** mix with "
         f"{plan['users_per_node']} closed-loop users per node of k. The nodes' read "
         f"cache is **{'on' if plan.get('cache', True) else 'off'}**; its hit ratio is over "
-        "the whole run, warm-up included, summed over the nodes (/metrics)."
+        "the whole run, warm-up included, summed over the nodes (/metrics). The node bus is "
+        f"**{'on' if plan.get('bus', True) else 'off (the control)'}**."
         + _design_text(plan)
         + f"E(N) = X(N) / (N·X(1)) is taken in each pair; blocks repeat (at least "
         f"{plan['min_pairs']}, at most {plan['max_pairs']} pairs per N, no new block after "
@@ -1303,6 +1309,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cache", choices=("on", "off"), help="the nodes' read cache (default off)"
     )
     parser.add_argument(
+        "--bus",
+        choices=("on", "off"),
+        help="the node bus in every lab (default on; off is the control: E(N) without it)",
+    )
+    parser.add_argument(
         "--burn-idle",
         choices=("on", "off"),
         help="nodes out of rotation burn their CPU cap (default on; off is the control)",
@@ -1338,6 +1349,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_minutes": args.max_minutes,
         "ns": args.ns,
         "cache": None if args.cache is None else args.cache == "on",
+        "bus": None if args.bus is None else args.bus == "on",
         "mix": args.mix,
         "burn_idle": None if args.burn_idle is None else args.burn_idle == "on",
     }

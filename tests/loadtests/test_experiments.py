@@ -23,6 +23,7 @@ from loadtests import report as reports
 from loadtests.experiments import nodeloss, scaleout
 from loadtests.harness import machine, paired
 from loadtests.harness.progress import Runs
+from service.config import Settings
 from tests.support import require, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -167,12 +168,27 @@ def test_fleets_of_k_repeat_to_hold_the_same_nodes_at_every_k():
     assert merged["serving"] == ["fleet-2-1/n1", "fleet-2-1/n2", "fleet-2-2/n1", "fleet-2-2/n2"]
 
 
+def test_the_bus_control_starts_every_node_with_its_bus_off(monkeypatch):
+    shipped = scaleout._lab_options(scaleout.Plan(), 8).node_env
+    control = scaleout._lab_options(scaleout.Plan(bus=False), 8).node_env
+    assert control == shipped | {"CATTLE_BUS": "false"}
+    for env, bus in ((shipped, True), (control, False)):
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            assert Settings(node_id="n1").bus is bus
+
+
 @pytest.mark.usefixtures("_lab_parts")
 def test_scaleout_smoke_runs_the_alternating_design_too(tmp_path):
     out = tmp_path / "alternating"
-    assert scaleout.main(["--smoke", "--design", "alternating", "--out", str(out)]) == 0
+    # With the bus off (the control), which the nodes start with as well.
+    argv = ["--smoke", "--design", "alternating", "--bus", "off", "--out", str(out)]
+    assert scaleout.main(argv) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["plan"]["design"] == "alternating"
+    assert saved["plan"]["bus"] is False
+    assert "The node bus is **off (the control)**." in out.with_suffix(".md").read_text()
     # One pair in each order, N=1 and N=2 back to back in one lab.
     assert [pair["order"] for pair in saved["pairs"]] == [[1, 2], [2, 1]]
     for pair in saved["pairs"]:
