@@ -181,6 +181,8 @@ class Settings(BaseSettings):
     health_timeout_s: float = Field(default=1.0, gt=0, le=60)
     health_db_latency_warn_ms: float = Field(default=250.0, gt=0)
     health_loop_lag_warn_ms: float = Field(default=250.0, gt=0)
+    # Rounds in a row a check must warn before the node turns DEGRADED (a failing one: at once).
+    health_warn_rounds: int = Field(default=3, ge=1, le=100)
     max_in_flight: int = Field(default=100, ge=1, le=100_000)  # in-flight for agent weight 1 %
 
     # The node bus (service/bus/): ZeroMQ PUB/SUB between nodes, no broker.

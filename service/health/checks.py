@@ -123,6 +123,8 @@ class HealthChecker:
         self.max_in_flight = settings.max_in_flight
         self.db_latency_warn_ms = settings.health_db_latency_warn_ms
         self.loop_lag_warn_ms = settings.health_loop_lag_warn_ms
+        self.warn_rounds = settings.health_warn_rounds
+        self._warned_rounds = 0  # rounds in a row whose checks did not all pass
         # Three missed rounds: long enough to ride out one slow round under CPU
         # pressure, short enough that a dead checker is noticed within seconds.
         self.stale_after_s = 3 * self.interval_s + self.timeout_s
@@ -181,14 +183,25 @@ class HealthChecker:
 
     def follow_checks(self) -> None:
         """READY <-> DEGRADED follows the checks; other states belong to start and drain."""
+        passing = all(r.status is Status.ok for r in self._dependencies().values())
+        self._warned_rounds = 0 if passing else self._warned_rounds + 1
         if self.lifecycle.state in (State.ready, State.degraded):
             self.lifecycle.move(self.target_state())
 
     def target_state(self) -> State:
-        """Where a serving node belongs: READY when every dependency check passes."""
-        if all(r.status is Status.ok for r in self._dependencies().values()):
+        """Where a serving node belongs: READY when every dependency check passes;
+        DEGRADED at once when one fails, and when one has warned for `warn_rounds`
+        rounds in a row. A warning is often the node's own load: a check that
+        waits its turn on a saturated event loop answers late, for a round or
+        two, then not. Degraded on each of those, a busy node flapped READY <->
+        DEGRADED every few seconds, logging and announcing each move to its
+        peers. Once DEGRADED, a node stays so until a round passes whole."""
+        results = self._dependencies().values()
+        if all(r.status is Status.ok for r in results):
             return State.ready
-        return State.degraded
+        if any(r.status is Status.fail for r in results) or self._warned_rounds >= self.warn_rounds:
+            return State.degraded
+        return State.degraded if self.lifecycle.state is State.degraded else State.ready
 
     # -- the checks ----------------------------------------------------------
 

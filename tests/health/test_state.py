@@ -86,15 +86,44 @@ async def test_a_stale_result_fails_readiness(checker: HealthChecker) -> None:
     assert agent_reply(checker.lifecycle, checker).startswith("down#primary last checked")
 
 
-async def test_a_slow_primary_degrades_but_stays_ready(checker: HealthChecker) -> None:
+async def test_a_slow_primary_degrades_after_three_slow_rounds_and_stays_ready(
+    checker: HealthChecker,
+) -> None:
     checker.db_latency_warn_ms = 0.0
+    for _ in range(2):  # a busy node's check answering late for a round or two
+        await checker.run_once()
+        assert checker.snapshot()["primary"].status is Status.warn
+        assert state_of(checker) is State.ready
     await checker.run_once()
-    assert checker.snapshot()["primary"].status is Status.warn
     assert state_of(checker) is State.degraded
     assert checker.readiness()[0]
     checker.db_latency_warn_ms = 10_000.0
     await checker.run_once()
     assert state_of(checker) is State.ready
+
+
+async def test_one_slow_round_in_a_few_does_not_flap_the_node(checker: HealthChecker) -> None:
+    moves: list[State] = []
+    checker.lifecycle.subscribe(lambda _old, new: moves.append(new))
+    for slow in [True, False, True, True, False, True, False]:
+        checker.db_latency_warn_ms = 0.0 if slow else 10_000.0
+        await checker.run_once()
+    assert moves == []
+    # The control: degraded on every slow round, as before, it flaps.
+    checker.warn_rounds = 1
+    for slow in [True, False, True, True, False, True, False]:
+        checker.db_latency_warn_ms = 0.0 if slow else 10_000.0
+        await checker.run_once()
+    assert moves == [State.degraded, State.ready] * 3
+
+
+async def test_a_failing_primary_degrades_at_once(checker: HealthChecker) -> None:
+    await checker.primary.dispose()
+    checker.primary = create_async_engine("sqlite+aiosqlite:////nonexistent/dir/h.db")
+    await checker.run_once()
+    assert checker.snapshot()["primary"].status is Status.fail
+    assert state_of(checker) is State.degraded
+    assert not checker.readiness()[0]
 
 
 @pytest.mark.parametrize(("count", "weight"), [(0, 100), (1, 90), (5, 50), (10, 1), (50, 1)])

@@ -25,6 +25,8 @@ INTERVAL_S = 0.2
 TIMEOUT_S = 0.5
 # A round every INTERVAL_S, each check bounded by TIMEOUT_S, plus slack for a busy machine.
 NOTICE_BOUND_S = INTERVAL_S + TIMEOUT_S + 2.0
+# A warning degrades the node once it has held for CATTLE_HEALTH_WARN_ROUNDS (3) rounds.
+WARN_BOUND_S = 3 * INTERVAL_S + TIMEOUT_S + 2.0
 
 
 def test_database_outage_fails_readiness_not_liveness(
@@ -132,7 +134,7 @@ def test_a_lost_replica_degrades_the_node_but_it_stays_ready(
     outage_postgres.stop_member("replica1")
     try:
         degraded_s = wait_until(
-            lambda: healthz()["lifecycle"] == "degraded", timeout_s=NOTICE_BOUND_S
+            lambda: healthz()["lifecycle"] == "degraded", timeout_s=WARN_BOUND_S
         )
         assert degraded_s is not None, node.log_tail()
         doc = healthz()
