@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import os
 import random
 import secrets
 import threading
@@ -46,12 +45,6 @@ _RECV_BATCH = 1000
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 1000
 _TRACE = TraceContextTextMapPropagator()
-# The context's I/O thread does the network work of every socket: each
-# heartbeat, PING and PONG in or out wakes it. On Linux it runs SCHED_BATCH:
-# its wake-ups do not preempt the event loop's thread mid-request, and it
-# runs when that thread next waits or at the scheduler's next tick, a few ms
-# at most. Nothing on the bus is that urgent (docs/bus.md).
-_SCHED_BATCH: int | None = getattr(os, "SCHED_BATCH", None)
 # A link is `up` only once the ZMTP handshake succeeds. A TCP connect is not
 # enough: a frozen peer's kernel still accepts one, so a link lost to a freeze
 # would read `up` again a reconnect interval later. A link stays `connecting`
@@ -185,8 +178,6 @@ class Bus:
                 f"{env_var('bus')}=off"
             )
         self._context = zmq.Context()
-        if _SCHED_BATCH is not None:  # before the first socket starts the context's threads
-            self._context.set(zmq.THREAD_SCHED_POLICY, _SCHED_BATCH)
         # The context's default too, for any socket made without it (pyzmq#837).
         self._context.linger = self._linger_ms
         try:

@@ -7,9 +7,7 @@ import asyncio
 import dataclasses
 import json
 import multiprocessing
-import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import pytest
 import zmq
@@ -308,29 +306,6 @@ async def test_a_subscriber_that_joins_hears_a_heartbeat_at_once(start_bus: Star
     heard = await until(lambda: "a" in b.membership.peers, 1.0)
     assert heard is not None, "B heard nothing from A within 1 s of subscribing"
     assert b.membership.peers["a"].state is PeerState.alive
-
-
-def _zmq_threads() -> dict[str, int]:
-    """This process's ZeroMQ threads: task id -> scheduling policy."""
-    found = {}
-    for task in Path("/proc/self/task").iterdir():
-        if task.joinpath("comm").read_text().startswith("ZMQbg/"):
-            policy = next(
-                line for line in task.joinpath("sched").read_text().splitlines()
-                if line.startswith("policy")
-            )  # fmt: skip
-            found[task.name] = int(policy.split(":")[1])
-    return found
-
-
-async def test_the_bus_threads_run_sched_batch_so_they_never_preempt_the_loop(
-    start_bus: StartBus,
-) -> None:
-    before = _zmq_threads()
-    await start_bus("a")
-    mine = {tid: policy for tid, policy in _zmq_threads().items() if tid not in before}
-    assert len(mine) == 2, mine  # the I/O thread and the reaper
-    assert set(mine.values()) == {os.SCHED_BATCH}
 
 
 async def test_a_bus_in_a_multiprocessing_child_refuses_to_start(
