@@ -10,6 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -455,3 +456,37 @@ def test_no_earlier_scaleout_run_is_valid_over_its_blocks() -> None:
             assert len(means) in (2, 3), (name, k, means)
             low, high = paired.t_interval(means) or (0.0, 0.0)
             assert high - low > 0.10, (name, k, means)
+
+
+def test_the_bus_control_and_the_warn_rounds_runs_quoted_are_the_committed_ones() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+
+    def run(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        report = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        return report, next(row for row in report["rows"] if row["n"] == 8)
+
+    (on, on8), (off, off8) = run("scaleout-bus-on"), run("scaleout-bus-off")
+    (rounds, rounds8), (batch, batch8) = run("scaleout-warn-rounds"), run("scaleout-sched-batch")
+    assert on["valid"] and off["valid"] and not rounds["valid"] and not batch["valid"]
+    assert on["plan"]["bus"] and not off["plan"]["bus"]
+    assert on["plan"] | {"bus": False, "max_pairs": 0} == off["plan"] | {"max_pairs": 0}
+    assert {on["commit"], off["commit"]} == {"5171166"}
+    assert (rounds["commit"], batch["commit"]) == ("1a1fdb6", "9bd01b0")
+
+    def interval(row: dict[str, Any]) -> str:
+        low, high = row["efficiency_interval"]
+        return f"{low:.3f} – {high:.3f}"
+
+    phrases = [
+        f"**E(8) {on8['efficiency_median']:.3f} ({interval(on8)}, "
+        f"{len(on8['block_means'])} blocks)**",
+        f"**E(8) {off8['efficiency_median']:.3f} ({interval(off8)}, "
+        f"{len(off8['block_means'])} blocks)**",
+        f"the bus took about {off8['efficiency_median'] - on8['efficiency_median']:.2f} of E(8)",
+        f"E(8) median {rounds8['efficiency_median']:.3f}, but its four blocks disagree ("
+        + ", ".join(f"{m:.3f}" for m in rounds8["block_means"])
+        + f"; interval {interval(rounds8)})",
+        f"E(8) median {batch8['efficiency_median']:.3f} ({interval(batch8)}), not valid",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
