@@ -490,3 +490,8 @@ def test_the_bus_control_and_the_warn_rounds_runs_quoted_are_the_committed_ones(
     ]
     for phrase in phrases:
         assert phrase in page, phrase
+    bus_page = " ".join((REPO / "docs/bus.md").read_text().split())
+    assert (
+        f"E(8) {on8['efficiency_median']:.3f} with the bus, "
+        f"{off8['efficiency_median']:.3f} without" in bus_page
+    )
