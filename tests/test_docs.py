@@ -495,3 +495,30 @@ def test_the_bus_control_and_the_warn_rounds_runs_quoted_are_the_committed_ones(
         f"E(8) {on8['efficiency_median']:.3f} with the bus, "
         f"{off8['efficiency_median']:.3f} without" in bus_page
     )
+
+
+def test_the_defaults_run_after_the_health_fix_quoted_is_the_committed_one() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    run = json.loads((REPO / "docs/results/scaleout-no-flap.json").read_text())
+    first = json.loads((REPO / "docs/results/scaleout-fleets.json").read_text())
+    assert run["valid"] and run["commit"] == "0412f82"
+    assert run["plan"] == first["plan"] | {"bus": True}  # today's defaults, the bus named
+    rows = {row["n"]: row for row in run["rows"]}
+
+    def quoted(n: int) -> str:
+        row = rows[n]
+        low, high = row["efficiency_interval"]
+        return (
+            f"{row['efficiency_median']:.3f} ({low:.3f} – {high:.3f}, "
+            f"{len(row['block_means'])} blocks)"
+        )
+
+    phrases = [
+        f"E(2) {quoted(2)}, E(4) {quoted(4)}, **E(8) {quoted(8)}**",
+        f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%}.",
+        "Requests per node CPU-second: "
+        + ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))
+        + f" and {rows[8]['requests_per_cpu_s_median']:.0f} at N = 1, 2, 4, 8",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
