@@ -483,6 +483,8 @@ def test_the_bus_control_and_the_warn_rounds_runs_quoted_are_the_committed_ones(
         f"**E(8) {off8['efficiency_median']:.3f} ({interval(off8)}, "
         f"{len(off8['block_means'])} blocks)**",
         f"the bus took about {off8['efficiency_median'] - on8['efficiency_median']:.2f} of E(8)",
+        f"their intervals overlap ({off8['efficiency_interval'][0]:.3f} – "
+        f"{on8['efficiency_interval'][1]:.3f} is in both)",
         f"E(8) median {rounds8['efficiency_median']:.3f}, but its four blocks disagree ("
         + ", ".join(f"{m:.3f}" for m in rounds8["block_means"])
         + f"; interval {interval(rounds8)})",
