@@ -152,6 +152,12 @@ class Plan:
     # every E(k) median is within ci_width/2 of the first's (--agree-with).
     ci_width: float = 0.10
     max_minutes: float = 60.0
+    # Side by side: the order a block brings its labs up and starts their
+    # loads alternates from one block of k to the next (the fleets of k
+    # first, then the fleets of one first), as the pairs' order of N does:
+    # should a lab's place in that order move its speed (for as long as its
+    # processes run), it moves both sides alike over the blocks.
+    alternate_start: bool = True
     # The USL is fitted on these N only; the largest N of `ns` checks it.
     fit_ns: tuple[int, ...] = (1, 2, 4)
     # The nodes' read cache (service/cache/). Off by default: E(N) is about
@@ -388,7 +394,8 @@ def measure_side_by_side(
     core = node_core() if plan.pin else None
     count = fleets(plan, k)
     ks = [f"fleet-{k}"] if count == 1 else [f"fleet-{k}-{j}" for j in range(1, count + 1)]
-    sizes = dict.fromkeys(ks, k) | {f"one-{i}": 1 for i in range(1, plan.references + 1)}
+    lone = [f"one-{i}" for i in range(1, plan.references + 1)]
+    sizes = {label: k if label in ks else 1 for label in start_order(ks, lone, first, plan)}
     labs = {label: Lab(run_dir / label) for label in sizes}
     # Per lab (each names its first node n1): (time, CPU-seconds per node).
     readings: dict[str, list[tuple[float, dict[str, float]]]] = {label: [] for label in labs}
@@ -450,6 +457,16 @@ def measure_side_by_side(
         }
         points.extend(by_n[n] for n in order)
     return points
+
+
+def start_order(ks: list[str], ones: list[str], first: int, plan: Plan) -> list[str]:
+    """The labs of the block whose first pair is `first`, in the order they come up
+    and start their loads: the fleets of k first in a k's even blocks, the fleets
+    of one first in its odd ones (always the fleets of k first without
+    Plan.alternate_start)."""
+    if plan.alternate_start and (first // plan.block_pairs) % 2 == 1:
+        return [*ones, *ks]
+    return [*ks, *ones]
 
 
 def merge_fleets(parts: dict[str, Point]) -> Point:
@@ -1050,7 +1067,15 @@ def _design_text(plan: dict[str, Any]) -> str:
             f"with its own HAProxy and database, and loads them ({plan['users_per_node']} users "
             f"per node) at once. After {plan['warmup_s']:g} s of "
             f"warm-up it counts {plan.get('block_pairs', 1)} windows of {plan['measure_s']:g} s, "
-            "the same seconds for every load; each window is a pair. " + pinned
+            "the same seconds for every load; each window is a pair. "
+            + (
+                "The labs come up, and their loads start, in an order that alternates from "
+                "one block of k to the next: the fleets of k first, then the fleets of one "
+                "first. "
+                if plan.get("alternate_start")
+                else ""
+            )
+            + pinned
         )
     return (
         " Nodes out of rotation "

@@ -168,6 +168,18 @@ def test_fleets_of_k_repeat_to_hold_the_same_nodes_at_every_k():
     assert merged["serving"] == ["fleet-2-1/n1", "fleet-2-1/n2", "fleet-2-2/n1", "fleet-2-2/n2"]
 
 
+def test_the_labs_start_order_alternates_from_one_block_of_k_to_the_next():
+    plan = scaleout.Plan()  # 4 pairs a block
+    ks, ones = ["fleet-2-1", "fleet-2-2"], ["one-1", "one-2"]
+    orders = [scaleout.start_order(ks, ones, first, plan) for first in (0, 4, 8, 12)]
+    assert orders == [ks + ones, ones + ks, ks + ones, ones + ks]
+    # The control: without alternation the fleets of k always come up first.
+    fixed = scaleout.Plan(alternate_start=False)
+    assert {tuple(scaleout.start_order(ks, ones, first, fixed)) for first in (0, 4)} == {
+        tuple(ks + ones)
+    }
+
+
 def test_the_bus_control_starts_every_node_with_its_bus_off(monkeypatch):
     shipped = scaleout._lab_options(scaleout.Plan(), 8).node_env
     control = scaleout._lab_options(scaleout.Plan(bus=False), 8).node_env
