@@ -524,3 +524,23 @@ def test_the_defaults_run_after_the_health_fix_quoted_is_the_committed_one() -> 
     ]
     for phrase in phrases:
         assert phrase in page, phrase
+
+
+def test_the_alternated_start_order_run_quoted_is_the_committed_one() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    run = json.loads((REPO / "docs/results/scaleout-start-order.json").read_text())
+    assert not run["valid"] and run["commit"] == "a8e669b" and run["plan"]["alternate_start"]
+    e8 = next(row for row in run["rows"] if row["n"] == 8)
+    fleet_first, ones_first = e8["block_means"][0::2], e8["block_means"][1::2]
+    low, high = e8["efficiency_interval"]
+    phrases = [
+        "E(8) "
+        + " and ".join(f"{m:.3f}" for m in fleet_first)
+        + " with the fleet of 8 first, "
+        + " and ".join(f"{m:.3f}" for m in ones_first)
+        + " with the fleets of one first",
+        f"Median {e8['efficiency_median']:.3f}, interval {low:.3f} – {high:.3f}: **not valid**",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
+    assert min(ones_first) > max(fleet_first)  # what the text says of the split
