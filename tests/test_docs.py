@@ -374,6 +374,17 @@ def test_the_interval_over_blocks_quoted_is_the_committed_run() -> None:
         assert phrase in page, phrase
 
 
+def _interval(row: dict[str, Any]) -> str:
+    """A scale-out row's interval of E(N) as the results page quotes it."""
+    low, high = row["efficiency_interval"]
+    return f"{low:.3f} – {high:.3f}"
+
+
+def _e_quoted(row: dict[str, Any]) -> str:
+    """A scale-out row's E(N) as the results page quotes it: median (interval, blocks)."""
+    return f"{row['efficiency_median']:.3f} ({_interval(row)}, {len(row['block_means'])} blocks)"
+
+
 def test_the_repeated_fleets_quoted_are_the_committed_run_the_capacity_tool_reads() -> None:
     page = " ".join((REPO / "docs/results/README.md").read_text().split())
     path = REPO / "docs/results/scaleout-fleets.json"
@@ -385,12 +396,7 @@ def test_the_repeated_fleets_quoted_are_the_committed_run_the_capacity_tool_read
     rows = {row["n"]: row for row in run["rows"]}
 
     def quoted(n: int) -> str:
-        row = rows[n]
-        low, high = row["efficiency_interval"]
-        return (
-            f"{row['efficiency_median']:.3f} ({low:.3f} – {high:.3f}, "
-            f"{len(row['block_means'])} blocks)"
-        )
+        return _e_quoted(rows[n])
 
     phrases = [
         f"E(2) {quoted(2)}",
@@ -473,22 +479,16 @@ def test_the_bus_control_and_the_warn_rounds_runs_quoted_are_the_committed_ones(
     assert {on["commit"], off["commit"]} == {"5171166"}
     assert (rounds["commit"], batch["commit"]) == ("1a1fdb6", "9bd01b0")
 
-    def interval(row: dict[str, Any]) -> str:
-        low, high = row["efficiency_interval"]
-        return f"{low:.3f} – {high:.3f}"
-
     phrases = [
-        f"**E(8) {on8['efficiency_median']:.3f} ({interval(on8)}, "
-        f"{len(on8['block_means'])} blocks)**",
-        f"**E(8) {off8['efficiency_median']:.3f} ({interval(off8)}, "
-        f"{len(off8['block_means'])} blocks)**",
+        f"**E(8) {_e_quoted(on8)}**",
+        f"**E(8) {_e_quoted(off8)}**",
         f"the bus took about {off8['efficiency_median'] - on8['efficiency_median']:.2f} of E(8)",
         f"their intervals overlap ({off8['efficiency_interval'][0]:.3f} – "
         f"{on8['efficiency_interval'][1]:.3f} is in both)",
         f"E(8) median {rounds8['efficiency_median']:.3f}, but its four blocks disagree ("
         + ", ".join(f"{m:.3f}" for m in rounds8["block_means"])
-        + f"; interval {interval(rounds8)})",
-        f"E(8) median {batch8['efficiency_median']:.3f} ({interval(batch8)}), not valid",
+        + f"; interval {_interval(rounds8)})",
+        f"E(8) median {batch8['efficiency_median']:.3f} ({_interval(batch8)}), not valid",
     ]
     for phrase in phrases:
         assert phrase in page, phrase
@@ -508,12 +508,7 @@ def test_the_defaults_run_after_the_health_fix_quoted_is_the_committed_one() -> 
     rows = {row["n"]: row for row in run["rows"]}
 
     def quoted(n: int) -> str:
-        row = rows[n]
-        low, high = row["efficiency_interval"]
-        return (
-            f"{row['efficiency_median']:.3f} ({low:.3f} – {high:.3f}, "
-            f"{len(row['block_means'])} blocks)"
-        )
+        return _e_quoted(rows[n])
 
     phrases = [
         f"E(2) {quoted(2)}, E(4) {quoted(4)}, **E(8) {quoted(8)}**",
