@@ -183,10 +183,11 @@ class HealthChecker:
 
     def follow_checks(self) -> None:
         """READY <-> DEGRADED follows the checks; other states belong to start and drain."""
-        passing = all(r.status is Status.ok for r in self._dependencies().values())
+        results = list(self._dependencies().values())
+        passing = all(r.status is Status.ok for r in results)
         self._warned_rounds = 0 if passing else self._warned_rounds + 1
         if self.lifecycle.state in (State.ready, State.degraded):
-            self.lifecycle.move(self.target_state())
+            self.lifecycle.move(self._target(results))
 
     def target_state(self) -> State:
         """Where a serving node belongs: READY when every dependency check passes;
@@ -194,9 +195,11 @@ class HealthChecker:
         rounds in a row. A warning is often the node's own load: a check that
         waits its turn on a saturated event loop answers late, for a round or
         two, then not. Degraded on each of those, a busy node flapped READY <->
-        DEGRADED every few seconds, logging and announcing each move to its
+        DEGRADED again and again, logging and announcing each move to its
         peers. Once DEGRADED, a node stays so until a round passes whole."""
-        results = self._dependencies().values()
+        return self._target(list(self._dependencies().values()))
+
+    def _target(self, results: list[CheckResult]) -> State:
         if all(r.status is Status.ok for r in results):
             return State.ready
         if any(r.status is Status.fail for r in results) or self._warned_rounds >= self.warn_rounds:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from deploy.lab.postgres import PostgresCluster
+from service.config import Settings
 from tests import hardening
 from tests.support import wait_until
 from tests.system.conftest import StartNode
@@ -25,8 +26,9 @@ INTERVAL_S = 0.2
 TIMEOUT_S = 0.5
 # A round every INTERVAL_S, each check bounded by TIMEOUT_S, plus slack for a busy machine.
 NOTICE_BOUND_S = INTERVAL_S + TIMEOUT_S + 2.0
-# A warning degrades the node once it has held for CATTLE_HEALTH_WARN_ROUNDS (3) rounds.
-WARN_BOUND_S = 3 * INTERVAL_S + TIMEOUT_S + 2.0
+# A warning degrades the node once it has held for CATTLE_HEALTH_WARN_ROUNDS rounds.
+WARN_ROUNDS = Settings.model_fields["health_warn_rounds"].default
+WARN_BOUND_S = WARN_ROUNDS * INTERVAL_S + TIMEOUT_S + 2.0
 
 
 def test_database_outage_fails_readiness_not_liveness(
