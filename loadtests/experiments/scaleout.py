@@ -70,6 +70,7 @@ from loadtests.harness import analysis, cgroupcpu, machine, paired
 from loadtests.harness.loadrun import LoadResult, Sample, run_load
 from loadtests.harness.locust_run import MIX_NAMES
 from loadtests.harness.usl import band, fit_usl, peak_n, usl
+from service.config import Settings, env_var
 from service.telemetry.http import AccessLog
 
 RESULTS = reports.RESULTS / "scaleout"
@@ -169,6 +170,15 @@ class Plan:
     # k hears k-1 peers, a cost a fleet of one does not pay. Off is the
     # control (--bus off): E(N) without the bus, so the difference is its share.
     bus: bool = True
+    # The bus's timers (heartbeat interval, suspect and dead bounds, and the
+    # ZMTP PINGs that follow the suspect bound). "model": 1/cpu times the
+    # shipped ones. A node at `cpu` core stands for a node of one core slowed
+    # 1/cpu times: it serves 1/cpu times fewer requests a second, so at the
+    # shipped timers it hears each peer 1/cpu times as often per request as
+    # the node it stands for, and that cost grows with the peers, as a fleet
+    # of one does not pay it (scaleout-bus-on against scaleout-bus-off).
+    # "shipped": the control, the timers as a node ships.
+    bus_timers: str = "model"
     # Notes created before each block's load, for the readers to read.
     seed_notes: int = 200
     # Alternating only: a node out of rotation burns its CPU cap (a spinning process in its
@@ -248,8 +258,21 @@ def _lab_options(plan: Plan, nodes: int) -> LabOptions:
         cpu_period_ms=plan.cpu_period_ms,
         drain_delay_s=0.5,
         node_env=({} if plan.cache else {f"{service.ENV_PREFIX}CACHE": "off"})
-        | ({} if plan.bus else {f"{service.ENV_PREFIX}BUS": "false"}),
+        | ({} if plan.bus else {f"{service.ENV_PREFIX}BUS": "false"})
+        | {env_var(name): f"{seconds:g}" for name, seconds in bus_timers(plan).items()},
     )
+
+
+# The bus's timer settings the model's clock stretches; the PINGs follow the suspect bound.
+BUS_TIMERS = ("bus_heartbeat_interval_s", "bus_suspect_after_s", "bus_dead_after_s")
+
+
+def bus_timers(plan: Plan) -> dict[str, float]:
+    """The bus timer settings every node of the plan starts with, where they
+    differ from the shipped ones (Plan.bus_timers)."""
+    if not plan.bus or plan.bus_timers == "shipped" or plan.cpu >= 1:
+        return {}
+    return {name: Settings.model_fields[name].default / plan.cpu for name in BUS_TIMERS}
 
 
 def _cgroup_reader(
@@ -1096,6 +1119,24 @@ def _design_text(plan: dict[str, Any]) -> str:
     )
 
 
+def _bus_text(plan: dict[str, Any]) -> str:
+    if not plan.get("bus", True):
+        return "**off (the control)**."
+    if "bus_timers" not in plan:  # reports from before the choice: as shipped
+        return "**on**."
+    if plan["bus_timers"] == "shipped" or plan["cpu"] >= 1:
+        return "**on**, its timers **as shipped** (the control)."
+    stretched = bus_timers(Plan(cpu=plan["cpu"]))
+    return (
+        f"**on**, its timers **on the model's clock**: 1/{plan['cpu']:g} times the shipped "
+        "ones, as a node of one core slowed as much (heartbeats every "
+        f"{stretched['bus_heartbeat_interval_s']:g} s, a peer suspect after "
+        f"{stretched['bus_suspect_after_s']:g} s, dead after "
+        f"{stretched['bus_dead_after_s']:g} s), so each node hears a peer as often per "
+        "request it serves as a node of one core does."
+    )
+
+
 def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
     plan, fit = report["plan"], report.get("usl") or {}
     side_by_side = plan.get("design") == "side-by-side"  # pairs in no order
@@ -1110,7 +1151,7 @@ def markdown(report: dict[str, Any], png: str = "scaleout.png") -> str:
         f"{plan['users_per_node']} closed-loop users per node of k. The nodes' read "
         f"cache is **{'on' if plan.get('cache', True) else 'off'}**; its hit ratio is over "
         "the whole run, warm-up included, summed over the nodes (/metrics). The node bus is "
-        f"**{'on' if plan.get('bus', True) else 'off (the control)'}**."
+        + _bus_text(plan)
         + _design_text(plan)
         + f"E(N) = X(N) / (N·X(1)) is taken in each pair; blocks repeat (at least "
         f"{plan['min_pairs']}, at most {plan['max_pairs']} pairs per N, no new block after "
@@ -1339,6 +1380,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the node bus in every lab (default on; off is the control: E(N) without it)",
     )
     parser.add_argument(
+        "--bus-timers",
+        choices=("model", "shipped"),
+        help="the bus's heartbeat and failure bounds: 1/cpu times the shipped ones "
+        "(default model), or as shipped (the control)",
+    )
+    parser.add_argument(
         "--burn-idle",
         choices=("on", "off"),
         help="nodes out of rotation burn their CPU cap (default on; off is the control)",
@@ -1375,6 +1422,7 @@ def main(argv: list[str] | None = None) -> int:
         "ns": args.ns,
         "cache": None if args.cache is None else args.cache == "on",
         "bus": None if args.bus is None else args.bus == "on",
+        "bus_timers": args.bus_timers,
         "mix": args.mix,
         "burn_idle": None if args.burn_idle is None else args.burn_idle == "on",
     }
@@ -1385,6 +1433,16 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, fleet_nodes=0)  # one lab of k serves N=1 and N=k in turn
     nodes = fleet_nodes(plan)
     plan = replace(plan, fleet_nodes=nodes)  # the report records what ran
+    if plan.bus_timers not in ("model", "shipped"):
+        parser.error("--bus-timers must be model or shipped")
+    for name, seconds in bus_timers(plan).items():
+        limit = Settings.model_fields[name].metadata
+        most = next((bound.le for bound in limit if hasattr(bound, "le")), None)
+        if most is not None and seconds > most:
+            parser.error(
+                f"--cpu {plan.cpu:g} stretches {env_var(name)} to {seconds:g} s, past its "
+                f"bound of {most:g} s: use --bus-timers shipped, or a larger --cpu"
+            )
     if plan.block_pairs < 1:
         parser.error("--block-pairs must be at least 1")
     if plan.min_pairs < 2 or plan.max_pairs < plan.min_pairs:

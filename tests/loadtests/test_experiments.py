@@ -180,15 +180,50 @@ def test_the_labs_start_order_alternates_from_one_block_of_k_to_the_next():
     }
 
 
+def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    with monkeypatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return Settings(node_id="n1")
+
+
 def test_the_bus_control_starts_every_node_with_its_bus_off(monkeypatch):
-    shipped = scaleout._lab_options(scaleout.Plan(), 8).node_env
+    shipped = scaleout._lab_options(scaleout.Plan(bus_timers="shipped"), 8).node_env
     control = scaleout._lab_options(scaleout.Plan(bus=False), 8).node_env
     assert control == shipped | {"CATTLE_BUS": "false"}
     for env, bus in ((shipped, True), (control, False)):
-        with monkeypatch.context() as patch:
-            for name, value in env.items():
-                patch.setenv(name, value)
-            assert Settings(node_id="n1").bus is bus
+        assert _settings_from(env, monkeypatch).bus is bus
+
+
+def test_the_bus_timers_run_on_the_models_clock_unless_shipped_is_asked(monkeypatch):
+    shipped = Settings(node_id="n1")
+    # At 0.05 core a node stands for a node of one core slowed 20 times: its bus
+    # waits 20 times as long between heartbeats and before it suspects a peer.
+    model = _settings_from(scaleout._lab_options(scaleout.Plan(cpu=0.05), 8).node_env, monkeypatch)
+    assert model.bus
+    assert model.bus_heartbeat_interval_s == pytest.approx(20 * shipped.bus_heartbeat_interval_s)
+    assert model.bus_suspect_after_s == pytest.approx(20 * shipped.bus_suspect_after_s)
+    assert model.bus_dead_after_s == pytest.approx(20 * shipped.bus_dead_after_s)
+    # The control, and a node of a whole core, run the timers as shipped.
+    for plan in (scaleout.Plan(bus_timers="shipped"), scaleout.Plan(cpu=1.0)):
+        ran = _settings_from(scaleout._lab_options(plan, 8).node_env, monkeypatch)
+        assert ran.bus_heartbeat_interval_s == shipped.bus_heartbeat_interval_s
+        assert ran.bus_suspect_after_s == shipped.bus_suspect_after_s
+    # The report says which, and reports from before the choice read as shipped.
+    text = scaleout._bus_text({"cpu": 0.05, "bus": True, "bus_timers": "model"})
+    assert "**on the model's clock**" in text and "heartbeats every 20 s" in text
+    assert "as shipped" in scaleout._bus_text({"cpu": 0.05, "bus": True, "bus_timers": "shipped"})
+    assert scaleout._bus_text({"cpu": 0.05, "bus": True}) == "**on**."
+
+
+def test_bus_timers_the_nodes_would_refuse_are_a_cli_error(tmp_path, capsys):
+    # At 0.01 core the heartbeat would be 100 s, past the setting's bound of 60 s.
+    with pytest.raises(SystemExit) as exited:
+        scaleout.main(["--cpu", "0.01", "--out", str(tmp_path / "never")])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "CATTLE_BUS_HEARTBEAT_INTERVAL_S to 100 s" in err and "--bus-timers shipped" in err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.usefixtures("_lab_parts")
