@@ -154,11 +154,17 @@ class Plan:
     ci_width: float = 0.10
     max_minutes: float = 60.0
     # Side by side: the order a block brings its labs up and starts their
-    # loads alternates from one block of k to the next (the fleets of k
-    # first, then the fleets of one first), as the pairs' order of N does:
-    # should a lab's place in that order move its speed (for as long as its
-    # processes run), it moves both sides alike over the blocks.
-    alternate_start: bool = True
+    # loads. Whichever labs come up first serve less per CPU-second for as
+    # long as their processes run (docs/results: scaleout-start-order), so:
+    # "balanced": the places in that order are taken in mirror pairs (first
+    # and last, second and second to last, ...), every other pair going to
+    # the fleets of k, from the outermost pair in a k's even blocks and from
+    # the next in its odd ones (a single fleet of k takes the middle place):
+    # both sides have the same mean place in every block.
+    # "alternate": the fleets of k first in a k's even blocks, the fleets of
+    # one first in its odd ones (the blocks then differ by the order effect).
+    # "fleets-first": every run before commit a8e669b.
+    start: str = "balanced"
     # The USL is fitted on these N only; the largest N of `ns` checks it.
     fit_ns: tuple[int, ...] = (1, 2, 4)
     # The nodes' read cache (service/cache/). Off by default: E(N) is about
@@ -483,13 +489,25 @@ def measure_side_by_side(
 
 
 def start_order(ks: list[str], ones: list[str], first: int, plan: Plan) -> list[str]:
-    """The labs of the block whose first pair is `first`, in the order they come up
-    and start their loads: the fleets of k first in a k's even blocks, the fleets
-    of one first in its odd ones (always the fleets of k first without
-    Plan.alternate_start)."""
-    if plan.alternate_start and (first // plan.block_pairs) % 2 == 1:
+    """The labs of the block whose first pair is `first`, in the order they come
+    up and start their loads (Plan.start)."""
+    odd = (first // plan.block_pairs) % 2 == 1
+    if plan.start == "fleets-first" or (plan.start == "alternate" and not odd):
+        return [*ks, *ones]
+    if plan.start == "alternate":
         return [*ones, *ks]
-    return [*ks, *ones]
+    count = len(ks) + len(ones)
+    mirror = [(place, count - 1 - place) for place in range(count // 2)]
+    pairs = mirror[odd::2] + mirror[(not odd) :: 2]  # the k side's, in preference
+    places: list[int] = [count // 2] if count % 2 and len(ks) % 2 else []
+    for pair in pairs:
+        if len(places) + 2 <= len(ks):
+            places.extend(pair)
+    if len(places) < len(ks):  # an odd k side and an even count: the free place nearest the middle
+        free = [place for pair in pairs for place in pair if place not in places]
+        places.append(min(free, key=lambda place: abs(2 * place - (count - 1))))
+    k_side, one_side = iter(ks), iter(ones)
+    return [next(k_side) if place in places else next(one_side) for place in range(count)]
 
 
 def merge_fleets(parts: dict[str, Point]) -> Point:
@@ -1090,15 +1108,7 @@ def _design_text(plan: dict[str, Any]) -> str:
             f"with its own HAProxy and database, and loads them ({plan['users_per_node']} users "
             f"per node) at once. After {plan['warmup_s']:g} s of "
             f"warm-up it counts {plan.get('block_pairs', 1)} windows of {plan['measure_s']:g} s, "
-            "the same seconds for every load; each window is a pair. "
-            + (
-                "The labs come up, and their loads start, in an order that alternates from "
-                "one block of k to the next: the fleets of k first, then the fleets of one "
-                "first. "
-                if plan.get("alternate_start")
-                else ""
-            )
-            + pinned
+            "the same seconds for every load; each window is a pair. " + _start_text(plan) + pinned
         )
     return (
         " Nodes out of rotation "
@@ -1117,6 +1127,24 @@ def _design_text(plan: dict[str, Any]) -> str:
         f"in even ones. A segment settles {plan.get('settle_s', 0):g} s after the switch, then "
         f"counts {plan['measure_s']:g} s. "
     )
+
+
+def _start_text(plan: dict[str, Any]) -> str:
+    start = plan.get("start") or ("alternate" if plan.get("alternate_start") else "")
+    if start == "alternate":
+        return (
+            "The labs come up, and their loads start, in an order that alternates from "
+            "one block of k to the next: the fleets of k first, then the fleets of one first. "
+        )
+    if start == "balanced":
+        return (
+            "The labs come up, and their loads start, in a **balanced order**: the places "
+            "in it are taken in mirror pairs (first and last, second and second to last, "
+            "...), every other pair by the fleets of k, from the outermost pair in a k's "
+            "even blocks and from the next in its odd ones (a single fleet of k takes the "
+            "middle place), so both sides have the same mean place in every block. "
+        )
+    return ""
 
 
 def _bus_text(plan: dict[str, Any]) -> str:
@@ -1380,6 +1408,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the node bus in every lab (default on; off is the control: E(N) without it)",
     )
     parser.add_argument(
+        "--start",
+        choices=("balanced", "alternate", "fleets-first"),
+        help="the order a block's labs come up in (side by side; default balanced)",
+    )
+    parser.add_argument(
         "--bus-timers",
         choices=("model", "shipped"),
         help="the bus's heartbeat and failure bounds: 1/cpu times the shipped ones "
@@ -1423,6 +1456,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache": None if args.cache is None else args.cache == "on",
         "bus": None if args.bus is None else args.bus == "on",
         "bus_timers": args.bus_timers,
+        "start": args.start,
         "mix": args.mix,
         "burn_idle": None if args.burn_idle is None else args.burn_idle == "on",
     }

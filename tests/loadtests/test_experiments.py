@@ -169,15 +169,45 @@ def test_fleets_of_k_repeat_to_hold_the_same_nodes_at_every_k():
 
 
 def test_the_labs_start_order_alternates_from_one_block_of_k_to_the_next():
-    plan = scaleout.Plan()  # 4 pairs a block
+    plan = scaleout.Plan(start="alternate")  # 4 pairs a block
     ks, ones = ["fleet-2-1", "fleet-2-2"], ["one-1", "one-2"]
     orders = [scaleout.start_order(ks, ones, first, plan) for first in (0, 4, 8, 12)]
     assert orders == [ks + ones, ones + ks, ks + ones, ones + ks]
-    # The control: without alternation the fleets of k always come up first.
-    fixed = scaleout.Plan(alternate_start=False)
+    # The control: the fleets of k always come up first, as before a8e669b.
+    fixed = scaleout.Plan(start="fleets-first")
     assert {tuple(scaleout.start_order(ks, ones, first, fixed)) for first in (0, 4)} == {
         tuple(ks + ones)
     }
+
+
+def _mean_place(order: list[str], side: list[str]) -> float:
+    return sum(order.index(label) for label in side) / len(side)
+
+
+@pytest.mark.parametrize("k_labs", [1, 2, 4])
+def test_a_balanced_start_order_gives_both_sides_the_same_mean_place(k_labs):
+    plan = scaleout.Plan()  # the default; 4 pairs a block
+    ks = [f"fleet-{8 // k_labs}-{j}" for j in range(1, k_labs + 1)]
+    ones = [f"one-{i}" for i in range(1, 5)]
+    orders = [scaleout.start_order(ks, ones, first, plan) for first in (0, 4, 8, 12)]
+    for order in orders:
+        assert sorted(order) == sorted(ks + ones)
+        assert _mean_place(order, ks) == _mean_place(order, ones)
+    assert orders[0] == orders[2] and orders[1] == orders[3]
+    if k_labs > 1:  # even and odd blocks take different mirror pairs
+        assert orders[0] != orders[1]
+        assert orders[0][0] in ks and orders[1][0] in ones  # neither side always first
+    else:  # one fleet of 8 in the middle of four fleets of one
+        assert orders[0] == ["one-1", "one-2", ks[0], "one-3", "one-4"]
+    # The control that made it needed: the fleets first, a whole side earlier.
+    fixed = scaleout.start_order(ks, ones, 0, scaleout.Plan(start="fleets-first"))
+    assert _mean_place(fixed, ks) < _mean_place(fixed, ones)
+
+
+def test_a_start_order_that_cannot_balance_puts_the_odd_lab_nearest_the_middle():
+    # One fleet of k beside three fleets of one: four places, no middle one.
+    order = scaleout.start_order(["fleet"], ["one-1", "one-2", "one-3"], 0, scaleout.Plan())
+    assert order.index("fleet") in (1, 2)
 
 
 def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
