@@ -1,8 +1,8 @@
 """How many nodes of the measured size a target request rate needs, from the committed fit.
 
 Reads the Universal Scalability Law fit the scale-out experiment writes
-(docs/results/scaleout-fleets.json, the first run valid over its blocks:
-fitted on N = 1, 2, 4, checked against a measured N = 8) and answers with
+(docs/results/scaleout-balanced.json, the defaults' run, valid over its
+blocks: fitted on N = 1, 2, 4, checked against a measured N = 8) and answers with
 the fit's uncertainty: the node count its central curve needs, the range
 over its 95% band (the standard errors of X(1), sigma and kappa, drawn
 jointly), and the N past which the fit says adding nodes lowers throughput
@@ -25,7 +25,7 @@ from loadtests import REPO_ROOT
 from loadtests import report as reports
 from loadtests.harness.usl import bands, peak_n, usl
 
-FIT = reports.RESULTS / "scaleout-fleets.json"
+FIT = reports.RESULTS / "scaleout-balanced.json"
 MAX_NODES = 1000
 RERUN = "python -m loadtests.experiments.scaleout"
 # What a fit needs for planning (loadtests/experiments/scaleout.py, usl_check).

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -385,14 +387,13 @@ def _e_quoted(row: dict[str, Any]) -> str:
     return f"{row['efficiency_median']:.3f} ({_interval(row)}, {len(row['block_means'])} blocks)"
 
 
-def test_the_repeated_fleets_quoted_are_the_committed_run_the_capacity_tool_reads() -> None:
+def test_the_repeated_fleets_quoted_are_the_committed_run() -> None:
     page = " ".join((REPO / "docs/results/README.md").read_text().split())
     path = REPO / "docs/results/scaleout-fleets.json"
     run = json.loads(path.read_text())
     one_fleet = json.loads((REPO / "docs/results/scaleout-blocks.json").read_text())
     before = next(row["block_means"] for row in one_fleet["rows"] if row["n"] == 2)
     assert run["valid"] and run["plan"]["fleet_nodes"] == 8 and run["plan"]["references"] == 4
-    assert path == capacity.FIT
     rows = {row["n"]: row for row in run["rows"]}
 
     def quoted(n: int) -> str:
@@ -539,3 +540,59 @@ def test_the_alternated_start_order_run_quoted_is_the_committed_one() -> None:
     for phrase in phrases:
         assert phrase in page, phrase
     assert min(ones_first) > max(fleet_first)  # what the text says of the split
+
+
+def test_the_bus_figures_behind_the_model_clock_are_the_committed_ones() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+
+    def idle(name: str) -> list[float]:
+        report = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        return report["cpu_share_per_node"]["idle"]
+
+    eight, two = idle("bus"), idle("bus-n2")
+    assert len(eight) == 8 and len(two) == 2
+    quoted = (
+        f"Idle, a process of an 8-process bus mesh used {statistics.median(eight):.1%} of a "
+        f"core on its bus, one of a 2-process mesh {statistics.median(two):.1%}"
+    )
+    assert quoted in page
+    # The share of a 0.05-core cap the page draws from it.
+    cap = scaleout.Plan().cpu
+    assert f"but {statistics.median(eight) / cap:.0%} of a cap of {cap} core" in page
+    stretched = scaleout.bus_timers(scaleout.Plan())
+    assert (
+        f"({stretched['bus_heartbeat_interval_s']:g} s, {stretched['bus_suspect_after_s']:g} s, "
+        f"{stretched['bus_dead_after_s']:g} s;" in page
+    )
+
+
+def test_the_balanced_run_quoted_is_the_committed_one_the_capacity_tool_reads() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    path = REPO / "docs/results/scaleout-balanced.json"
+    run = json.loads(path.read_text())
+    assert path == capacity.FIT
+    assert run["valid"] and run["commit"] == "d5cc85e"
+    # Today's defaults, as the page says.
+    assert run["plan"] == asdict(replace(scaleout.Plan(), fleet_nodes=8)) | {"ns": [1, 2, 4, 8]} | {
+        "fit_ns": [1, 2, 4]
+    }
+    assert run["plan"]["start"] == "balanced" and run["plan"]["bus_timers"] == "model"
+    rows = {row["n"]: row for row in run["rows"]}
+    e8 = rows[8]
+    phrases = [
+        f"E(2) {_e_quoted(rows[2])}, E(4) {_e_quoted(rows[4])}, **E(8) {_e_quoted(e8)}**",
+        f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%};",
+        "Requests per node CPU-second: "
+        + ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))
+        + f" and {rows[8]['requests_per_cpu_s_median']:.0f} at N = 1, 2, 4, 8",
+        f"(E(8) {min(e8['block_means']):.3f} to {max(e8['block_means']):.3f} over six blocks",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
+    assert len(e8["block_means"]) == 6
+    assert min(m for n in (2, 4, 8) for m in rows[n]["block_means"]) > 0.92
+    # What the page says of the alternated start order's blocks.
+    alternated = json.loads((REPO / "docs/results/scaleout-start-order.json").read_text())
+    means = next(row for row in alternated["rows"] if row["n"] == 8)["block_means"]
+    moved = sum(means[1::2]) / len(means[1::2]) - sum(means[0::2]) / len(means[0::2])
+    assert f"moved a block by about {moved:.2f}" in page
