@@ -596,3 +596,34 @@ def test_the_balanced_run_quoted_is_the_committed_one_the_capacity_tool_reads() 
     means = next(row for row in alternated["rows"] if row["n"] == 8)["block_means"]
     moved = sum(means[1::2]) / len(means[1::2]) - sum(means[0::2]) / len(means[0::2])
     assert f"moved a block by about {moved:.2f}" in page
+
+
+def test_the_balanced_rerun_quoted_is_the_committed_one_and_agrees() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    first = json.loads((REPO / "docs/results/scaleout-balanced.json").read_text())
+    run = json.loads((REPO / "docs/results/scaleout-balanced-rerun.json").read_text())
+    assert run["plan"] == first["plan"] and run["commit"] == "33a8bf3"
+    assert not run["valid"] and run["agreement"]["agree"]
+    rows = {row["n"]: row for row in run["rows"]}
+    firsts = {row["n"]: row for row in first["rows"]}
+    e4 = rows[4]
+    phrases = [
+        f"E(2) {rows[2]['efficiency_median']:.3f}, E(4) {e4['efficiency_median']:.3f}, "
+        f"**E(8) {_e_quoted(rows[8])}**, against "
+        + ", ".join(f"{firsts[n]['efficiency_median']:.3f}" for n in (2, 4))
+        + f" and {firsts[8]['efficiency_median']:.3f}",
+        f"E(4)'s ten blocks disagree ({min(e4['block_means']):.3f} to "
+        f"{max(e4['block_means']):.3f}; interval {_interval(e4)}, wider than 0.10)",
+        f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%}.",
+        "put E(8) at 0.98 to 0.99",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
+    assert len(e4["block_means"]) == 10
+    low, high = e4["efficiency_interval"]
+    assert high - low > 0.10
+    for n in (2, 8):
+        low, high = rows[n]["efficiency_interval"]
+        assert high - low <= 0.10
+    medians = sorted(r[8]["efficiency_median"] for r in (rows, firsts))
+    assert f"{medians[0]:.2f}" == "0.98" and f"{medians[1]:.2f}" == "0.99"
