@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -50,9 +51,23 @@ def _start_load(lab: Lab, front: str, *, users: int, rate: float, console: Conso
         while not out.exists():
             if not procs.is_ours(pid, str(out)) or time.monotonic() > deadline:
                 log = (lab.run_dir / "load.log").read_text(errors="replace")[-1500:]
-                raise LabError(f"the load did not start:\n{log}")
+                raise LabError(f"the load did not start ({_fate(pid)}):\n{log}")
             time.sleep(0.2)
     return pid
+
+
+def _fate(pid: int) -> str:
+    """What became of the load process `pid` (our child), for the error that
+    says it did not start."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return f"process {pid} is gone"
+    if not done:
+        return f"process {pid} still runs, but has not written its counts"
+    if os.WIFSIGNALED(status):
+        return f"process {pid} was killed by signal {os.WTERMSIG(status)}"
+    return f"process {pid} exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 def _stop_load(pid: int | None, lab: Lab) -> dict[str, Any]:

@@ -1,0 +1,44 @@
+"""When `make demo`'s load does not start, the error says what became of its
+process: its log can be empty (a process killed before it wrote a line)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+from deploy.lab import demo
+
+
+def _child(code: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_the_fate_of_a_load_that_did_not_start_is_named() -> None:
+    exited = _child("raise SystemExit(3)")
+    exited.wait(timeout=30)  # Popen reaped it: _fate finds no child left
+    assert demo._fate(exited.pid) == f"process {exited.pid} is gone"
+
+    running = _child("import time; time.sleep(30)")
+    try:
+        assert (
+            demo._fate(running.pid)
+            == f"process {running.pid} still runs, but has not written its counts"
+        )
+        running.send_signal(signal.SIGKILL)
+        for _ in range(200):  # bounded: the kill lands within moments
+            fate = demo._fate(running.pid)
+            if "still runs" not in fate:
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        assert fate == f"process {running.pid} was killed by signal {int(signal.SIGKILL)}"
+    finally:
+        running.kill()
+
+    failing = _child("raise SystemExit(3)")
+    for _ in range(200):
+        fate = demo._fate(failing.pid)
+        if "still runs" not in fate:
+            break
+        subprocess.run(["sleep", "0.05"], check=True)
+    assert fate == f"process {failing.pid} exited with status 3"
