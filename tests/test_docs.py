@@ -627,3 +627,26 @@ def test_the_balanced_rerun_quoted_is_the_committed_one_and_agrees() -> None:
         assert high - low <= 0.10
     medians = sorted(r[8]["efficiency_median"] for r in (rows, firsts))
     assert f"{medians[0]:.2f}" == "0.98" and f"{medians[1]:.2f}" == "0.99"
+
+
+def test_the_bus_timers_pair_quoted_is_the_committed_one() -> None:
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+
+    def run(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        report = json.loads(
+            (REPO / f"docs/results/scaleout-balanced-{name}-timers.json").read_text()
+        )
+        return report, next(row for row in report["rows"] if row["n"] == 8)
+
+    (shipped, shipped8), (model, model8) = run("shipped"), run("model")
+    assert {shipped["commit"], model["commit"]} == {"393ace3"}
+    assert shipped["plan"] | {"bus_timers": "model"} == model["plan"]
+    assert shipped["plan"]["start"] == "balanced" and not shipped["valid"] and not model["valid"]
+    phrases = [
+        f"With the bus's timers as shipped: E(8) {_e_quoted(shipped8)};",
+        f"on the model's clock: E(8) {_e_quoted(model8)}.",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
+    # "they do not differ": the medians well inside either interval.
+    assert abs(shipped8["efficiency_median"] - model8["efficiency_median"]) < 0.01

@@ -31,7 +31,10 @@ def figures() -> dict[str, str]:
     nodeloss, failover, scaleout = (
         _json("nodeloss.json"), _json("failover.json"), _json("scaleout-balanced.json")
     )  # fmt: skip
-    shipped = next(row for row in _json("scaleout-bus-on.json")["rows"] if row["n"] == 8)
+    fleets_first = next(row for row in _json("scaleout-bus-on.json")["rows"] if row["n"] == 8)
+    shipped = next(
+        row for row in _json("scaleout-balanced-shipped-timers.json")["rows"] if row["n"] == 8
+    )
     saturation = {e["event"]: e for e in nodeloss["runs"]["saturation"]["events"]}
     efficiency = {row["n"]: row["efficiency_median"] for row in scaleout["rows"]}
     check = scaleout["usl"]["check"]
@@ -60,7 +63,8 @@ def figures() -> dict[str, str]:
         "efficiency": ", ".join(f"{efficiency[n]:.2f} at N = {n}" for n in (2, 4, 8)),
         "usl_predicted": f"{check['predicted_rps']:.0f}",
         "usl_measured": f"{check['measured_rps']:.0f}",
-        "shipped_timers": f"E(8) was {shipped['efficiency_median']:.2f}",
+        "fleets_first": f"E(8) was {fleets_first['efficiency_median']:.2f}",
+        "shipped_timers": f"E(8) {shipped['efficiency_median']:.2f} as well",
     }
 
 
