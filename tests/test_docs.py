@@ -387,6 +387,20 @@ def _e_quoted(row: dict[str, Any]) -> str:
     return f"{row['efficiency_median']:.3f} ({_interval(row)}, {len(row['block_means'])} blocks)"
 
 
+def _per_cpu_quoted(rows: dict[int, dict[str, Any]]) -> str:
+    """A run's requests per node CPU-second at N = 1, 2, 4, 8 as the results page quotes them."""
+    return (
+        ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))
+        + f" and {rows[8]['requests_per_cpu_s_median']:.0f} at N = 1, 2, 4, 8"
+    )
+
+
+def _run_at_8(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A committed scale-out report and its N=8 row."""
+    report = json.loads((REPO / f"docs/results/{name}.json").read_text())
+    return report, next(row for row in report["rows"] if row["n"] == 8)
+
+
 def test_the_repeated_fleets_quoted_are_the_committed_run() -> None:
     page = " ".join((REPO / "docs/results/README.md").read_text().split())
     path = REPO / "docs/results/scaleout-fleets.json"
@@ -407,9 +421,7 @@ def test_the_repeated_fleets_quoted_are_the_committed_run() -> None:
         f"{max(rows[2]['block_means']):.3f} (from {min(before):.3f} to {max(before):.3f} "
         "with one fleet of 2)",
         f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%};",
-        "(medians "
-        + ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))
-        + f" and {rows[8]['requests_per_cpu_s_median']:.0f} at N = 1, 2, 4, 8)",
+        f"(medians {_per_cpu_quoted(rows)})",
     ]
     for phrase in phrases:
         assert phrase in page, phrase
@@ -436,9 +448,7 @@ def test_the_rerun_of_the_repeated_fleets_quoted_is_valid_and_agrees() -> None:
         f"{len(e8['block_means'])} blocks)**, against {firsts[2]['efficiency_median']:.3f}, "
         f"{firsts[4]['efficiency_median']:.3f} and {firsts[8]['efficiency_median']:.3f}",
         f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%}",
-        "were "
-        + ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))
-        + f" and {rows[8]['requests_per_cpu_s_median']:.0f} at N = 1, 2, 4, 8",
+        "were " + _per_cpu_quoted(rows),
         "8 nodes serve "
         + " to ".join(f"{8 * r['efficiency_median']:.1f}" for r in (firsts[8], e8))
         + " times what one does",
@@ -468,12 +478,9 @@ def test_no_earlier_scaleout_run_is_valid_over_its_blocks() -> None:
 def test_the_bus_control_and_the_warn_rounds_runs_quoted_are_the_committed_ones() -> None:
     page = " ".join((REPO / "docs/results/README.md").read_text().split())
 
-    def run(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        report = json.loads((REPO / f"docs/results/{name}.json").read_text())
-        return report, next(row for row in report["rows"] if row["n"] == 8)
-
-    (on, on8), (off, off8) = run("scaleout-bus-on"), run("scaleout-bus-off")
-    (rounds, rounds8), (batch, batch8) = run("scaleout-warn-rounds"), run("scaleout-sched-batch")
+    (on, on8), (off, off8) = _run_at_8("scaleout-bus-on"), _run_at_8("scaleout-bus-off")
+    (rounds, rounds8) = _run_at_8("scaleout-warn-rounds")
+    (batch, batch8) = _run_at_8("scaleout-sched-batch")
     assert on["valid"] and off["valid"] and not rounds["valid"] and not batch["valid"]
     assert on["plan"]["bus"] and not off["plan"]["bus"]
     assert on["plan"] | {"bus": False, "max_pairs": 0} == off["plan"] | {"max_pairs": 0}
@@ -514,9 +521,7 @@ def test_the_defaults_run_after_the_health_fix_quoted_is_the_committed_one() -> 
     phrases = [
         f"E(2) {quoted(2)}, E(4) {quoted(4)}, **E(8) {quoted(8)}**",
         f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%}.",
-        "Requests per node CPU-second: "
-        + ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))
-        + f" and {rows[8]['requests_per_cpu_s_median']:.0f} at N = 1, 2, 4, 8",
+        "Requests per node CPU-second: " + _per_cpu_quoted(rows),
     ]
     for phrase in phrases:
         assert phrase in page, phrase
@@ -582,9 +587,7 @@ def test_the_balanced_run_quoted_is_the_committed_one_the_capacity_tool_reads() 
     phrases = [
         f"E(2) {_e_quoted(rows[2])}, E(4) {_e_quoted(rows[4])}, **E(8) {_e_quoted(e8)}**",
         f"predicted X(8) off by {run['usl']['check']['relative_error']:+.1%};",
-        "Requests per node CPU-second: "
-        + ", ".join(f"{rows[n]['requests_per_cpu_s_median']:.0f}" for n in (1, 2, 4))
-        + f" and {rows[8]['requests_per_cpu_s_median']:.0f} at N = 1, 2, 4, 8",
+        "Requests per node CPU-second: " + _per_cpu_quoted(rows),
         f"(E(8) {min(e8['block_means']):.3f} to {max(e8['block_means']):.3f} over six blocks",
     ]
     for phrase in phrases:
@@ -632,13 +635,8 @@ def test_the_balanced_rerun_quoted_is_the_committed_one_and_agrees() -> None:
 def test_the_bus_timers_pair_quoted_is_the_committed_one() -> None:
     page = " ".join((REPO / "docs/results/README.md").read_text().split())
 
-    def run(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        report = json.loads(
-            (REPO / f"docs/results/scaleout-balanced-{name}-timers.json").read_text()
-        )
-        return report, next(row for row in report["rows"] if row["n"] == 8)
-
-    (shipped, shipped8), (model, model8) = run("shipped"), run("model")
+    (shipped, shipped8) = _run_at_8("scaleout-balanced-shipped-timers")
+    (model, model8) = _run_at_8("scaleout-balanced-model-timers")
     assert {shipped["commit"], model["commit"]} == {"393ace3"}
     assert shipped["plan"] | {"bus_timers": "model"} == model["plan"]
     assert shipped["plan"]["start"] == "balanced" and not shipped["valid"] and not model["valid"]

@@ -6,12 +6,23 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 from deploy.lab import demo
 
 
 def _child(code: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code])
+
+
+def _settled_fate(pid: int) -> str:
+    """Its fate once it no longer runs (bounded: an exit or a kill lands within moments)."""
+    for _ in range(200):
+        fate = demo._fate(pid)
+        if "still runs" not in fate:
+            break
+        time.sleep(0.05)
+    return fate
 
 
 def test_the_fate_of_a_load_that_did_not_start_is_named() -> None:
@@ -26,19 +37,12 @@ def test_the_fate_of_a_load_that_did_not_start_is_named() -> None:
             == f"process {running.pid} still runs, but has not written its counts"
         )
         running.send_signal(signal.SIGKILL)
-        for _ in range(200):  # bounded: the kill lands within moments
-            fate = demo._fate(running.pid)
-            if "still runs" not in fate:
-                break
-            subprocess.run(["sleep", "0.05"], check=True)
-        assert fate == f"process {running.pid} was killed by signal {int(signal.SIGKILL)}"
+        assert (
+            _settled_fate(running.pid)
+            == f"process {running.pid} was killed by signal {int(signal.SIGKILL)}"
+        )
     finally:
         running.kill()
 
     failing = _child("raise SystemExit(3)")
-    for _ in range(200):
-        fate = demo._fate(failing.pid)
-        if "still runs" not in fate:
-            break
-        subprocess.run(["sleep", "0.05"], check=True)
-    assert fate == f"process {failing.pid} exited with status 3"
+    assert _settled_fate(failing.pid) == f"process {failing.pid} exited with status 3"
