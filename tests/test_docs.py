@@ -648,3 +648,59 @@ def test_the_bus_timers_pair_quoted_is_the_committed_one() -> None:
         assert phrase in page, phrase
     # "they do not differ": the medians well inside either interval.
     assert abs(shipped8["efficiency_median"] - model8["efficiency_median"]) < 0.01
+
+
+def test_the_timers_as_shipped_in_full_and_the_third_defaults_run_quoted_are_the_committed_ones() -> (
+    None
+):
+    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    first = json.loads((REPO / "docs/results/scaleout-balanced.json").read_text())
+    shipped = json.loads((REPO / "docs/results/scaleout-shipped.json").read_text())
+    third = json.loads((REPO / "docs/results/scaleout-balanced-third.json").read_text())
+    assert {shipped["commit"], third["commit"]} == {"07e07f5"}
+    # The third run is the defaults again (as the first ran them); the other
+    # differs from it in the bus's timers alone.
+    assert third["plan"] == first["plan"]
+    assert shipped["plan"] | {"bus_timers": "model"} == third["plan"]
+    assert shipped["valid"] and third["valid"] and third["agreement"]["agree"]
+    assert shipped["date"] < third["date"]  # "then", as the page orders them
+    rows = {row["n"]: row for row in third["rows"]}
+    ships = {row["n"]: row for row in shipped["rows"]}
+    firsts = {row["n"]: row for row in first["rows"]}
+    differences = [r["difference"] for r in third["agreement"]["rows"]]
+    gap = rows[8]["efficiency_median"] - ships[8]["efficiency_median"]
+    phrases = [
+        f"X(1) {shipped['x1_rps']:.0f} and {third['x1_rps']:.0f} req/s, against "
+        f"{first['x1_rps']:.0f} in scaleout-balanced",
+        f"{ships[1]['requests_per_cpu_s_median']:.0f} and "
+        f"{rows[1]['requests_per_cpu_s_median']:.0f} requests per CPU-second of a lone node, "
+        f"against {firsts[1]['requests_per_cpu_s_median']:.0f}",
+        "agrees with scaleout-balanced at every N** ("
+        + ", ".join(f"{d:+.3f}" for d in differences)
+        + ")",
+        f"E(2) {rows[2]['efficiency_median']:.3f}, E(4) {rows[4]['efficiency_median']:.3f}, "
+        f"**E(8) {_e_quoted(rows[8])}**; its USL fit predicted X(8) off by "
+        f"{third['usl']['check']['relative_error']:+.1%}",
+        f"put E(8) at {firsts[8]['efficiency_median']:.3f} and {rows[8]['efficiency_median']:.3f}",
+        f"**With the bus's timers as shipped, E(8) is {ships[8]['efficiency_median']:.3f} "
+        f"({_interval(ships[8])}, {len(ships[8]['block_means'])} blocks)**, valid; "
+        f"E(2) {ships[2]['efficiency_median']:.3f}, E(4) {ships[4]['efficiency_median']:.3f}, "
+        f"USL off by {shipped['usl']['check']['relative_error']:+.1%}.",
+        f"That is {gap:.3f} below the third run",
+        f"the two intervals overlap ({rows[8]['efficiency_interval'][0]:.3f} – "
+        f"{ships[8]['efficiency_interval'][1]:.3f})",
+        "fell short of 0.95 at N=8",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
+    assert ships[8]["efficiency_median"] < 0.95 <= rows[8]["efficiency_median"]
+    # "overlap": the third run's low end below the shipped run's high end.
+    assert rows[8]["efficiency_interval"][0] < ships[8]["efficiency_interval"][1]
+    rerun = _run_at_8("scaleout-balanced-rerun")[1]
+    assert f"disagree, at {rerun['efficiency_median']:.3f}." in page
+    bus_page = " ".join((REPO / "docs/bus.md").read_text().split())
+    assert (
+        f"a full pair {ships[8]['efficiency_median']:.3f} as shipped against "
+        f"{rows[8]['efficiency_median']:.3f} stretched" in bus_page
+    )
+    assert f"a full pair {gap:.2f}, with intervals that overlap" in page

@@ -185,7 +185,8 @@ class Plan:
     # shipped timers it hears each peer 1/cpu times as often per request as
     # the node it stands for, a cost that grows with the peers (docs/results:
     # bus, bus-n2). With the start order balanced, a short pair of runs saw
-    # no difference in E(8) (scaleout-balanced-shipped-timers, -model-timers).
+    # no difference in E(8) (scaleout-balanced-shipped-timers, -model-timers),
+    # a full pair 0.04, intervals overlapping (scaleout-shipped, -balanced-third).
     # "shipped": the control, the timers as a node ships.
     bus_timers: str = "model"
     # Notes created before each block's load, for the readers to read.
