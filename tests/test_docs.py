@@ -704,3 +704,35 @@ def test_the_timers_as_shipped_in_full_and_the_third_defaults_run_quoted_are_the
         f"{rows[8]['efficiency_median']:.3f} stretched" in bus_page
     )
     assert f"a full pair {gap:.2f}, with intervals that overlap" in page
+
+
+def test_what_the_readme_says_it_has_shown_is_the_committed_results() -> None:
+    page = " ".join((REPO / "README.md").read_text().split())
+    efficiency = json.loads((REPO / "docs/results/efficiency.json").read_text())
+    read = efficiency["summary"]["cattle-no-cache"]
+    ratio = efficiency["pairs"]["cattle-no-cache/fastapi"]["per_core"]["median"]
+    first, first8 = _run_at_8("scaleout-balanced")
+    second, second8 = _run_at_8("scaleout-balanced-third")
+    shipped8 = _run_at_8("scaleout-shipped")[1]
+    assert first["valid"] and second["valid"] and second["agreement"]["agree"]
+    nodeloss = json.loads((REPO / "docs/results/nodeloss.json").read_text())
+    protected = [run for run in nodeloss["runs"].values() if run["haproxy_retries"]]
+    control = nodeloss["runs"]["control"]
+    assert not control["haproxy_retries"] and len(protected) == 4
+    audits = [run["audit"] for run in nodeloss["runs"].values()]
+    assert all(a["lost"] == 0 and a["duplicated"] == 0 for a in audits)  # "no write lost"
+    kills = {e["event"] for run in protected for e in run["events"]}
+    assert {"drain n1", "kill n2", "restart n2"} <= kills
+    phrases = [
+        f"costs {read['cpu_us_per_request']['median']:.0f} µs of CPU",
+        f"{ratio:.1%} of what bare FastAPI serves from memory per core-second",
+        f"at {first['plan']['cpu']} core",
+        f"8 nodes served {first8['efficiency_median']:.3f} times 8 what one did",
+        f"and {second8['efficiency_median']:.3f} in a second valid run that agrees",
+        f"one full run gave {shipped8['efficiency_median']:.3f}",
+        f"0 failed of {sum(run['requests'] for run in protected)} requests over four runs",
+        f"failed {control['failed']} of {control['requests']}",
+    ]
+    for phrase in phrases:
+        assert phrase in page, phrase
+    assert sum(run["failed"] for run in protected) == 0
