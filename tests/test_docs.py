@@ -11,6 +11,7 @@ import os
 import re
 import statistics
 from dataclasses import asdict, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,21 @@ INCLUDE = re.compile(
     re.DOTALL,
 )
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").rglob("*.md")])
+
+
+def _flat(path: str) -> str:
+    """A page of the repository, its whitespace collapsed (phrases may wrap anywhere)."""
+    return " ".join((REPO / path).read_text().split())
+
+
+def _result(name: str) -> Any:
+    """A committed result's JSON report, by name (docs/results/<name>.json)."""
+    return json.loads((REPO / f"docs/results/{name}.json").read_text())
+
+
+def _by_n(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """A scale-out report's rows by N."""
+    return {row["n"]: row for row in report["rows"]}
 
 
 def _rendered(match: re.Match[str]) -> str:
@@ -68,7 +84,7 @@ OVERHEAD_ROWS = {
 def test_the_telemetry_cost_quoted_is_the_committed_result() -> None:
     """The figures were typed from docs/results/telemetry-overhead.json: a re-run
     that changes the result must change the page too."""
-    result = json.loads((REPO / "docs/results/telemetry-overhead.json").read_text())
+    result = _result("telemetry-overhead")
     page = (REPO / "docs/observability.md").read_text()
     summary = result["summary"]
     default = summary["default"]["ratio_median"]
@@ -101,7 +117,7 @@ def test_the_telemetry_cost_quoted_is_the_committed_result() -> None:
 
 
 def test_the_sdk_call_costs_quoted_are_the_committed_result() -> None:
-    result = json.loads((REPO / "docs/results/otel-cost.json").read_text())
+    result = _result("otel-cost")
     page = (REPO / "docs/observability.md").read_text()
     assert f"commit {result['commit']}" in page
     summary = result["summary"]
@@ -159,7 +175,7 @@ def _kept(row: dict) -> str:
 
 def test_the_stock_and_hand_written_comparisons_quoted_are_the_committed_results() -> None:
     page = (REPO / "docs/observability.md").read_text()
-    both = json.loads((REPO / "docs/results/telemetry-stock-vs-handwritten.json").read_text())
+    both = _result("telemetry-stock-vs-handwritten")
     rows = both["summary"]
     for label, suffix in (("defaults", ""), ("access log off", "-no-access-log"),
                           ("OTLP to a live collector", "-otlp")):  # fmt: skip
@@ -167,7 +183,7 @@ def test_the_stock_and_hand_written_comparisons_quoted_are_the_committed_results
             f"| {label} | {_kept(rows['stock' + suffix])} | {_kept(rows['handwritten' + suffix])} |"
         )
         assert expected in page, expected
-    parts = json.loads((REPO / "docs/results/telemetry-stock-parts.json").read_text())["summary"]
+    parts = _result("telemetry-stock-parts")["summary"]
     for label, name in (("stock path", "stock"),
                         ("+ no span recorded until an exporter receives spans", "stock+gate"),
                         ("+ SQL spans only inside a recorded span", "stock+gate+lean-sql"),
@@ -232,7 +248,7 @@ def test_the_bus_figures_quoted_are_the_committed_results() -> None:
     page = (REPO / "docs/bus.md").read_text()
     writes: list[float] = []
     for nodes, name in ((2, "bus-n2"), (4, "bus-n4"), (8, "bus")):
-        result = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        result = _result(name)
         writes += result["cpu_share_per_node"]["writes"]
         assert result["nodes"] == nodes
         cpu, latency = result["cpu_share_per_node"], result["latency_ms"]
@@ -255,7 +271,7 @@ def test_the_bus_receivers_compared_are_the_committed_results() -> None:
         ("a task awaiting poll()", "bus-poll-receiver"),
         ("reader callbacks, one timer", "bus"),
     ):
-        result = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        result = _result(name)
         cpu, latency = result["cpu_share_per_node"], result["latency_ms"]
         row = (
             f"| {label} | [{name}.md](results/{name}.md) | {latency['p50']:.2f} / "
@@ -269,7 +285,7 @@ def test_the_bus_receivers_compared_are_the_committed_results() -> None:
 def test_the_cache_hit_ratios_quoted_are_the_committed_results() -> None:
     page = (REPO / "docs/bus.md").read_text()
     for cache, name in (("on", "cache-hit-ratio"), ("off", "cache-hit-ratio-off")):
-        rows = json.loads((REPO / f"docs/results/{name}.json").read_text())["rows"]
+        rows = _result(name)["rows"]
         ratio = [r["cache_hit_ratio_median"] for r in rows]
         shown = " / ".join("–" if v is None else f"{v:.1%}" for v in ratio)
         per_cpu = " / ".join(f"{r['requests_per_cpu_s_median']:.0f}" for r in rows)
@@ -278,11 +294,8 @@ def test_the_cache_hit_ratios_quoted_are_the_committed_results() -> None:
 
 
 def test_what_the_cache_did_to_the_scale_out_quoted_is_the_committed_results() -> None:
-    page = " ".join((REPO / "docs/bus.md").read_text().split())
-    on, off = (
-        json.loads((REPO / f"docs/results/{name}.json").read_text())
-        for name in ("scaleout-cache", "scaleout-alternating")
-    )
+    page = _flat("docs/bus.md")
+    on, off = (_result(name) for name in ("scaleout-cache", "scaleout-alternating"))
     ratios = [r["cache_hit_ratio_median"] for r in on["rows"]]
     assert f"a hit ratio of {min(ratios):.1%} to {max(ratios):.1%} at every N" in page
     widths = [r["interval_width"] for r in on["rows"] if r["interval_width"] is not None]
@@ -302,7 +315,7 @@ def test_the_stopped_peer_figures_quoted_are_the_committed_results() -> None:
     page = (REPO / "docs/bus.md").read_text()
     rises: list[float] = []
     for name in ("bus-stall", "bus-stall-no-hwm"):
-        result = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        result = _result(name)
         growth = result["rss_growth_stopped_bytes"] / 2**20
         row = (
             f"| [{name}.md](results/{name}.md) | {growth:.1f} MiB | "
@@ -316,7 +329,7 @@ def test_the_stopped_peer_figures_quoted_are_the_committed_results() -> None:
 
 
 def test_the_anycast_figures_quoted_are_the_committed_results() -> None:
-    page = " ".join((REPO / "docs/operations.md").read_text().split())
+    page = _flat("docs/operations.md")
     results = REPO / "docs/results"
     lab = json.loads((results / "anycast.json").read_text())
     on, off, kill = lab["drain_pinning_on"], lab["drain_pinning_off"], lab["kill"]
@@ -343,8 +356,8 @@ def test_the_anycast_figures_quoted_are_the_committed_results() -> None:
 
 
 def test_the_block_means_quoted_for_several_fleets_of_one_are_the_committed_run() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
-    run = json.loads((REPO / "docs/results/scaleout-references.json").read_text())
+    page = _flat("docs/results/README.md")
+    run = _result("scaleout-references")
     assert run["plan"]["references"] == 4
     plan = scaleout.Plan(block_pairs=run["plan"]["block_pairs"])
     for k in sorted({pair["k"] for pair in run["pairs"]}):
@@ -356,9 +369,9 @@ def test_the_block_means_quoted_for_several_fleets_of_one_are_the_committed_run(
 
 
 def test_the_interval_over_blocks_quoted_is_the_committed_run() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
-    run = json.loads((REPO / "docs/results/scaleout-blocks.json").read_text())
-    rows = {row["n"]: row for row in run["rows"]}
+    page = _flat("docs/results/README.md")
+    run = _result("scaleout-blocks")
+    rows = _by_n(run)
     e8, e4, e2 = rows[8], rows[4], rows[2]
     quoted = [
         f"E(8) median {e8['efficiency_median']:.3f}, interval "
@@ -397,18 +410,18 @@ def _per_cpu_quoted(rows: dict[int, dict[str, Any]]) -> str:
 
 def _run_at_8(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A committed scale-out report and its N=8 row."""
-    report = json.loads((REPO / f"docs/results/{name}.json").read_text())
-    return report, next(row for row in report["rows"] if row["n"] == 8)
+    report = _result(name)
+    return report, _by_n(report)[8]
 
 
 def test_the_repeated_fleets_quoted_are_the_committed_run() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    page = _flat("docs/results/README.md")
     path = REPO / "docs/results/scaleout-fleets.json"
     run = json.loads(path.read_text())
-    one_fleet = json.loads((REPO / "docs/results/scaleout-blocks.json").read_text())
+    one_fleet = _result("scaleout-blocks")
     before = next(row["block_means"] for row in one_fleet["rows"] if row["n"] == 2)
     assert run["valid"] and run["plan"]["fleet_nodes"] == 8 and run["plan"]["references"] == 4
-    rows = {row["n"]: row for row in run["rows"]}
+    rows = _by_n(run)
 
     def quoted(n: int) -> str:
         return _e_quoted(rows[n])
@@ -432,14 +445,14 @@ def test_the_repeated_fleets_quoted_are_the_committed_run() -> None:
 
 
 def test_the_rerun_of_the_repeated_fleets_quoted_is_valid_and_agrees() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
-    first = json.loads((REPO / "docs/results/scaleout-fleets.json").read_text())
-    run = json.loads((REPO / "docs/results/scaleout-fleets-rerun.json").read_text())
+    page = _flat("docs/results/README.md")
+    first = _result("scaleout-fleets")
+    run = _result("scaleout-fleets-rerun")
     assert run["valid"] and run["agreement"]["agree"]
     assert run["agreement"]["with"] == "docs/results/scaleout-fleets.json"
     assert run["plan"] == first["plan"]  # the same defaults
-    rows = {row["n"]: row for row in run["rows"]}
-    firsts = {row["n"]: row for row in first["rows"]}
+    rows = _by_n(run)
+    firsts = _by_n(first)
     e8 = rows[8]
     low, high = e8["efficiency_interval"]
     phrases = [
@@ -463,10 +476,10 @@ def test_the_rerun_of_the_repeated_fleets_quoted_is_valid_and_agrees() -> None:
 
 
 def test_no_earlier_scaleout_run_is_valid_over_its_blocks() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    page = _flat("docs/results/README.md")
     assert "no earlier run is valid (every interval over blocks is wider than 0.10)" in page
     for name in ("scaleout", "scaleout-rerun", "scaleout-references"):
-        run = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        run = _result(name)
         plan = scaleout.Plan(block_pairs=run["plan"]["block_pairs"])
         for k in (2, 4, 8):
             means = scaleout.block_means([p for p in run["pairs"] if p["k"] == k], plan)
@@ -476,7 +489,7 @@ def test_no_earlier_scaleout_run_is_valid_over_its_blocks() -> None:
 
 
 def test_the_bus_control_and_the_warn_rounds_runs_quoted_are_the_committed_ones() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    page = _flat("docs/results/README.md")
 
     (on, on8), (off, off8) = _run_at_8("scaleout-bus-on"), _run_at_8("scaleout-bus-off")
     (rounds, rounds8) = _run_at_8("scaleout-warn-rounds")
@@ -500,7 +513,7 @@ def test_the_bus_control_and_the_warn_rounds_runs_quoted_are_the_committed_ones(
     ]
     for phrase in phrases:
         assert phrase in page, phrase
-    bus_page = " ".join((REPO / "docs/bus.md").read_text().split())
+    bus_page = _flat("docs/bus.md")
     assert (
         f"E(8) {on8['efficiency_median']:.3f} with the bus, "
         f"{off8['efficiency_median']:.3f} without" in bus_page
@@ -508,12 +521,12 @@ def test_the_bus_control_and_the_warn_rounds_runs_quoted_are_the_committed_ones(
 
 
 def test_the_defaults_run_after_the_health_fix_quoted_is_the_committed_one() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
-    run = json.loads((REPO / "docs/results/scaleout-no-flap.json").read_text())
-    first = json.loads((REPO / "docs/results/scaleout-fleets.json").read_text())
+    page = _flat("docs/results/README.md")
+    run = _result("scaleout-no-flap")
+    first = _result("scaleout-fleets")
     assert run["valid"] and run["commit"] == "0412f82"
     assert run["plan"] == first["plan"] | {"bus": True}  # today's defaults, the bus named
-    rows = {row["n"]: row for row in run["rows"]}
+    rows = _by_n(run)
 
     def quoted(n: int) -> str:
         return _e_quoted(rows[n])
@@ -528,10 +541,10 @@ def test_the_defaults_run_after_the_health_fix_quoted_is_the_committed_one() -> 
 
 
 def test_the_alternated_start_order_run_quoted_is_the_committed_one() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
-    run = json.loads((REPO / "docs/results/scaleout-start-order.json").read_text())
+    page = _flat("docs/results/README.md")
+    run = _result("scaleout-start-order")
     assert not run["valid"] and run["commit"] == "a8e669b" and run["plan"]["alternate_start"]
-    e8 = next(row for row in run["rows"] if row["n"] == 8)
+    e8 = _by_n(run)[8]
     fleet_first, ones_first = e8["block_means"][0::2], e8["block_means"][1::2]
     low, high = e8["efficiency_interval"]
     phrases = [
@@ -548,10 +561,10 @@ def test_the_alternated_start_order_run_quoted_is_the_committed_one() -> None:
 
 
 def test_the_bus_figures_behind_the_model_clock_are_the_committed_ones() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    page = _flat("docs/results/README.md")
 
     def idle(name: str) -> list[float]:
-        report = json.loads((REPO / f"docs/results/{name}.json").read_text())
+        report = _result(name)
         return report["cpu_share_per_node"]["idle"]
 
     eight, two = idle("bus"), idle("bus-n2")
@@ -572,7 +585,7 @@ def test_the_bus_figures_behind_the_model_clock_are_the_committed_ones() -> None
 
 
 def test_the_balanced_run_quoted_is_the_committed_one_the_capacity_tool_reads() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    page = _flat("docs/results/README.md")
     path = REPO / "docs/results/scaleout-balanced.json"
     run = json.loads(path.read_text())
     assert path == capacity.FIT
@@ -582,7 +595,7 @@ def test_the_balanced_run_quoted_is_the_committed_one_the_capacity_tool_reads() 
         "fit_ns": [1, 2, 4]
     }
     assert run["plan"]["start"] == "balanced" and run["plan"]["bus_timers"] == "model"
-    rows = {row["n"]: row for row in run["rows"]}
+    rows = _by_n(run)
     e8 = rows[8]
     phrases = [
         f"E(2) {_e_quoted(rows[2])}, E(4) {_e_quoted(rows[4])}, **E(8) {_e_quoted(e8)}**",
@@ -595,20 +608,20 @@ def test_the_balanced_run_quoted_is_the_committed_one_the_capacity_tool_reads() 
     assert len(e8["block_means"]) == 6
     assert min(m for n in (2, 4, 8) for m in rows[n]["block_means"]) > 0.92
     # What the page says of the alternated start order's blocks.
-    alternated = json.loads((REPO / "docs/results/scaleout-start-order.json").read_text())
-    means = next(row for row in alternated["rows"] if row["n"] == 8)["block_means"]
+    alternated = _result("scaleout-start-order")
+    means = _by_n(alternated)[8]["block_means"]
     moved = sum(means[1::2]) / len(means[1::2]) - sum(means[0::2]) / len(means[0::2])
     assert f"moved a block by about {moved:.2f}" in page
 
 
 def test_the_balanced_rerun_quoted_is_the_committed_one_and_agrees() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
-    first = json.loads((REPO / "docs/results/scaleout-balanced.json").read_text())
-    run = json.loads((REPO / "docs/results/scaleout-balanced-rerun.json").read_text())
+    page = _flat("docs/results/README.md")
+    first = _result("scaleout-balanced")
+    run = _result("scaleout-balanced-rerun")
     assert run["plan"] == first["plan"] and run["commit"] == "33a8bf3"
     assert not run["valid"] and run["agreement"]["agree"]
-    rows = {row["n"]: row for row in run["rows"]}
-    firsts = {row["n"]: row for row in first["rows"]}
+    rows = _by_n(run)
+    firsts = _by_n(first)
     e4 = rows[4]
     phrases = [
         f"E(2) {rows[2]['efficiency_median']:.3f}, E(4) {e4['efficiency_median']:.3f}, "
@@ -633,7 +646,7 @@ def test_the_balanced_rerun_quoted_is_the_committed_one_and_agrees() -> None:
 
 
 def test_the_bus_timers_pair_quoted_is_the_committed_one() -> None:
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
+    page = _flat("docs/results/README.md")
 
     (shipped, shipped8) = _run_at_8("scaleout-balanced-shipped-timers")
     (model, model8) = _run_at_8("scaleout-balanced-model-timers")
@@ -653,10 +666,10 @@ def test_the_bus_timers_pair_quoted_is_the_committed_one() -> None:
 def test_the_timers_as_shipped_in_full_and_the_third_defaults_run_quoted_are_the_committed_ones() -> (
     None
 ):
-    page = " ".join((REPO / "docs/results/README.md").read_text().split())
-    first = json.loads((REPO / "docs/results/scaleout-balanced.json").read_text())
-    shipped = json.loads((REPO / "docs/results/scaleout-shipped.json").read_text())
-    third = json.loads((REPO / "docs/results/scaleout-balanced-third.json").read_text())
+    page = _flat("docs/results/README.md")
+    first = _result("scaleout-balanced")
+    shipped = _result("scaleout-shipped")
+    third = _result("scaleout-balanced-third")
     assert {shipped["commit"], third["commit"]} == {"07e07f5"}
     # The third run is the defaults again (as the first ran them); the other
     # differs from it in the bus's timers alone.
@@ -664,9 +677,9 @@ def test_the_timers_as_shipped_in_full_and_the_third_defaults_run_quoted_are_the
     assert shipped["plan"] | {"bus_timers": "model"} == third["plan"]
     assert shipped["valid"] and third["valid"] and third["agreement"]["agree"]
     assert shipped["date"] < third["date"]  # "then", as the page orders them
-    rows = {row["n"]: row for row in third["rows"]}
-    ships = {row["n"]: row for row in shipped["rows"]}
-    firsts = {row["n"]: row for row in first["rows"]}
+    rows = _by_n(third)
+    ships = _by_n(shipped)
+    firsts = _by_n(first)
     differences = [r["difference"] for r in third["agreement"]["rows"]]
     gap = rows[8]["efficiency_median"] - ships[8]["efficiency_median"]
     phrases = [
@@ -698,24 +711,34 @@ def test_the_timers_as_shipped_in_full_and_the_third_defaults_run_quoted_are_the
     assert rows[8]["efficiency_interval"][0] < ships[8]["efficiency_interval"][1]
     rerun = _run_at_8("scaleout-balanced-rerun")[1]
     assert f"disagree, at {rerun['efficiency_median']:.3f}." in page
-    bus_page = " ".join((REPO / "docs/bus.md").read_text().split())
+    bus_page = _flat("docs/bus.md")
     assert (
         f"a full pair {ships[8]['efficiency_median']:.3f} as shipped against "
         f"{rows[8]['efficiency_median']:.3f} stretched" in bus_page
     )
     assert f"a full pair {gap:.2f}, with intervals that overlap" in page
+    assert f"between nothing and about {gap:.2f} of E(8)" in page
+    assert f"between nothing and about {gap:.2f} by these" in bus_page
+    # "three hours apart" (and the workshop's "three hours later"): the two
+    # valid runs' measured times.
+    hours = (datetime.fromisoformat(third["date"]) - datetime.fromisoformat(first["date"])) / (
+        timedelta(hours=1)
+    )
+    assert round(hours) == 3
+    assert "runs of today's defaults, three hours apart" in page
+    assert "run, three hours later" in _flat("docs/workshop.md")
 
 
 def test_what_the_readme_says_it_has_shown_is_the_committed_results() -> None:
-    page = " ".join((REPO / "README.md").read_text().split())
-    efficiency = json.loads((REPO / "docs/results/efficiency.json").read_text())
+    page = _flat("README.md")
+    efficiency = _result("efficiency")
     read = efficiency["summary"]["cattle-no-cache"]
     ratio = efficiency["pairs"]["cattle-no-cache/fastapi"]["per_core"]["median"]
     first, first8 = _run_at_8("scaleout-balanced")
     second, second8 = _run_at_8("scaleout-balanced-third")
     shipped8 = _run_at_8("scaleout-shipped")[1]
     assert first["valid"] and second["valid"] and second["agreement"]["agree"]
-    nodeloss = json.loads((REPO / "docs/results/nodeloss.json").read_text())
+    nodeloss = _result("nodeloss")
     protected = [run for run in nodeloss["runs"].values() if run["haproxy_retries"]]
     control = nodeloss["runs"]["control"]
     assert not control["haproxy_retries"] and len(protected) == 4

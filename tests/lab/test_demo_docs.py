@@ -21,6 +21,11 @@ def _json(name: str) -> Any:
     return json.loads((RESULTS / name).read_text())
 
 
+def _at_8(report: Any) -> Any:
+    """A scale-out report's N=8 row."""
+    return next(row for row in report["rows"] if row["n"] == 8)
+
+
 def _rates(by_node: dict[str, float]) -> str:
     return ", ".join(f"{node} {rate:.1f}" for node, rate in by_node.items())
 
@@ -31,14 +36,11 @@ def figures() -> dict[str, str]:
     nodeloss, failover, scaleout = (
         _json("nodeloss.json"), _json("failover.json"), _json("scaleout-balanced.json")
     )  # fmt: skip
-    fleets_first = next(row for row in _json("scaleout-bus-on.json")["rows"] if row["n"] == 8)
-    shipped = next(
-        row for row in _json("scaleout-balanced-shipped-timers.json")["rows"] if row["n"] == 8
-    )
+    fleets_first = _at_8(_json("scaleout-bus-on.json"))
+    shipped = _at_8(_json("scaleout-balanced-shipped-timers.json"))
     third = _json("scaleout-balanced-third.json")
     assert third["valid"] and third["agreement"]["agree"]  # as the page says
-    third8 = next(row for row in third["rows"] if row["n"] == 8)
-    shipped_full = next(row for row in _json("scaleout-shipped.json")["rows"] if row["n"] == 8)
+    third8, shipped_full = _at_8(third), _at_8(_json("scaleout-shipped.json"))
     saturation = {e["event"]: e for e in nodeloss["runs"]["saturation"]["events"]}
     efficiency = {row["n"]: row["efficiency_median"] for row in scaleout["rows"]}
     check = scaleout["usl"]["check"]
