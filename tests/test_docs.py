@@ -738,6 +738,7 @@ def test_what_the_readme_says_it_has_shown_is_the_committed_results() -> None:
     second, second8 = _run_at_8("scaleout-balanced-third")
     shipped8 = _run_at_8("scaleout-shipped")[1]
     assert first["valid"] and second["valid"] and second["agreement"]["agree"]
+    assert first["plan"]["bus_timers"] == second["plan"]["bus_timers"] == "model"
     nodeloss = _result("nodeloss")
     protected = [run for run in nodeloss["runs"].values() if run["haproxy_retries"]]
     control = nodeloss["runs"]["control"]
@@ -753,6 +754,7 @@ def test_what_the_readme_says_it_has_shown_is_the_committed_results() -> None:
         f"8 nodes served {first8['efficiency_median']:.3f} times 8 what one did",
         f"and {second8['efficiency_median']:.3f} in a second valid run that agrees",
         f"one full run gave {shipped8['efficiency_median']:.3f}",
+        f"every node's bus ran its timers {1 / first['plan']['cpu']:.0f} times slower",
         f"0 failed of {sum(run['requests'] for run in protected)} requests over four runs",
         f"failed {control['failed']} of {control['requests']}",
     ]
